@@ -1,0 +1,27 @@
+"""nbtrain: train large models with DeepSpeed from a notebook cell.
+
+>>> %load_ext nbtrain                                   # doctest: +SKIP
+>>> %%bigtrain --nproc 2 --zero 3 --steps 100            # doctest: +SKIP
+... result = bigtrain.fit(make_model(), make_data())
+
+Importing nbtrain is cheap: torch, deepspeed and IPython are imported only when used.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from nbtrain.config import TrainConfig
+from nbtrain.errors import ConfigError, Problem, RunFailed, ShippingError
+from nbtrain.result import RunResult
+
+__version__ = "0.1.0"
+__all__ = ["ConfigError", "Problem", "RunFailed", "RunResult", "ShippingError", "TrainConfig",
+           "load_ipython_extension"]
+
+
+def load_ipython_extension(ipython: Any) -> None:
+    """Register `%%bigtrain` (run by `%load_ext nbtrain`)."""
+    from nbtrain.magic import BigTrainMagics
+
+    ipython.register_magics(BigTrainMagics)

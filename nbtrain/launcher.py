@@ -1,0 +1,143 @@
+"""Start and stop the worker processes of a run; own their whole lifetime.
+
+Workers are fresh Python processes (never forks of the kernel, so CUDA or threads already
+set up in the kernel cannot break them), started directly with the environment that
+torchrun would give them, in one process group of their own (an interrupt of the kernel
+does not reach them by accident; a stop reaches all of them and their children).
+
+Kernel death: each worker holds the read end of a pipe whose only write end stays in the
+kernel. When the kernel dies in any way (kill -9 included) the pipe reads EOF and the
+workers end themselves (see `nbtrain.worker.entry`), so no worker outlives its kernel.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from nbtrain.rundir import RunDirectory
+
+STOP_GRACE_S = 5.0
+ALIVE_FD_ENV = "NBTRAIN_ALIVE_FD"
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """Return a TCP port that is free right now on `host`."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((host, 0))
+        return int(s.getsockname()[1])
+
+
+@dataclass
+class WorkerGroup:
+    """The running workers of one run."""
+
+    processes: list[subprocess.Popen[bytes]]
+    port: int
+    alive_fd: int  # the kernel's write end of the liveness pipe
+    started: float = field(default_factory=time.time)
+
+    @property
+    def pids(self) -> list[int]:
+        return [p.pid for p in self.processes]
+
+    @property
+    def pgid(self) -> int:
+        return self.processes[0].pid
+
+    def exit_codes(self) -> list[int | None]:
+        """Return each rank's exit code, None for ranks still running."""
+        return [p.poll() for p in self.processes]
+
+    def running(self) -> bool:
+        return any(code is None for code in self.exit_codes())
+
+    def stop(self, grace: float = STOP_GRACE_S) -> float:
+        """End every worker and its children: SIGTERM, then SIGKILL after `grace` s.
+
+        Returns the seconds it took until every worker was gone.
+        """
+        begun = time.monotonic()
+        self._signal(signal.SIGTERM)
+        deadline = begun + grace
+        while self.running() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        self._signal(signal.SIGKILL)  # also reaches children left behind in the group
+        for p in self.processes:
+            p.wait()
+        return time.monotonic() - begun
+
+    def _signal(self, sig: int) -> None:
+        try:
+            os.killpg(self.pgid, sig)
+        except (ProcessLookupError, PermissionError):
+            pass
+
+    def close(self) -> None:
+        """Release the liveness pipe (after the workers are gone)."""
+        try:
+            os.close(self.alive_fd)
+        except OSError:
+            pass
+
+
+def worker_environment(rank: int, nproc: int, port: int, alive_fd: int, threads: int) -> dict[str, str]:
+    """Return the environment of one worker: torchrun's variables plus nbtrain's."""
+    env = dict(os.environ)
+    # The kernel's own distributed settings must not leak into the workers.
+    for key in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT",
+                "GROUP_RANK", "TORCHELASTIC_RUN_ID"):
+        env.pop(key, None)
+    paths = [os.getcwd()] + [p for p in sys.path if p and Path(p).is_dir()]
+    env.update(
+        RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(nproc), LOCAL_WORLD_SIZE=str(nproc),
+        GROUP_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
+        ACCELERATE_USE_DEEPSPEED="true", PYTHONUNBUFFERED="1",
+        PYTHONPATH=os.pathsep.join(dict.fromkeys(paths)),
+        **{ALIVE_FD_ENV: str(alive_fd)},
+    )
+    env.setdefault("OMP_NUM_THREADS", str(threads))
+    return env
+
+
+def default_threads(nproc: int) -> int:
+    """Return the intra-op threads per worker: the cores shared out, at least one."""
+    return max(1, (os.cpu_count() or 1) // nproc)
+
+
+def launch_workers(run: RunDirectory, nproc: int, threads: int | None = None) -> WorkerGroup:
+    """Start `nproc` workers for `run`, each writing its output to its log file."""
+    port = free_port()
+    read_fd, write_fd = os.pipe()  # both ends are not inherited unless passed explicitly
+    threads = threads or default_threads(nproc)
+    processes: list[subprocess.Popen[bytes]] = []
+    try:
+        for rank in range(nproc):
+            log = open(run.log_file(rank), "ab")
+            try:
+                processes.append(subprocess.Popen(
+                    [sys.executable, "-m", "nbtrain.worker", str(run.path), str(rank)],
+                    env=worker_environment(rank, nproc, port, read_fd, threads),
+                    stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+                    pass_fds=(read_fd,),
+                    # The first worker leads a new process group and the others join it, so
+                    # that the kernel's interrupt (sent to its own group) never reaches them.
+                    process_group=0 if rank == 0 else processes[0].pid,
+                ))
+            finally:
+                log.close()
+    except BaseException:
+        group = WorkerGroup(processes, port, write_fd)
+        if processes:
+            group.stop(grace=0)
+        group.close()
+        raise
+    finally:
+        os.close(read_fd)
+    return WorkerGroup(processes, port, write_fd)

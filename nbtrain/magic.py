@@ -1,0 +1,135 @@
+"""The `%%bigtrain` cell magic (and `%bigtrain` line commands): parse, plan, run, return."""
+
+from __future__ import annotations
+
+import html
+import sys
+import time
+from collections.abc import Mapping
+from typing import Any
+
+from IPython.core.error import UsageError
+from IPython.core.magic import Magics, line_cell_magic, magics_class
+from IPython.display import DisplayHandle, display
+
+from nbtrain.arguments import build_parser, parse_line
+from nbtrain.config import DEFAULT_RUN_ROOT
+from nbtrain.errors import ConfigError, ShippingError
+from nbtrain.machine import detect_machine
+from nbtrain.plan import RunPlan, load_base, plan_run
+from nbtrain.result import RunResult
+from nbtrain.rundir import RunDirectory, list_runs
+from nbtrain.run import Progress, start_run
+
+PROGRESS_EVERY_S = 0.5
+
+
+class NotebookSink:
+    """Shows a run in the cell output: rank 0's prints as they come, and one live progress line.
+
+    The progress line is a display that is updated in place, so nothing else in the
+    output (prints, warnings) is ever wiped.
+    """
+
+    def __init__(self) -> None:
+        self._handle: DisplayHandle | None = None
+        self._last = 0.0
+
+    def started(self, run: RunDirectory, plan: RunPlan) -> None:
+        for notice in plan.notices:
+            print(f"bigtrain: {notice}")
+        print(f"bigtrain: run {run.run_id}: {plan.nproc} processes, run directory {run.path}", flush=True)
+        self._handle = display(self._bundle(Progress(), "starting"), raw=True, display_id=True)
+
+    def output(self, text: str) -> None:
+        sys.stdout.write(text)
+        sys.stdout.flush()
+
+    def progress(self, progress: Progress) -> None:
+        now = time.monotonic()
+        if self._handle is not None and now - self._last >= PROGRESS_EVERY_S:
+            self._last = now
+            self._handle.update(self._bundle(progress, "running"), raw=True)
+
+    def finished(self, result: RunResult) -> None:
+        if self._handle is not None:
+            from nbtrain.run import _RunWatcher  # noqa: PLC0415 - read the final numbers once
+
+            final = _RunWatcher(result._run, result._run.status().get("started", time.time())).new_progress()
+            self._handle.update(self._bundle(final, result.status), raw=True)
+
+    @staticmethod
+    def _bundle(progress: Progress, state: str) -> dict[str, str]:
+        text = f"[{state}] {progress.line()}"
+        return {"text/plain": text, "text/html": f"<pre>{html.escape(text)}</pre>"}
+
+
+def _help() -> str:
+    return (
+        "Train the cell's code with DeepSpeed on N worker processes.\n\n"
+        "Inside the cell, `bigtrain` is the run: bigtrain.prepare(model, data) -> (engine, loader),\n"
+        "bigtrain.fit(model, data, loss_fn=None, eval_data=None), bigtrain.log(**scalars),\n"
+        "bigtrain.rank / .world_size / .is_main / .device / .config / .max_steps.\n\n"
+        "Line commands: %bigtrain runs (list runs), %bigtrain show RUN_ID (a run's result).\n\n"
+        + build_parser().format_help()
+    )
+
+
+@magics_class
+class BigTrainMagics(Magics):
+    """The `%%bigtrain` magic."""
+
+    @line_cell_magic
+    def bigtrain(self, line: str, cell: str | None = None) -> Any:
+        if cell is None:
+            return self._line_command(line)
+        try:
+            cfg = parse_line(line)
+            plan = plan_run(cfg, detect_machine(), self._config_source(cfg.config))
+        except ConfigError as e:
+            raise UsageError(str(e)) from None
+        if cfg.dry_run:
+            print(plan.describe())
+            return None
+        try:
+            return start_run(plan, cell, self.shell.user_ns, NotebookSink())
+        except ShippingError as e:
+            raise UsageError(str(e)) from None
+
+    bigtrain.__doc__ = _help()
+
+    def _config_source(self, name: str | None) -> Mapping[str, Any] | None:
+        """Resolve `--config`: a dict or ConfigPanel variable of the notebook, else a JSON file."""
+        if name is None:
+            return None
+        value = self.shell.user_ns.get(name) if name.isidentifier() else None
+        if value is None:
+            return load_base(name)
+        if hasattr(value, "to_deepspeed"):
+            value = value.to_deepspeed()
+        if not isinstance(value, Mapping):
+            raise ConfigError([_config_type_problem(name, value)])
+        return value
+
+    def _line_command(self, line: str) -> Any:
+        words = line.split()
+        command = words[0] if words else "runs"
+        root = RunDirectory(__import__("pathlib").Path(DEFAULT_RUN_ROOT)).path
+        if command == "runs":
+            runs = list(list_runs(root))
+            if not runs:
+                print(f"no runs under {root.resolve()}")
+            for run in runs:
+                status = run.status()
+                print(f"{run.run_id}  {status.get('state', '?'):<9}  {status.get('reason', '')}")
+            return None
+        if command == "show" and len(words) == 2:
+            return RunResult(root.resolve() / words[1])
+        raise UsageError("usage: %bigtrain runs | %bigtrain show RUN_ID (cells: %%bigtrain FLAGS)")
+
+
+def _config_type_problem(name: str, value: Any) -> Any:
+    from nbtrain.errors import Problem
+
+    return Problem("--config", name, f"the variable is a {type(value).__name__}, not a dict or ConfigPanel",
+                   "pass a DeepSpeed dict, a ConfigPanel, or a JSON file path")

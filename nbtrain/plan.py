@@ -1,0 +1,85 @@
+"""Turn a TrainConfig into a checked plan: the DeepSpeed dict, process count and notices.
+
+This is the last pure step before anything starts: `plan_run` raises ConfigError with
+every problem, or returns a RunPlan that the launcher (or `--dry-run`) uses as is.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from nbtrain import estimate
+from nbtrain.config import DEFAULT_CPU_PROCESSES, TrainConfig
+from nbtrain.errors import ConfigError, Problem
+from nbtrain.machine import MachineFacts
+from nbtrain.render import FROM_DATALOADER, render, unresolved
+from nbtrain.validate import check
+
+
+@dataclass(frozen=True)
+class RunPlan:
+    """A run that passed validation: what will be launched, exactly."""
+
+    config: TrainConfig
+    deepspeed: dict[str, Any]
+    nproc: int
+    notices: tuple[str, ...]
+    machine: MachineFacts
+
+    def describe(self) -> str:
+        """Return the `--dry-run` text: launch shape, DeepSpeed JSON and memory estimate."""
+        device = f"{self.machine.gpu_count} GPU(s)" if self.machine.cuda else "CPU (gloo backend)"
+        lines = [f"%%bigtrain dry run: {self.nproc} processes on {device}; nothing was started."]
+        lines += [f"note: {n}" for n in self.notices]
+        pending = unresolved(self.deepspeed)
+        if pending:
+            lines.append(f"'{FROM_DATALOADER}' is filled in by the workers: {', '.join(pending)}")
+        lines += ["DeepSpeed config:", json.dumps(self.deepspeed, indent=2), "",
+                  estimate.describe(self.deepspeed, self.nproc)]
+        return "\n".join(lines)
+
+
+def load_base(source: str | Mapping[str, Any] | None) -> dict[str, Any]:
+    """Return the DeepSpeed dict of `--config`: a JSON file path or an already-resolved dict."""
+    if source is None:
+        return {}
+    if isinstance(source, Mapping):
+        return dict(source)
+    path = Path(source).expanduser()
+    if not path.is_file():
+        raise ConfigError([Problem("--config", source, "no such file, and no dict or ConfigPanel "
+                                   "variable of that name in the notebook", "give a JSON file path or a variable name")])
+    try:
+        data = json.loads(path.read_text())
+    except ValueError as e:
+        raise ConfigError([Problem("--config", source, f"not valid JSON ({e})", "fix the file")]) from e
+    if not isinstance(data, dict):
+        raise ConfigError([Problem("--config", source, "the JSON must be an object", "wrap the keys in { }")])
+    return data
+
+
+def default_nproc(machine: MachineFacts) -> tuple[int, str | None]:
+    """Return the process count when --nproc is absent, and a notice when it is a guess."""
+    if machine.cuda:
+        return machine.gpu_count, None
+    return DEFAULT_CPU_PROCESSES, (f"no GPU found: running {DEFAULT_CPU_PROCESSES} CPU processes "
+                                   "(set --nproc to change)")
+
+
+def plan_run(cfg: TrainConfig, machine: MachineFacts, base: Mapping[str, Any] | None = None) -> RunPlan:
+    """Render and validate `cfg`; raise ConfigError with every problem found."""
+    notices: list[str] = []
+    nproc = cfg.nproc
+    if nproc is None:
+        nproc, notice = default_nproc(machine)
+        if notice:
+            notices.append(notice)
+    rendered = render(cfg, base)
+    problems = check(cfg, rendered.deepspeed, machine, nproc)
+    if problems:
+        raise ConfigError(problems)
+    return RunPlan(cfg, rendered.deepspeed, nproc, tuple(notices) + rendered.notices, machine)

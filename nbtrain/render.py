@@ -1,0 +1,230 @@
+"""Render a TrainConfig (plus a DeepSpeed config file or dict) into the DeepSpeed dict.
+
+This is the one place that turns flags into DeepSpeed keys and applies defaults.
+Precedence: the base dict (from `--config`) < flags < `--set`. The result is complete:
+it is handed to accelerate as is, so accelerate's own defaults (ZeRO stage 2) never apply.
+
+Two values may only be known in the workers: the micro-batch size when a DataLoader gives
+it, and the total step count of an epoch-based run. Until then they hold the marker
+`FROM_DATALOADER`, which `--dry-run` shows and `finalize` replaces.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from nbtrain import config as defaults
+from nbtrain.config import TrainConfig
+from nbtrain.errors import ConfigError, Problem
+
+FROM_DATALOADER = "from the DataLoader"
+
+SCHEDULER_TYPES = {
+    "warmup": "WarmupLR", "warmup_decay": "WarmupDecayLR", "warmup_cosine": "WarmupCosineLR",
+    "one_cycle": "OneCycle", "lr_range_test": "LRRangeTest",
+}
+OPTIMIZER_TYPES = {"adamw": "AdamW", "adam": "Adam", "sgd": "SGD", "lamb": "Lamb"}
+# OneCycle starts at peak / 25 (PyTorch's OneCycleLR div_factor); the LR range test sweeps
+# from peak / 1000 up to the peak over the run.
+ONE_CYCLE_DIV = 25.0
+RANGE_TEST_SPAN = 1000.0
+
+
+@dataclass(frozen=True)
+class Rendered:
+    """The DeepSpeed dict of a run and the notices for the user (flag overrode file)."""
+
+    deepspeed: dict[str, Any]
+    notices: tuple[str, ...] = ()
+    sources: dict[str, str] = field(default_factory=dict)  # dotted key -> flag or --set
+
+
+def parse_set(item: str) -> tuple[str, Any]:
+    """Parse one `--set dotted.key=value`; the value is JSON where it parses, else text."""
+    key, sep, text = item.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError([Problem("--set", item, "expected dotted.key=value",
+                                   "write e.g. --set zero_optimization.overlap_comm=true")])
+    try:
+        value = json.loads(text)
+    except ValueError:
+        value = text
+    return key.strip(), value
+
+
+def flag_settings(cfg: TrainConfig) -> list[tuple[str, Any, str]]:
+    """Return (dotted DeepSpeed key, value, flag) for every flag the user set."""
+    out: list[tuple[str, Any, str]] = []
+
+    def put(key: str, value: Any, flag: str) -> None:
+        out.append((key, value, flag))
+
+    if cfg.zero is not None:
+        put("zero_optimization.stage", cfg.zero, "--zero")
+    for kind, flag in (("offload_optimizer", "--offload-optimizer"), ("offload_param", "--offload-param")):
+        device = getattr(cfg, kind)
+        if device is not None:
+            put(f"zero_optimization.{kind}.device", device, flag)
+            if device == "nvme" and cfg.nvme_path is not None:
+                put(f"zero_optimization.{kind}.nvme_path", cfg.nvme_path, "--nvme-path")
+    if cfg.precision is not None:
+        put("bf16.enabled", cfg.precision == "bf16", "--precision")
+        put("fp16.enabled", cfg.precision == "fp16", "--precision")
+    if cfg.micro_batch is not None:
+        put("train_micro_batch_size_per_gpu", cfg.micro_batch, "--micro-batch")
+    if cfg.grad_accum is not None:
+        put("gradient_accumulation_steps", cfg.grad_accum, "--grad-accum")
+    if cfg.grad_clip is not None:
+        put("gradient_clipping", cfg.grad_clip, "--grad-clip")
+    if cfg.optimizer is not None:
+        put("optimizer.type", OPTIMIZER_TYPES[cfg.optimizer], "--optimizer")
+    if cfg.lr is not None:
+        put("optimizer.params.lr", cfg.lr, "--lr")
+    if cfg.weight_decay is not None:
+        put("optimizer.params.weight_decay", cfg.weight_decay, "--weight-decay")
+    if cfg.scheduler is not None and cfg.scheduler != "none":
+        put("scheduler.type", SCHEDULER_TYPES[cfg.scheduler], "--scheduler")
+    if cfg.quant is not None:
+        put("zero_optimization.zero_quantized_weights", "qwz" in cfg.quant, "--quant")
+        put("zero_optimization.zero_quantized_gradients", "qgz" in cfg.quant, "--quant")
+    if cfg.hpz is not None:
+        put("zero_optimization.zero_hpz_partition_size", cfg.hpz, "--hpz")
+    return out
+
+
+def get_path(tree: Mapping[str, Any], dotted: str, default: Any = None) -> Any:
+    """Return tree[a][b][c] for 'a.b.c', or `default` where a part is missing."""
+    node: Any = tree
+    for part in dotted.split("."):
+        if not isinstance(node, Mapping) or part not in node:
+            return default
+        node = node[part]
+    return node
+
+
+def set_path(tree: dict[str, Any], dotted: str, value: Any) -> None:
+    """Set tree[a][b][c] = value for 'a.b.c', creating the dicts on the way."""
+    *parents, last = dotted.split(".")
+    node = tree
+    for part in parents:
+        child = node.get(part)
+        if not isinstance(child, dict):
+            child = node[part] = {}
+        node = child
+    node[last] = value
+
+
+def render(cfg: TrainConfig, base: Mapping[str, Any] | None = None) -> Rendered:
+    """Return the complete DeepSpeed dict for `cfg` on top of `base`.
+
+    >>> render(TrainConfig(zero=3)).deepspeed["zero_optimization"]["stage"]
+    3
+    """
+    ds: dict[str, Any] = copy.deepcopy(dict(base or {}))
+    notices: list[str] = []
+    sources: dict[str, str] = {}
+    for key, value, flag in flag_settings(cfg):
+        before = get_path(ds, key)
+        if before is not None and before != value:
+            notices.append(f"{flag} sets {key} = {value!r} (the config file had {before!r})")
+        set_path(ds, key, value)
+        sources[key] = flag
+
+    _apply_defaults(ds)
+    problems: list[Problem] = []
+    for item in cfg.set:
+        key, value = parse_set(item)
+        flag = sources.get(key)
+        if flag is not None and get_path(ds, key) != value:
+            problems.append(Problem(
+                f"--set {key}", value, f"{flag} already sets {key} to {get_path(ds, key)!r}",
+                f"drop one of {flag} and --set {key}"))
+        set_path(ds, key, value)
+        sources[key] = "--set"
+    if problems:
+        raise ConfigError(problems)
+    _render_scheduler(ds, cfg)
+    return Rendered(ds, tuple(notices), sources)
+
+
+def _apply_defaults(ds: dict[str, Any]) -> None:
+    """Fill what DeepSpeed has no usable default for (DESIGN.md's defaults)."""
+    optimizer = ds.setdefault("optimizer", {})
+    optimizer.setdefault("type", OPTIMIZER_TYPES[defaults.DEFAULT_OPTIMIZER])
+    params = optimizer.setdefault("params", {})
+    params.setdefault("lr", defaults.DEFAULT_LR)
+    params.setdefault("weight_decay", defaults.DEFAULT_WEIGHT_DECAY)
+    ds.setdefault("gradient_accumulation_steps", defaults.DEFAULT_GRAD_ACCUM)
+    ds.setdefault("train_micro_batch_size_per_gpu", FROM_DATALOADER)
+    if str(optimizer["type"]).lower() not in ("adam", "adamw", "lamb") and \
+            get_path(ds, "zero_optimization.stage", 0) > 0:
+        # DeepSpeed refuses ZeRO with an optimizer it has not tested (torch's SGD) unless told.
+        ds.setdefault("zero_allow_untested_optimizer", True)
+
+
+def _render_scheduler(ds: dict[str, Any], cfg: TrainConfig) -> None:
+    """Fill the scheduler's parameters so that `--lr` is the peak LR of every schedule."""
+    kind = get_path(ds, "scheduler.type")
+    if kind is None:
+        return
+    peak = get_path(ds, "optimizer.params.lr")
+    params = ds["scheduler"].setdefault("params", {})
+    total = cfg.steps if cfg.steps is not None else FROM_DATALOADER
+    warmup = cfg.warmup_steps
+    if kind in ("WarmupLR", "WarmupDecayLR", "WarmupCosineLR") and warmup is not None:
+        params.setdefault("warmup_num_steps", warmup)
+    if kind in ("WarmupLR", "WarmupDecayLR"):
+        params.setdefault("warmup_min_lr", 0.0)
+        params.setdefault("warmup_max_lr", peak)
+    if kind in ("WarmupDecayLR", "WarmupCosineLR"):
+        params.setdefault("total_num_steps", total)
+    if kind == "OneCycle":
+        params.setdefault("cycle_max_lr", peak)
+        params.setdefault("cycle_min_lr", peak / ONE_CYCLE_DIV if isinstance(peak, (int, float)) else peak)
+        params.setdefault("cycle_first_step_size", _half(total))
+    if kind == "LRRangeTest":
+        params.setdefault("lr_range_test_min_lr", peak / RANGE_TEST_SPAN if isinstance(peak, (int, float)) else peak)
+        params.setdefault("lr_range_test_step_size", 1)
+        params.setdefault("lr_range_test_step_rate", _range_rate(total))
+
+
+def _half(total: Any) -> Any:
+    return max(1, total // 2) if isinstance(total, int) else total
+
+
+def _range_rate(total: Any) -> Any:
+    # lr(step) = min_lr * (1 + rate * step): reach the peak (span x min_lr) at the last step.
+    return (RANGE_TEST_SPAN - 1) / max(1, total - 1) if isinstance(total, int) else total
+
+
+def finalize(ds: Mapping[str, Any], *, micro_batch: int, total_steps: int) -> dict[str, Any]:
+    """Replace the FROM_DATALOADER markers with what the workers found out."""
+    done = copy.deepcopy(dict(ds))
+    if done.get("train_micro_batch_size_per_gpu") == FROM_DATALOADER:
+        done["train_micro_batch_size_per_gpu"] = micro_batch
+    params = get_path(done, "scheduler.params", {})
+    for key, value in list(params.items()):
+        if value != FROM_DATALOADER:
+            continue
+        if key == "cycle_first_step_size":
+            params[key] = _half(total_steps)
+        elif key == "lr_range_test_step_rate":
+            params[key] = _range_rate(total_steps)
+        else:
+            params[key] = total_steps
+    return done
+
+
+def unresolved(ds: Mapping[str, Any], prefix: str = "") -> list[str]:
+    """Return the dotted keys that still hold FROM_DATALOADER."""
+    found = []
+    for key, value in ds.items():
+        if isinstance(value, Mapping):
+            found += unresolved(value, f"{prefix}{key}.")
+        elif value == FROM_DATALOADER:
+            found.append(prefix + key)
+    return found

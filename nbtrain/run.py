@@ -1,0 +1,260 @@
+"""Run a planned cell on worker processes and supervise it until it ends.
+
+`start_run(plan, cell, namespace, sink)` is the API that the magic, the config panel and
+the tests call. It writes the run directory, launches the workers, relays rank 0's output
+and progress to a `ProgressSink` while they train, stops every worker however the run
+ends, and returns a `RunResult`. No IPython here: the sink decides how things are shown.
+"""
+
+from __future__ import annotations
+
+import codecs
+import dataclasses
+import os
+import pickle
+import signal
+import sys
+import time
+from collections.abc import MutableMapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+from nbtrain import shipping
+from nbtrain.config import DEFAULT_RUN_ROOT
+from nbtrain.errors import RunFailed
+from nbtrain.launcher import WorkerGroup, launch_workers
+from nbtrain.plan import RunPlan
+from nbtrain.result import RunResult
+from nbtrain.rundir import RunDirectory, new_run_id, read_records, write_json_atomic
+
+POLL_S = 0.2
+# After one rank fails, the others get this long to write their own error before the stop.
+FAILURE_GRACE_S = 1.0
+
+
+@dataclass(frozen=True)
+class Progress:
+    """Where a run stands, as the progress line shows it."""
+
+    step: int = 0
+    max_steps: int | None = None
+    loss: float | None = None
+    lr: float | None = None
+    samples_per_s: float | None = None
+    elapsed_s: float = 0.0
+
+    @property
+    def eta_s(self) -> float | None:
+        if not self.max_steps or self.step <= 0:
+            return None
+        return self.elapsed_s / self.step * (self.max_steps - self.step)
+
+    def line(self) -> str:
+        total = f"/{self.max_steps}" if self.max_steps else ""
+        parts = [f"step {self.step}{total}"]
+        if self.loss is not None:
+            parts.append(f"loss {self.loss:.4f}")
+        if self.lr is not None:
+            parts.append(f"lr {self.lr:.3g}")
+        if self.samples_per_s is not None:
+            parts.append(f"{self.samples_per_s:.1f} samples/s")
+        parts.append(f"elapsed {_clock(self.elapsed_s)}")
+        if self.eta_s is not None:
+            parts.append(f"ETA {_clock(self.eta_s)}")
+        return " | ".join(parts)
+
+
+def _clock(seconds: float) -> str:
+    minutes, secs = divmod(int(seconds), 60)
+    return f"{minutes}:{secs:02d}"
+
+
+class ProgressSink(Protocol):
+    """Receives what a run shows while it goes (the magic shows it in the cell output)."""
+
+    def started(self, run: RunDirectory, plan: RunPlan) -> None: ...
+    def output(self, text: str) -> None: ...
+    def progress(self, progress: Progress) -> None: ...
+    def finished(self, result: RunResult) -> None: ...
+
+
+class PrintSink:
+    """A ProgressSink for scripts: prints output and a progress line every few seconds."""
+
+    def __init__(self, every_s: float = 5.0):
+        self.every_s, self._last = every_s, 0.0
+
+    def started(self, run: RunDirectory, plan: RunPlan) -> None:
+        print(f"bigtrain: run {run.run_id} on {plan.nproc} processes ({run.path})", flush=True)
+
+    def output(self, text: str) -> None:
+        print(text, end="", flush=True)
+
+    def progress(self, progress: Progress) -> None:
+        if time.monotonic() - self._last >= self.every_s:
+            self._last = time.monotonic()
+            print(progress.line(), flush=True)
+
+    def finished(self, result: RunResult) -> None:
+        print(result.summary(), flush=True)
+
+
+class _RunWatcher:
+    """Reads what the workers write (rank 0's output and metrics) as they write it."""
+
+    def __init__(self, run: RunDirectory, started: float):
+        self.run, self.started = run, started
+        self._out_offset = self._metric_offset = 0
+        self._decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        self.progress = Progress()
+        self.first_step_time: float | None = None
+
+    def new_output(self) -> str:
+        path = self.run.path / "logs" / "rank-0.out"
+        try:
+            with open(path, "rb") as f:
+                f.seek(self._out_offset)
+                chunk = f.read()
+        except FileNotFoundError:
+            return ""
+        self._out_offset += len(chunk)
+        return self._decoder.decode(chunk)
+
+    def new_progress(self) -> Progress:
+        records, self._metric_offset = read_records(self.run.metrics_file(0), self._metric_offset)
+        changes: dict[str, Any] = {"elapsed_s": time.time() - self.started}
+        for record in records:
+            changes["step"] = max(record["step"], changes.get("step", self.progress.step))
+            for key in ("loss", "lr", "samples_per_s"):
+                if record.get(key) is not None:
+                    changes[key] = record[key]
+            if "lr" in record and self.first_step_time is None:
+                self.first_step_time = record["time"]
+        if records and self.progress.max_steps is None:
+            effective = self.run.effective_deepspeed_file
+            if effective.exists():
+                import json
+
+                changes["max_steps"] = json.loads(effective.read_text())["engine"]["max_steps"]
+        self.progress = dataclasses.replace(self.progress, **changes)
+        return self.progress
+
+
+def create_run_directory(plan: RunPlan, cell: str, inputs: bytes) -> RunDirectory:
+    """Write everything the workers need before they start."""
+    cfg = plan.config
+    root = Path(cfg.run_dir or DEFAULT_RUN_ROOT)
+    run = RunDirectory.create(root, new_run_id(cfg.name), {
+        "name": cfg.name, "created": time.time(), "nproc": plan.nproc, "hosts": ["localhost"],
+        "config": dataclasses.asdict(cfg), "kernel_pid": os.getpid(), "cwd": os.getcwd(),
+        "python": sys.executable,
+    })
+    write_json_atomic(run.deepspeed_file, plan.deepspeed)
+    run.cell_file.write_text(cell)
+    run.inputs_file.write_bytes(inputs)
+    return run
+
+
+def start_run(plan: RunPlan, cell: str, namespace: MutableMapping[str, Any], sink: ProgressSink) -> RunResult:
+    """Run `cell` as planned on fresh workers; bind `--out` names in `namespace` on success.
+
+    Raises RunFailed when a rank fails (every worker is stopped first) and
+    KeyboardInterrupt, after stopping every worker, when the kernel is interrupted.
+    """
+    started = time.time()
+    inputs = shipping.dumps(shipping.collect(cell, namespace))
+    run = create_run_directory(plan, cell, inputs)
+    sink.started(run, plan)
+    group = launch_workers(run, plan.nproc)
+    run.write_status(state="running", started=started, pids=group.pids, port=group.port)
+    timings = {"launch_s": time.time() - started}
+    watcher = _RunWatcher(run, started)
+    try:
+        state, reason, failed_rank = _supervise(group, watcher, sink)
+    except KeyboardInterrupt:
+        stop_s = group.stop()
+        run.finish("stopped", f"interrupted from the notebook; workers stopped in {stop_s:.1f} s",
+                   timings=_timings(timings, watcher, started))
+        raise
+    finally:
+        group.stop()
+        group.close()
+    timings = _timings(timings, watcher, started)
+    bound: tuple[str, ...] = ()
+    if state == "succeeded":
+        bound, out_problem = _bind_outputs(run, plan.config.out, namespace)
+        run.finish(state, out_problem or "", timings=timings)
+    else:
+        run.finish(state, reason, failed_rank=failed_rank, timings=timings)
+    result = RunResult(run.path, outputs=bound, notices=plan.notices)
+    _relay(watcher, sink)
+    sink.finished(result)
+    if state != "succeeded":
+        raise RunFailed.from_run(result, failed_rank)
+    if plan.config.out and not bound:
+        raise RunFailed(f"the run succeeded but nothing was bound: {run.status()['reason']}")
+    return result
+
+
+def _timings(timings: dict[str, float], watcher: _RunWatcher, started: float) -> dict[str, float]:
+    done = dict(timings)
+    if watcher.first_step_time is not None:
+        done["first_step_s"] = watcher.first_step_time - started
+    done["total_s"] = time.time() - started
+    return done
+
+
+def _relay(watcher: _RunWatcher, sink: ProgressSink) -> None:
+    text = watcher.new_output()
+    if text:
+        sink.output(text)
+    sink.progress(watcher.new_progress())
+
+
+def _supervise(group: WorkerGroup, watcher: _RunWatcher, sink: ProgressSink) -> tuple[str, str, int | None]:
+    """Relay output and progress until every rank succeeded or one failed."""
+    while True:
+        _relay(watcher, sink)
+        codes = group.exit_codes()
+        if all(code == 0 for code in codes):
+            return "succeeded", "", None
+        failed = [rank for rank, code in enumerate(codes) if code not in (None, 0)]
+        if failed:
+            deadline = time.monotonic() + FAILURE_GRACE_S
+            while group.running() and time.monotonic() < deadline:
+                time.sleep(0.05)
+            group.stop()
+            return ("failed", *_failure_reason(watcher.run, group, failed))
+        time.sleep(POLL_S)
+
+
+def _failure_reason(run: RunDirectory, group: WorkerGroup, failed: list[int]) -> tuple[str, int]:
+    """Name the rank that failed first and why."""
+    errors = run.errors()
+    if errors:
+        rank = min(errors, key=lambda r: errors[r].get("time", 0))
+        report = errors[rank]
+        where = f" (cell line {report['cell_line']})" if report.get("cell_line") else ""
+        return f"rank {rank} raised {report['type']}: {report['message']}{where}", rank
+    rank = failed[0]
+    code = group.exit_codes()[rank] or 0
+    if code < 0:
+        name = signal.Signals(-code).name
+        hint = " (the out-of-memory killer sends this)" if name == "SIGKILL" else ""
+        return f"rank {rank} was killed by {name}{hint}", rank
+    return f"rank {rank} exited with code {code} without a Python error (see logs/rank-{rank}.log)", rank
+
+
+def _bind_outputs(run: RunDirectory, names: tuple[str, ...],
+                  namespace: MutableMapping[str, Any]) -> tuple[tuple[str, ...], str | None]:
+    """Bind rank 0's `--out` values; bind nothing if any of them is missing."""
+    if not names:
+        return (), None
+    with open(run.outputs_file, "rb") as f:
+        sent = pickle.load(f)
+    if sent["problems"]:
+        problems = "; ".join(f"--out {name}: {why}" for name, why in sent["problems"].items())
+        return (), f"{problems} (nothing was bound)"
+    namespace.update(sent["values"])
+    return tuple(sent["values"]), None

@@ -1,0 +1,209 @@
+"""The run directory: the single source of truth of a run (format in docs/run-directory.md).
+
+Every view (the cell output, `RunResult`, the dashboard, the server API) reads it; the
+launcher and the workers write it. Writes are crash-safe: JSON documents are replaced
+atomically (write a temporary file, then rename), metric records are appended one line
+each and flushed, and readers skip a partial last line.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO, Any
+
+FORMAT_VERSION = 1
+STATES = ("starting", "running", "succeeded", "failed", "stopped")
+FINAL_STATES = ("succeeded", "failed", "stopped")
+
+
+def new_run_id(name: str | None = None, now: float | None = None) -> str:
+    """Return a sortable, unique run id: `YYYYmmdd-HHMMSS-<name>-<4 hex>`."""
+    stamp = time.strftime("%Y%m%d-%H%M%S", time.localtime(now))
+    return f"{stamp}-{name or 'run'}-{secrets.token_hex(2)}"
+
+
+def write_json_atomic(path: Path, data: Any) -> None:
+    """Replace `path` with `data` as JSON so that a reader never sees half a document."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(data, f, indent=1, default=str)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def read_json(path: Path, default: Any = None) -> Any:
+    """Return the JSON document at `path`, or `default` if it is missing or unreadable."""
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return default
+
+
+def read_records(path: Path, start: int = 0) -> tuple[list[dict[str, Any]], int]:
+    """Return the complete JSON-lines records from byte `start`, and where to read next.
+
+    A partial last line (a writer killed mid-record, or one still writing) is left for the
+    next call: it is neither returned nor skipped past.
+    """
+    try:
+        with open(path, "rb") as f:
+            f.seek(start)
+            chunk = f.read()
+    except FileNotFoundError:
+        return [], start
+    end = chunk.rfind(b"\n") + 1
+    records = []
+    for line in chunk[:end].splitlines():
+        try:
+            records.append(json.loads(line))
+        except ValueError:
+            continue  # a line torn by a crash: drop it, keep the rest
+    return records, start + end
+
+
+@dataclass(frozen=True)
+class RunDirectory:
+    """Paths and reads/writes of one run's folder."""
+
+    path: Path
+
+    # -- layout ------------------------------------------------------------------------
+    @property
+    def run_id(self) -> str:
+        return self.path.name
+
+    @property
+    def status_file(self) -> Path:
+        return self.path / "status.json"
+
+    @property
+    def run_file(self) -> Path:
+        return self.path / "run.json"
+
+    @property
+    def deepspeed_file(self) -> Path:
+        return self.path / "deepspeed.json"
+
+    @property
+    def effective_deepspeed_file(self) -> Path:
+        return self.path / "deepspeed.effective.json"
+
+    @property
+    def cell_file(self) -> Path:
+        return self.path / "cell.py"
+
+    @property
+    def inputs_file(self) -> Path:
+        return self.path / "inputs.pkl"
+
+    @property
+    def outputs_file(self) -> Path:
+        return self.path / "results" / "outputs.pkl"
+
+    @property
+    def checkpoints(self) -> Path:
+        return self.path / "checkpoints"
+
+    def metrics_file(self, rank: int) -> Path:
+        return self.path / "metrics" / f"rank-{rank}.jsonl"
+
+    def log_file(self, rank: int) -> Path:
+        return self.path / "logs" / f"rank-{rank}.log"
+
+    def error_file(self, rank: int) -> Path:
+        return self.path / "errors" / f"rank-{rank}.json"
+
+    # -- writing -----------------------------------------------------------------------
+    @classmethod
+    def create(cls, root: Path, run_id: str, run_info: dict[str, Any]) -> RunDirectory:
+        """Make a new run folder under `root` with its run.json and a 'starting' status."""
+        run = cls(Path(root).resolve() / run_id)
+        for sub in ("metrics", "logs", "errors", "results", "checkpoints"):
+            (run.path / sub).mkdir(parents=True, exist_ok=True)
+        write_json_atomic(run.run_file, {"format_version": FORMAT_VERSION, "run_id": run_id, **run_info})
+        run.write_status(state="starting", created=time.time())
+        return run
+
+    def write_status(self, **changes: Any) -> dict[str, Any]:
+        """Merge `changes` into status.json (atomically) and return the new status."""
+        status = self.status()
+        status.update(changes, format_version=FORMAT_VERSION, run_id=self.run_id)
+        write_json_atomic(self.status_file, status)
+        return status
+
+    def finish(self, state: str, reason: str, **more: Any) -> dict[str, Any]:
+        """Mark the run ended, unless it already is (the first final word wins)."""
+        current = self.status()
+        if current.get("state") in FINAL_STATES:
+            return current
+        return self.write_status(state=state, reason=reason, ended=time.time(), **more)
+
+    # -- reading -----------------------------------------------------------------------
+    def status(self) -> dict[str, Any]:
+        return read_json(self.status_file, {}) or {}
+
+    def run_info(self) -> dict[str, Any]:
+        return read_json(self.run_file, {}) or {}
+
+    def ranks(self) -> list[int]:
+        """Return the ranks that wrote metrics, in order."""
+        found = []
+        for path in (self.path / "metrics").glob("rank-*.jsonl"):
+            try:
+                found.append(int(path.stem.split("-")[1]))
+            except ValueError:
+                continue
+        return sorted(found)
+
+    def metric_records(self) -> list[dict[str, Any]]:
+        """Return every complete metric record of every rank."""
+        records: list[dict[str, Any]] = []
+        for rank in self.ranks():
+            records += read_records(self.metrics_file(rank))[0]
+        return records
+
+    def errors(self) -> dict[int, dict[str, Any]]:
+        """Return the error reports of the ranks that failed, by rank."""
+        found = {}
+        for path in sorted((self.path / "errors").glob("rank-*.json")):
+            report = read_json(path)
+            if report:
+                found[int(path.stem.split("-")[1])] = report
+        return found
+
+
+class MetricWriter:
+    """Append one rank's metric records, one JSON line each, flushed as written."""
+
+    def __init__(self, path: Path, rank: int):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self._file: IO[str] = open(path, "a", buffering=1)  # line-buffered: each record reaches the OS whole
+        self.rank = rank
+
+    def write(self, step: int, **scalars: Any) -> None:
+        record = {"step": step, "rank": self.rank, "time": time.time(), **scalars}
+        self._file.write(json.dumps(record, default=float) + "\n")
+
+    def close(self) -> None:
+        self._file.close()
+
+
+def list_runs(root: Path) -> Iterator[RunDirectory]:
+    """Yield the run directories under `root`, newest first."""
+    if not root.is_dir():
+        return
+    for path in sorted(root.iterdir(), reverse=True):
+        if (path / "run.json").is_file():
+            yield RunDirectory(path)

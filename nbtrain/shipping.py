@@ -1,0 +1,105 @@
+"""Send the notebook names a cell needs to fresh worker processes, by value.
+
+Functions and classes defined in the notebook live in `__main__` of the kernel, which a
+worker cannot import; cloudpickle sends them by value, with the globals they use. Only the
+names the cell mentions are sent (plus, through cloudpickle, what those refer to), so a
+large unrelated variable never slows a launch.
+
+The source of earlier cells is sent along (the kernel's linecache entries), so that a
+worker's traceback through a notebook-defined function shows its lines.
+"""
+
+from __future__ import annotations
+
+import ast
+import builtins
+import linecache
+import pickle
+import types
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from nbtrain.errors import ShippingError
+
+# Names the worker binds itself, or that belong to IPython's bookkeeping.
+_RESERVED = {"bigtrain", "In", "Out", "get_ipython", "exit", "quit", "_", "__", "___"}
+
+
+@dataclass
+class Inputs:
+    """What the workers receive: the names and the notebook's cell sources."""
+
+    names: dict[str, Any]
+    modules: dict[str, str] = field(default_factory=dict)  # alias -> module name, imported in the worker
+    sources: dict[str, list[str]] = field(default_factory=dict)  # filename -> lines, for tracebacks
+
+
+def names_used(cell: str) -> set[str]:
+    """Return the free names a cell reads (names it only assigns are not needed)."""
+    tree = ast.parse(cell)
+    loaded: set[str] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Name) and isinstance(node.ctx, ast.Load):
+            loaded.add(node.id)
+        elif isinstance(node, (ast.Global, ast.Nonlocal)):
+            loaded.update(node.names)
+    return loaded
+
+
+def collect(cell: str, namespace: Mapping[str, Any], extra: Iterable[str] = ()) -> Inputs:
+    """Pick the names `cell` uses from the notebook's namespace."""
+    wanted = (names_used(cell) | set(extra)) - _RESERVED
+    inputs = Inputs(names={})
+    for name in sorted(wanted):
+        if name not in namespace or (hasattr(builtins, name) and namespace[name] is getattr(builtins, name)):
+            continue
+        value = namespace[name]
+        if isinstance(value, types.ModuleType):
+            inputs.modules[name] = value.__name__
+        else:
+            inputs.names[name] = value
+    inputs.sources = _notebook_sources()
+    return inputs
+
+
+def _notebook_sources() -> dict[str, list[str]]:
+    # IPython registers each executed cell in linecache under a name like
+    # /tmp/ipykernel_123/456.py (or <ipython-input-1-...>).
+    found = {}
+    for filename, entry in list(linecache.cache.items()):
+        if ("ipykernel_" in filename or filename.startswith("<ipython-input")) and len(entry) >= 3:
+            found[filename] = list(entry[2])
+    return found
+
+
+def dumps(inputs: Inputs) -> bytes:
+    """Serialise `inputs`; a name that cannot be sent raises ShippingError naming it."""
+    import cloudpickle
+
+    try:
+        return cloudpickle.dumps(inputs, protocol=pickle.HIGHEST_PROTOCOL)
+    except Exception as whole:  # noqa: BLE001 - find which name broke it, then say so
+        for name, value in inputs.names.items():
+            try:
+                cloudpickle.dumps(value, protocol=pickle.HIGHEST_PROTOCOL)
+            except Exception as e:  # noqa: BLE001 - any pickling failure is the user's to see
+                raise ShippingError(
+                    f"the cell uses {name!r} ({type(value).__name__}), which cannot be sent to the worker "
+                    f"processes: {type(e).__name__}: {e}. Fix: create {name!r} inside the %%bigtrain cell "
+                    "(or in a function the cell calls) instead of in an earlier cell."
+                ) from e
+        raise ShippingError(f"the cell's inputs cannot be sent to the workers: {whole}") from whole
+
+
+def install(inputs: Inputs) -> dict[str, Any]:
+    """In a worker: register the notebook's sources and return the cell's namespace."""
+    import importlib
+
+    for filename, lines in inputs.sources.items():
+        linecache.cache[filename] = (sum(map(len, lines)), None, lines, filename)
+    namespace: dict[str, Any] = {"__name__": "__main__", "__builtins__": builtins}
+    for alias, module in inputs.modules.items():
+        namespace[alias] = importlib.import_module(module)
+    namespace.update(inputs.names)
+    return namespace

@@ -1,0 +1,231 @@
+"""Check a run's settings completely, before anything starts.
+
+`check(cfg, ds, machine)` returns every problem at once; each names the flag or dotted
+key, the value, the rule and the fix. It never imports DeepSpeed: the keys DeepSpeed
+accepts come from `nbtrain.deepspeed_schema`.
+"""
+
+from __future__ import annotations
+
+import difflib
+import keyword
+import os
+import re
+from collections.abc import Mapping
+from typing import Any
+
+from nbtrain.config import DEEPSPEED_DEFAULT_WARMUP_STEPS, TrainConfig
+from nbtrain.deepspeed_schema import DeepSpeedSchema, load_schema
+from nbtrain.errors import Problem
+from nbtrain.machine import MachineFacts
+from nbtrain.render import FROM_DATALOADER, get_path
+
+# Flags that parse and show in --dry-run but whose effect is not built yet.
+NOT_AVAILABLE_YET = {
+    "background": "background runs",
+    "checkpoint_every": "checkpoints",
+    "resume": "resuming a run",
+    "qat": "quantization-aware training",
+    "hostfile": "multi-node runs",
+    "hosts": "multi-node runs",
+    "multinode_launcher": "multi-node runs",
+}
+_NAME_RULE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+
+
+def check(cfg: TrainConfig, ds: Mapping[str, Any], machine: MachineFacts, nproc: int,
+          schema: DeepSpeedSchema | None = None) -> list[Problem]:
+    """Return every problem with these settings (an empty list when they can run)."""
+    problems: list[Problem] = []
+    problems += _check_numbers(cfg, ds)
+    problems += _check_unknown_keys(ds, schema or load_schema())
+    problems += _check_combinations(cfg, ds, nproc)
+    problems += _check_machine(ds, machine)
+    problems += _check_bookkeeping(cfg)
+    return problems
+
+
+def _positive(where: str, value: Any, *, allow_zero: bool = False, whole: bool = True) -> list[Problem]:
+    if value is None or value == FROM_DATALOADER:
+        return []
+    kind = "a whole number" if whole else "a number"
+    ok_type = isinstance(value, int) if whole else isinstance(value, (int, float))
+    if isinstance(value, bool) or not ok_type:
+        return [Problem(where, value, f"must be {kind}", f"give {where} {kind}")]
+    if value < 0 or (value == 0 and not allow_zero):
+        floor = "0 or more" if allow_zero else "greater than 0"
+        return [Problem(where, value, f"must be {floor}", f"give {where} a value {floor}")]
+    return []
+
+
+def _check_numbers(cfg: TrainConfig, ds: Mapping[str, Any]) -> list[Problem]:
+    found: list[Problem] = []
+    for flag, value in (("--nproc", cfg.nproc), ("--steps", cfg.steps), ("--epochs", cfg.epochs),
+                        ("--checkpoint-every", cfg.checkpoint_every), ("--hpz", cfg.hpz)):
+        found += _positive(flag, value)
+    found += _positive("--warmup-steps", cfg.warmup_steps, allow_zero=True)
+    found += _positive("--seed", cfg.seed, allow_zero=True)
+    found += _positive(_where(cfg.micro_batch, "--micro-batch", "train_micro_batch_size_per_gpu"),
+                       ds.get("train_micro_batch_size_per_gpu"))
+    found += _positive(_where(cfg.grad_accum, "--grad-accum", "gradient_accumulation_steps"),
+                       ds.get("gradient_accumulation_steps"))
+    found += _positive(_where(cfg.lr, "--lr", "optimizer.params.lr"),
+                       get_path(ds, "optimizer.params.lr"), whole=False)
+    found += _positive(_where(cfg.weight_decay, "--weight-decay", "optimizer.params.weight_decay"),
+                       get_path(ds, "optimizer.params.weight_decay"), allow_zero=True, whole=False)
+    found += _positive(_where(cfg.grad_clip, "--grad-clip", "gradient_clipping"),
+                       ds.get("gradient_clipping"), allow_zero=True, whole=False)
+    if cfg.steps is not None and cfg.epochs is not None:
+        found.append(Problem("--epochs", cfg.epochs, "--steps and --epochs both end the run",
+                             "give --steps or --epochs, not both"))
+    return found
+
+
+def _where(flag_value: Any, flag: str, key: str) -> str:
+    """Name the flag when the user set it, else the DeepSpeed key (from the config file)."""
+    return flag if flag_value is not None else key
+
+
+def _check_unknown_keys(ds: Mapping[str, Any], schema: DeepSpeedSchema, path: str = "",
+                        root: Mapping[str, Any] | None = None) -> list[Problem]:
+    """Refuse keys DeepSpeed does not read (it would silently ignore them), with did-you-mean."""
+    root = ds if root is None else root
+    allowed = schema.allowed(path, dict(root))
+    found: list[Problem] = []
+    for key, value in ds.items():
+        dotted = f"{path}.{key}" if path else key
+        if allowed is not None and key not in allowed:
+            close = difflib.get_close_matches(key, allowed, n=1, cutoff=0.6)
+            fix = f"did you mean {close[0]!r}?" if close else "remove it, or check DeepSpeed's config docs"
+            where = "top-level key" if not path else f"key under {path}"
+            found.append(Problem(dotted, value,
+                                 f"DeepSpeed {schema.version} has no {where} {key!r} (it would ignore it silently)",
+                                 fix))
+            continue
+        if isinstance(value, Mapping):
+            found += _check_unknown_keys(value, schema, dotted, root)
+    return found
+
+
+def _check_combinations(cfg: TrainConfig, ds: Mapping[str, Any], nproc: int) -> list[Problem]:
+    found: list[Problem] = []
+    stage = get_path(ds, "zero_optimization.stage", 0)
+    stage_where = _where(cfg.zero, "--zero", "zero_optimization.stage")
+    if stage not in (0, 1, 2, 3):
+        found.append(Problem(stage_where, stage, "ZeRO stage must be 0, 1, 2 or 3", "pick one of 0-3"))
+        return found
+    for kind in ("offload_optimizer", "offload_param"):
+        device = get_path(ds, f"zero_optimization.{kind}.device", "none")
+        flag = _where(getattr(cfg, kind), "--" + kind.replace("_", "-"), f"zero_optimization.{kind}.device")
+        if device not in ("none", "cpu", "nvme"):
+            found.append(Problem(flag, device, "offload device must be none, cpu or nvme", "pick one of them"))
+            continue
+        if device == "none":
+            continue
+        if kind == "offload_param" and stage != 3:
+            found.append(Problem(flag, device, f"parameter offload needs ZeRO stage 3 (stage is {stage})",
+                                 "add --zero 3, or drop --offload-param"))
+        if kind == "offload_optimizer" and stage == 0:
+            found.append(Problem(flag, device, "optimizer offload needs ZeRO stage 1, 2 or 3 (stage is 0)",
+                                 "add --zero 2 (or 1, 3), or drop --offload-optimizer"))
+        if device == "nvme":
+            found += _check_nvme(cfg, ds, kind, flag, stage)
+    if get_path(ds, "bf16.enabled") is True and get_path(ds, "fp16.enabled") is True:
+        found.append(Problem("bf16.enabled/fp16.enabled", True, "bf16 and fp16 cannot both be enabled",
+                             "choose one with --precision bf16 or --precision fp16"))
+    for key, flag in (("zero_quantized_weights", "qwz"), ("zero_quantized_gradients", "qgz")):
+        if get_path(ds, f"zero_optimization.{key}") is True and stage != 3:
+            found.append(Problem(_where(cfg.quant, "--quant", f"zero_optimization.{key}"), flag,
+                                 f"ZeRO++ {flag} needs ZeRO stage 3 (stage is {stage})", "add --zero 3"))
+    hpz = get_path(ds, "zero_optimization.zero_hpz_partition_size", 1)
+    if isinstance(hpz, int) and hpz > 1:
+        where = _where(cfg.hpz, "--hpz", "zero_optimization.zero_hpz_partition_size")
+        if stage != 3:
+            found.append(Problem(where, hpz, f"hpZ needs ZeRO stage 3 (stage is {stage})", "add --zero 3"))
+        if nproc % hpz:
+            found.append(Problem(where, hpz, f"the hpZ partition size must divide the processes per host ({nproc})",
+                                 f"use a divisor of {nproc}"))
+    found += _check_scheduler(cfg, ds)
+    return found
+
+
+def _check_nvme(cfg: TrainConfig, ds: Mapping[str, Any], kind: str, flag: str, stage: int) -> list[Problem]:
+    found: list[Problem] = []
+    if kind == "offload_optimizer" and stage != 3:
+        found.append(Problem(flag, "nvme",
+                             f"NVMe offload is a ZeRO-3 feature; at stage {stage} DeepSpeed silently keeps "
+                             "the optimizer state in CPU memory instead",
+                             "add --zero 3, or use --offload-optimizer cpu"))
+    path = get_path(ds, f"zero_optimization.{kind}.nvme_path")
+    if path is None:
+        found.append(Problem(flag, "nvme", "NVMe offload needs a directory to write to",
+                             "add --nvme-path /a/fast/local/disk"))
+    elif not os.path.isdir(str(path)):
+        found.append(Problem(_where(cfg.nvme_path, "--nvme-path", f"zero_optimization.{kind}.nvme_path"), path,
+                             "the NVMe offload directory does not exist", f"create it: mkdir -p {path}"))
+    return found
+
+
+def _check_scheduler(cfg: TrainConfig, ds: Mapping[str, Any]) -> list[Problem]:
+    kind = get_path(ds, "scheduler.type")
+    if kind is None:
+        return []
+    known = ("WarmupLR", "WarmupDecayLR", "WarmupCosineLR", "OneCycle", "LRRangeTest")
+    if kind not in known:
+        return [Problem("scheduler.type", kind, "not a DeepSpeed scheduler",
+                        f"use one of {', '.join(known)} (or --scheduler)")]
+    total = get_path(ds, "scheduler.params.total_num_steps")
+    warmup = get_path(ds, "scheduler.params.warmup_num_steps", DEEPSPEED_DEFAULT_WARMUP_STEPS)
+    if kind in ("WarmupDecayLR", "WarmupCosineLR") and isinstance(total, int) and isinstance(warmup, int) \
+            and warmup > total:
+        source = "--warmup-steps" if cfg.warmup_steps is not None else "DeepSpeed's default warmup_num_steps"
+        return [Problem("--warmup-steps", warmup,
+                        f"{source} ({warmup}) exceeds the run's {total} steps, so the LR never decays",
+                        f"give --warmup-steps below {total}")]
+    return []
+
+
+def _check_machine(ds: Mapping[str, Any], machine: MachineFacts) -> list[Problem]:
+    """Refuse what DeepSpeed cannot run on this machine, with the reason."""
+    found: list[Problem] = []
+    if machine.cuda:
+        return found
+    if get_path(ds, "fp16.enabled") is True:
+        found.append(Problem("--precision", "fp16", "DeepSpeed supports fp16 only on CUDA devices "
+                             "(\"Type fp16 is not supported on your device\"); this machine has no GPU",
+                             "use --precision bf16 (or fp32)"))
+    if str(get_path(ds, "optimizer.type", "")).lower() == "lamb":
+        found.append(Problem("--optimizer", "lamb", "DeepSpeed's Lamb optimizer has no CPU implementation; "
+                             "this machine has no GPU", "use --optimizer adamw (or adam, sgd)"))
+    for key, name in (("zero_quantized_weights", "qwz"), ("zero_quantized_gradients", "qgz")):
+        if get_path(ds, f"zero_optimization.{key}") is True:
+            found.append(Problem("--quant", name, f"ZeRO++ {name} uses CUDA kernels that DeepSpeed has no CPU "
+                                 "version of; this machine has no GPU", "drop --quant (hpZ with --hpz runs on CPU)"))
+    return found + _check_libaio(ds, machine)
+
+
+def _check_libaio(ds: Mapping[str, Any], machine: MachineFacts) -> list[Problem]:
+    uses_nvme = any(get_path(ds, f"zero_optimization.{k}.device") == "nvme"
+                    for k in ("offload_optimizer", "offload_param"))
+    if uses_nvme and not machine.has_libaio:
+        return [Problem("--offload-optimizer/--offload-param", "nvme",
+                        "NVMe offload needs DeepSpeed's async_io op, which needs libaio",
+                        "install it: apt-get install libaio-dev")]
+    return []
+
+
+def _check_bookkeeping(cfg: TrainConfig) -> list[Problem]:
+    found: list[Problem] = []
+    for name in cfg.out:
+        if not name.isidentifier() or keyword.iskeyword(name):
+            found.append(Problem("--out", name, "not a Python variable name", "list variable names: --out a,b"))
+    if cfg.name is not None and not _NAME_RULE.match(cfg.name):
+        found.append(Problem("--name", cfg.name, "run names use letters, digits, '_', '.', '-' (at most 64)",
+                             "e.g. --name gpt2-zero3"))
+    for field_name, feature in NOT_AVAILABLE_YET.items():
+        if getattr(cfg, field_name) not in (None, False, (), "none"):
+            flag = "--" + field_name.replace("_", "-")
+            found.append(Problem(flag, getattr(cfg, field_name),
+                                 f"{feature} are not available yet in this nbtrain version",
+                                 f"drop {flag} for now"))
+    return found

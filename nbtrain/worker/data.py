@@ -1,0 +1,101 @@
+"""The micro-batch loader each rank trains on.
+
+- A map-style Dataset is shuffled each epoch from the seed (the same order on every
+  rank), split across ranks without overlap, and batched at the micro-batch size.
+- A DataLoader keeps its own order; its batches are dealt out to the ranks in turn.
+The loader ends after `max_steps` optimizer steps (x grad-accum micro-batches), going
+round the data as often as needed; every rank yields the same number of micro-batches,
+so no rank waits in a collective for one that has run out.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+
+def batches_per_epoch(data: Any, micro_batch: int, world_size: int) -> int:
+    """Return how many micro-batches each rank gets from one pass over `data`."""
+    if isinstance(data, DataLoader):
+        return len(data) // world_size
+    return (len(data) // world_size) // micro_batch
+
+
+class MicroBatchLoader:
+    """Iterate this rank's micro-batches for a whole run (all epochs)."""
+
+    def __init__(self, data: Any, *, rank: int, world_size: int, micro_batch: int, grad_accum: int,
+                 max_steps: int, seed: int, collate_fn: Callable[[list[Any]], Any] | None = None,
+                 cast_to: torch.dtype | None = None):
+        self.data, self.rank, self.world_size = data, rank, world_size
+        self.micro_batch, self.grad_accum = micro_batch, grad_accum
+        self.max_steps, self.seed = max_steps, seed
+        self.collate_fn = collate_fn or torch.utils.data.default_collate
+        self.cast_to = cast_to
+        self.per_epoch = batches_per_epoch(data, micro_batch, world_size)
+        if self.per_epoch == 0:
+            raise ValueError(
+                f"the data gives no complete micro-batch per rank: {_size(data)} with micro-batch "
+                f"{micro_batch} on {world_size} ranks. Use more data or a smaller --micro-batch.")
+        self.epoch = 0
+        self.epoch_end_callbacks: list[Callable[[int], None]] = []
+
+    def __len__(self) -> int:
+        return self.max_steps * self.grad_accum
+
+    def __iter__(self) -> Iterator[Any]:
+        remaining = len(self)
+        self.epoch = 0
+        while remaining > 0:
+            for batch in self._epoch_batches(self.epoch):
+                yield self._cast(batch)
+                remaining -= 1
+                if remaining == 0:
+                    break
+            self._end_epoch()  # a full pass, or the run's end part-way through one
+
+    def _end_epoch(self) -> None:
+        for callback in self.epoch_end_callbacks:
+            callback(self.epoch)
+        self.epoch += 1
+
+    def _epoch_batches(self, epoch: int) -> Iterator[Any]:
+        if isinstance(self.data, DataLoader):
+            for i, batch in enumerate(self.data):
+                if i >= self.per_epoch * self.world_size:
+                    return
+                if i % self.world_size == self.rank:
+                    yield batch
+            return
+        generator = torch.Generator().manual_seed(self.seed + epoch)
+        order = torch.randperm(len(self.data), generator=generator).tolist()
+        mine = order[self.rank::self.world_size][: self.per_epoch * self.micro_batch]
+        for start in range(0, len(mine), self.micro_batch):
+            yield self.collate_fn([self.data[i] for i in mine[start:start + self.micro_batch]])
+
+    def _cast(self, batch: Any) -> Any:
+        """Cast floating-point inputs to the training dtype (bf16 params need bf16 inputs)."""
+        if self.cast_to is None:
+            return batch
+        if isinstance(batch, torch.Tensor):
+            return batch.to(self.cast_to) if batch.is_floating_point() else batch
+        if isinstance(batch, dict):
+            return {k: self._cast(v) for k, v in batch.items()}
+        if isinstance(batch, (list, tuple)):
+            return type(batch)(self._cast(v) for v in batch)
+        return batch
+
+
+def _size(data: Any) -> str:
+    try:
+        return f"{len(data)} {'batches' if isinstance(data, DataLoader) else 'samples'}"
+    except TypeError:
+        return "data without a length"
+
+
+def is_supported(data: Any) -> bool:
+    """Return whether `data` is a map-style Dataset or a DataLoader."""
+    return isinstance(data, (DataLoader, Dataset)) or (hasattr(data, "__len__") and hasattr(data, "__getitem__"))
