@@ -159,6 +159,9 @@ def _apply_defaults(ds: dict[str, Any]) -> None:
     params.setdefault("lr", defaults.DEFAULT_LR)
     params.setdefault("weight_decay", defaults.DEFAULT_WEIGHT_DECAY)
     ds.setdefault("gradient_accumulation_steps", defaults.DEFAULT_GRAD_ACCUM)
+    # DeepSpeed's default stage is 0, but accelerate refuses a config without the section
+    # (and would otherwise assume stage 2): say it explicitly.
+    ds.setdefault("zero_optimization", {}).setdefault("stage", 0)
     ds.setdefault("train_micro_batch_size_per_gpu", FROM_DATALOADER)
     if str(optimizer["type"]).lower() not in ("adam", "adamw", "lamb") and \
             get_path(ds, "zero_optimization.stage", 0) > 0:

@@ -128,7 +128,11 @@ def main(run_path: Path, rank: int) -> int:
     finally:
         user_stream.flush()
     _teardown(bt)
-    return 0
+    # Skip interpreter finalisation: C++ threads of the comm backends abort the process
+    # ("terminate called without an active exception") when destroyed at exit.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def _write_outputs(run: Any, outputs: dict[str, Any], missing: list[str], cloudpickle: Any) -> None:

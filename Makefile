@@ -1,0 +1,59 @@
+# nbtrain — `make demo` runs a real %%bigtrain training headless; `make test` runs every test.
+# Both set up .venv themselves (Debian packages, torch's CPU wheel, the project).
+
+PY      := .venv/bin/python
+STAMP   := .venv/.nbtrain-installed
+PYTEST  := $(PY) -m pytest -p no:cacheprovider
+
+.PHONY: setup demo test lint test-unit test-integration test-notebooks test-browser test-gpu bench notebooks clean
+
+$(STAMP): pyproject.toml .ci/setup-env
+	.ci/setup-env
+	@touch $@
+
+setup: $(STAMP)
+
+demo: setup
+	$(PY) .ci/run_notebook.py notebooks/01_quickstart.ipynb
+
+lint: setup
+	$(PY) -m ruff check nbtrain tests benchmarks .ci
+	$(PY) -m mypy
+
+test-unit: setup
+	$(PYTEST) -q -m "not integration and not browser and not gpu" tests
+
+test-integration: setup
+	$(PYTEST) -q -m "integration and not gpu" tests
+
+test-notebooks: setup
+	$(PYTEST) -q --nbval notebooks --nbval-sanitize-with notebooks/sanitize.cfg
+
+test-browser: setup
+	$(PYTEST) -q -m "browser and not gpu" tests
+
+test-gpu: setup
+	$(PYTEST) -q -m gpu tests
+
+# Every phase runs and prints its time; the target fails if any phase failed.
+test:
+	@start=$$(date +%s); fail=0; \
+	t=$$(date +%s); $(MAKE) --no-print-directory setup || exit 1; \
+	echo "== phase setup took $$(( $$(date +%s) - t )) s"; \
+	for phase in lint test-unit test-integration test-notebooks test-browser; do \
+	  t=$$(date +%s); \
+	  $(MAKE) --no-print-directory $$phase || fail=1; \
+	  echo "== phase $$phase took $$(( $$(date +%s) - t )) s"; \
+	done; \
+	echo "== make test took $$(( $$(date +%s) - start )) s"; \
+	exit $$fail
+
+bench: setup
+	$(PY) benchmarks/launch_overhead.py
+
+# Re-execute the tutorials in place (their saved outputs are what nbval compares).
+notebooks: setup
+	for nb in notebooks/*.ipynb; do $(PY) .ci/run_notebook.py --save $$nb || exit 1; done
+
+clean:
+	rm -rf .venv bigtrain-runs notebooks/bigtrain-runs

@@ -1,0 +1,89 @@
+"""Shared fixtures: a real kernel with nbtrain loaded, and checks for leftover workers."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import psutil
+import pytest
+
+from tests.kernel import Kernel
+
+# The "earlier cells" of the integration tests' notebook: a small model, data and a loss,
+# all defined in the kernel (so they reach the workers only by nbtrain's shipping).
+NOTEBOOK_SETUP = '''
+import torch
+
+class ToyData(torch.utils.data.Dataset):
+    """320 samples of a 4-class problem, the same on every call."""
+    def __init__(self, n=320):
+        g = torch.Generator().manual_seed(1)
+        self.x = torch.randn(n, 16, generator=g)
+        self.y = (self.x[:, :4].argmax(dim=1))
+    def __len__(self):
+        return len(self.x)
+    def __getitem__(self, i):
+        return self.x[i], self.y[i]
+
+def make_model():
+    return torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.Tanh(), torch.nn.Linear(32, 4))
+
+def loss_fn(model, batch):
+    x, y = batch
+    return torch.nn.functional.cross_entropy(model(x).float(), y)
+'''
+
+
+def worker_processes(marker: str) -> list[psutil.Process]:
+    """Return live nbtrain worker processes whose command line mentions `marker`."""
+    found = []
+    for proc in psutil.process_iter(["cmdline", "status"]):
+        cmdline = " ".join(proc.info["cmdline"] or [])
+        if "nbtrain.worker" in cmdline and marker in cmdline and proc.info["status"] != psutil.STATUS_ZOMBIE:
+            found.append(proc)
+    return found
+
+
+def wait_until_gone(marker: str, timeout: float) -> float:
+    """Wait for every worker mentioning `marker` to exit; return the seconds it took."""
+    begun = time.monotonic()
+    while worker_processes(marker):
+        if time.monotonic() - begun > timeout:
+            alive = [p.pid for p in worker_processes(marker)]
+            raise AssertionError(f"workers still running after {timeout} s: {alive}")
+        time.sleep(0.1)
+    return time.monotonic() - begun
+
+
+@pytest.fixture
+def kernel(tmp_path: Path) -> Iterator[Kernel]:
+    """A fresh kernel in `tmp_path` with nbtrain loaded and the setup cell run."""
+    k = Kernel(tmp_path)
+    try:
+        k.execute("%load_ext nbtrain")
+        k.execute(NOTEBOOK_SETUP)
+        yield k
+    finally:
+        k.shutdown()
+        # Whatever happened in the test, no worker of it may outlive it.
+        wait_until_gone(str(tmp_path), timeout=30)
+
+
+def only_run(root: Path) -> Path:
+    """Return the single run directory under `root`."""
+    runs = [p for p in (root / "bigtrain-runs").iterdir() if p.is_dir()]
+    assert len(runs) == 1, f"expected one run directory, found {[p.name for p in runs]}"
+    return runs[0]
+
+
+def status_of(run: Path) -> dict:
+    return json.loads((run / "status.json").read_text())
+
+
+def losses(run: Path) -> list[float]:
+    """Return rank 0's logged loss per step, in step order."""
+    records = [json.loads(line) for line in (run / "metrics" / "rank-0.jsonl").read_text().splitlines()]
+    return [r["loss"] for r in sorted(records, key=lambda r: r["step"]) if "loss" in r]
