@@ -128,6 +128,9 @@ class BigTrain:
         # process per rank (so data is not sharded); gloo is the CPU backend.
         backend = "nccl" if torch.cuda.is_available() else "gloo"
         plugin = DeepSpeedPlugin(hf_ds_config=copy.deepcopy(self.config), zero3_init_flag=False)
+        # accelerate overwrites steps_per_print with inf; a value the user set must hold.
+        if "steps_per_print" in self.config:
+            plugin.deepspeed_config["steps_per_print"] = self.config["steps_per_print"]
         self.accelerator = Accelerator(deepspeed_plugin=plugin, gradient_accumulation_steps=grad_accum,
                                        kwargs_handlers=[InitProcessGroupKwargs(backend=backend)])
         optimizer = DummyOptim(model.parameters())
@@ -147,6 +150,7 @@ class BigTrain:
             "grad_accum": engine.gradient_accumulation_steps(),
             "train_batch_size": engine.train_batch_size(),
             "world_size": self.world_size, "max_steps": self.max_steps, "micro_batches_per_epoch": per_epoch,
+            "parameters": sum(p.numel() for p in self._skeletons[id(self._prepared_model)].parameters()),
             "optimizer": type(engine.optimizer).__name__, "scheduler": type(engine.lr_scheduler).__name__,
         }
         write_json_atomic(self._run.effective_deepspeed_file,
