@@ -224,26 +224,31 @@ def _supervise(group: WorkerGroup, watcher: _RunWatcher, sink: ProgressSink) -> 
             deadline = time.monotonic() + FAILURE_GRACE_S
             while group.running() and time.monotonic() < deadline:
                 time.sleep(0.05)
+            codes = group.exit_codes()  # before our own stop signals muddy them
             group.stop()
-            return ("failed", *_failure_reason(watcher.run, group, failed))
+            return ("failed", *_failure_reason(watcher.run, codes))
         time.sleep(POLL_S)
 
 
-def _failure_reason(run: RunDirectory, group: WorkerGroup, failed: list[int]) -> tuple[str, int]:
-    """Name the rank that failed first and why."""
+def _failure_reason(run: RunDirectory, codes: list[int | None]) -> tuple[str, int]:
+    """Name the rank whose failure ended the run, and why.
+
+    A rank killed by a signal (before nbtrain stopped anything) is the cause: its peers'
+    errors ("connection closed by peer") are consequences. Otherwise the earliest error.
+    """
+    for rank, code in enumerate(codes):
+        if code is not None and code < 0:
+            name = signal.Signals(-code).name
+            hint = " (the out-of-memory killer sends this)" if name == "SIGKILL" else ""
+            return f"rank {rank} was killed by {name}{hint}", rank
     errors = run.errors()
     if errors:
         rank = min(errors, key=lambda r: errors[r].get("time", 0))
         report = errors[rank]
         where = f" (cell line {report['cell_line']})" if report.get("cell_line") else ""
         return f"rank {rank} raised {report['type']}: {report['message']}{where}", rank
-    rank = failed[0]
-    code = group.exit_codes()[rank] or 0
-    if code < 0:
-        name = signal.Signals(-code).name
-        hint = " (the out-of-memory killer sends this)" if name == "SIGKILL" else ""
-        return f"rank {rank} was killed by {name}{hint}", rank
-    return f"rank {rank} exited with code {code} without a Python error (see logs/rank-{rank}.log)", rank
+    rank = next(r for r, code in enumerate(codes) if code not in (None, 0))
+    return f"rank {rank} exited with code {codes[rank]} without a Python error (see logs/rank-{rank}.log)", rank
 
 
 def _bind_outputs(run: RunDirectory, names: tuple[str, ...],

@@ -1,0 +1,114 @@
+"""How runs end: a rank failing, a rank killed, an interrupt, the kernel dying — and no leftovers."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+
+from tests.conftest import only_run, status_of, wait_until_gone, worker_processes
+from tests.kernel import Kernel
+
+pytestmark = pytest.mark.integration
+
+# Every rank trains; the test then makes one of them misbehave at step 3.
+LOOP = """
+import os, signal, time
+engine, loader = bigtrain.prepare(make_model(), ToyData())
+for x, y in loader:
+    loss = loss_fn(engine, (x, y))
+    engine.backward(loss)
+    engine.step()
+    bigtrain.log(loss=loss.item())
+    if engine.global_steps == 3:
+        {misbehave}
+"""
+
+
+def test_a_rank_raising_fails_the_run_with_its_traceback_at_the_cell_line(kernel: Kernel, tmp_path: Path) -> None:
+    cell = LOOP.format(misbehave="if bigtrain.rank == 1:\n            raise ValueError('bad batch on rank 1')")
+    out = kernel.execute(f"%%bigtrain --nproc 2 --steps 40 --micro-batch 4\n{cell}", allow_error=True)
+    error = out.error
+    assert error is not None, "the cell should fail"
+    shown = error.text
+    assert 'File "<bigtrain cell>", line 11' in shown and "raise ValueError('bad batch on rank 1')" in shown, shown
+    assert "rank 1 raised ValueError: bad batch on rank 1 (cell line 11)" in shown
+    run = only_run(tmp_path)
+    status = status_of(run)
+    assert (status["state"], status["failed_rank"]) == ("failed", 1)
+    # Metrics written before the fault are kept (rank 0 logged steps 1-3 at least).
+    assert (run / "metrics" / "rank-0.jsonl").read_text().count('"loss"') >= 3
+    assert not worker_processes(str(tmp_path)), "a worker outlived the failed run"
+    # Nothing is bound on failure, and the kernel is still usable.
+    assert kernel.execute("print('state' in dir())").text.strip() == "False"
+
+
+def test_a_rank_killed_by_a_signal_is_reported_and_the_others_stopped(kernel: Kernel, tmp_path: Path) -> None:
+    cell = LOOP.format(misbehave="if bigtrain.rank == 1:\n            os.kill(os.getpid(), signal.SIGKILL)")
+    began = time.time()
+    out = kernel.execute(f"%%bigtrain --nproc 2 --steps 400 --micro-batch 4\n{cell}", allow_error=True)
+    assert out.error is not None
+    assert "rank 1 was killed by SIGKILL" in out.error.text
+    assert status_of(only_run(tmp_path))["state"] == "failed"
+    # Rank 0 would wait in gloo's collective for 30 minutes; nbtrain must stop it at once.
+    assert time.time() - began < 120
+    assert not worker_processes(str(tmp_path))
+
+
+def test_interrupting_the_kernel_stops_every_worker(kernel: Kernel, tmp_path: Path) -> None:
+    cell = LOOP.format(misbehave="pass") + "\ntime.sleep(600)\n"
+    out = kernel.execute(f"%%bigtrain --nproc 2 --steps 5 --micro-batch 4\n{cell}",
+                         interrupt_after=12, allow_error=True)
+    assert out.error is not None and out.error.content["ename"] == "KeyboardInterrupt"
+    interrupted_at = out.error.time
+    status = status_of(only_run(tmp_path))
+    assert status["state"] == "stopped" and "interrupted" in status["reason"], status
+    assert not worker_processes(str(tmp_path)), "workers survived the interrupt"
+    # The cell ended within 10 s of the interrupt (which was sent 12 s into the cell).
+    assert interrupted_at - out.started < 12 + 10
+    assert "[succeeded]" not in out.text
+
+
+def test_workers_end_themselves_when_the_kernel_is_killed(tmp_path: Path) -> None:
+    from tests.conftest import NOTEBOOK_SETUP
+
+    kernel = Kernel(tmp_path)
+    try:
+        kernel.execute("%load_ext nbtrain")
+        kernel.execute(NOTEBOOK_SETUP)
+        kernel.client.execute("%%bigtrain --nproc 2 --steps 100000 --micro-batch 4\n"
+                              "bigtrain.fit(make_model(), ToyData(), loss_fn=loss_fn)")
+        deadline = time.time() + 120
+        while not any((tmp_path / "bigtrain-runs").glob("*/metrics/rank-0.jsonl")):
+            assert time.time() < deadline, "training never started"
+            time.sleep(0.2)
+        workers = worker_processes(str(tmp_path))
+        assert len(workers) == 2
+        kernel.kill()
+        took = wait_until_gone(str(tmp_path), timeout=30)
+    finally:
+        kernel.client.stop_channels()
+    status = status_of(only_run(tmp_path))
+    assert status["state"] == "stopped" and "kernel died" in status["reason"], status
+    print(f"workers gone {took:.1f} s after kill -9 of the kernel")
+
+
+def test_many_runs_in_one_kernel_leave_nothing_behind(kernel: Kernel, tmp_path: Path) -> None:
+    kernel_process = psutil.Process(kernel.pid)
+
+    def footprint() -> tuple[int, int, int]:
+        return (len(kernel_process.children(recursive=True)), kernel_process.num_threads(),
+                kernel_process.num_fds())
+
+    kernel.execute("%%bigtrain --nproc 2 --steps 2 --micro-batch 8\n"
+                   "bigtrain.fit(make_model(), ToyData(), loss_fn=loss_fn)")
+    after_one = footprint()
+    for _ in range(3):
+        kernel.execute("%%bigtrain --nproc 2 --steps 2 --micro-batch 8\n"
+                       "bigtrain.fit(make_model(), ToyData(), loss_fn=loss_fn)")
+    after_four = footprint()
+    assert after_four == after_one, f"children/threads/fds after 1 run {after_one}, after 4 runs {after_four}"
+    assert after_one[0] == 0, "a worker is still a child of the kernel"
+    assert len(list((tmp_path / "bigtrain-runs").iterdir())) == 4
