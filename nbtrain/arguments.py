@@ -33,8 +33,11 @@ def _problem_from_argparse(message: str) -> Problem:
     if message.startswith("argument "):
         where, _, rest = message[len("argument "):].partition(": ")
         where = where.split("/")[0]
-        return Problem(where, rest.split("'")[1] if "'" in rest else "", rest,
-                       f"see `%%bigtrain?` for {where}")
+        if rest.startswith("invalid choice: "):  # the value is quoted for str choices, bare for ints
+            value = rest[len("invalid choice: "):].split(" (choose")[0].strip("'")
+        else:
+            value = rest.split("'")[1] if "'" in rest else ""
+        return Problem(where, value, rest, f"see `%%bigtrain?` for {where}")
     if message.startswith("unrecognized arguments"):
         bad = message.split(": ", 1)[1]
         return Problem(bad.split()[0], bad, "unknown flag",
@@ -99,7 +102,7 @@ def parse_line(line: str) -> TrainConfig:
     except ValueError as e:
         raise ConfigError([Problem("%%bigtrain", line, f"the line cannot be split ({e})",
                                    "close the quote")]) from e
-    namespace = build_parser().parse_args(words)
+    namespace = _parse_all(_attach_negative_numbers(words))
     values: dict[str, Any] = {}
     for f in config_fields():
         value = getattr(namespace, f.name)
@@ -111,6 +114,56 @@ def parse_line(line: str) -> TrainConfig:
             value = tuple(value)
         values[f.name] = value
     return TrainConfig(**values)
+
+
+def _attach_negative_numbers(words: list[str]) -> list[str]:
+    """Write `--lr -1e-3` as `--lr=-1e-3`: argparse takes '-1e-3' for a flag otherwise."""
+    out: list[str] = []
+    for word in words:
+        if out and out[-1].startswith("--") and "=" not in out[-1] and word.startswith("-") and _is_number(word):
+            out[-1] = f"{out[-1]}={word}"
+        else:
+            out.append(word)
+    return out
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
+
+
+def _parse_all(words: list[str]) -> argparse.Namespace:
+    """Parse `words`; on mistakes, report every one (argparse alone stops at the first)."""
+    parser = build_parser()
+    problems: list[Problem] = []
+    while True:
+        try:
+            namespace = parser.parse_args(words)
+        except ConfigError as e:
+            problems += e.problems
+            rest = _without(words, e.problems[0].where)
+            if rest == words:
+                break
+            words = rest
+            continue
+        if not problems:
+            return namespace
+        break
+    raise ConfigError(problems)
+
+
+def _without(words: list[str], flag: str) -> list[str]:
+    """Return `words` without the first `flag` (and the value that follows it)."""
+    for i, word in enumerate(words):
+        if word == flag:
+            has_value = i + 1 < len(words) and not words[i + 1].startswith("--")
+            return words[:i] + words[i + 1 + has_value:]
+        if word.startswith(flag + "="):
+            return words[:i] + words[i + 1:]
+    return words
 
 
 def to_line(config: TrainConfig) -> str:

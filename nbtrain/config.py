@@ -111,10 +111,12 @@ class TrainConfig:
 
     def given(self) -> dict[str, Any]:
         """Return the fields the user set, by name."""
+        # Not `in (None, (), False)`: 0 == False, and `--zero 0` is a choice the user made.
         return {
             f.name: getattr(self, f.name)
             for f in dataclasses.fields(self)
-            if getattr(self, f.name) not in (None, (), False)
+            if getattr(self, f.name) is not None and getattr(self, f.name) is not False
+            and getattr(self, f.name) != ()
         }
 
 

@@ -16,7 +16,7 @@ from nbtrain import estimate
 from nbtrain.config import DEFAULT_CPU_PROCESSES, TrainConfig
 from nbtrain.errors import ConfigError, Problem
 from nbtrain.machine import MachineFacts
-from nbtrain.render import FROM_DATALOADER, render, unresolved
+from nbtrain.render import FROM_DATALOADER, render_collecting, unresolved
 from nbtrain.validate import check
 
 
@@ -78,8 +78,8 @@ def plan_run(cfg: TrainConfig, machine: MachineFacts, base: Mapping[str, Any] | 
         nproc, notice = default_nproc(machine)
         if notice:
             notices.append(notice)
-    rendered = render(cfg, base)
-    problems = check(cfg, rendered.deepspeed, machine, nproc)
+    rendered, problems = render_collecting(cfg, base)
+    problems += check(cfg, rendered.deepspeed, machine, nproc)
     if problems:
         raise ConfigError(problems)
     return RunPlan(cfg, rendered.deepspeed, nproc, tuple(notices) + rendered.notices, machine)

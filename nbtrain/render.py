@@ -22,11 +22,14 @@ from nbtrain.config import TrainConfig
 from nbtrain.errors import ConfigError, Problem
 
 FROM_DATALOADER = "from the DataLoader"
+_MISSING = object()
 
 SCHEDULER_TYPES = {
     "warmup": "WarmupLR", "warmup_decay": "WarmupDecayLR", "warmup_cosine": "WarmupCosineLR",
     "one_cycle": "OneCycle", "lr_range_test": "LRRangeTest",
 }
+# The schedulers that read warmup_num_steps (--warmup-steps).
+WARMUP_SCHEDULERS = ("WarmupLR", "WarmupDecayLR", "WarmupCosineLR")
 OPTIMIZER_TYPES = {"adamw": "AdamW", "adam": "Adam", "sgd": "SGD", "lamb": "Lamb"}
 # OneCycle starts at peak / 25 (PyTorch's OneCycleLR div_factor); the LR range test sweeps
 # from peak / 1000 up to the peak over the run.
@@ -119,36 +122,100 @@ def set_path(tree: dict[str, Any], dotted: str, value: Any) -> None:
 
 
 def render(cfg: TrainConfig, base: Mapping[str, Any] | None = None) -> Rendered:
-    """Return the complete DeepSpeed dict for `cfg` on top of `base`.
+    """Return the complete DeepSpeed dict for `cfg` on top of `base`; raise ConfigError on conflicts.
 
     >>> render(TrainConfig(zero=3)).deepspeed["zero_optimization"]["stage"]
     3
+    """
+    rendered, problems = render_collecting(cfg, base)
+    if problems:
+        raise ConfigError(problems)
+    return rendered
+
+
+def render_collecting(cfg: TrainConfig, base: Mapping[str, Any] | None = None) -> tuple[Rendered, list[Problem]]:
+    """Return the DeepSpeed dict and every `--set` problem, so validation can report them together.
+
+    A refused `--set` item is left out of the dict; the rest is rendered as usual.
     """
     ds: dict[str, Any] = copy.deepcopy(dict(base or {}))
     notices: list[str] = []
     sources: dict[str, str] = {}
     for key, value, flag in flag_settings(cfg):
-        before = get_path(ds, key)
-        if before is not None and before != value:
-            notices.append(f"{flag} sets {key} = {value!r} (the config file had {before!r})")
-        set_path(ds, key, value)
-        sources[key] = flag
+        _apply_flag(ds, key, value, flag, notices, sources)
+    if cfg.scheduler == "none":
+        # `--scheduler none` means a constant LR, even if the config file names a scheduler.
+        if "scheduler" in ds:
+            notices.append(f"--scheduler none drops the config file's scheduler {get_path(ds, 'scheduler.type')!r}")
+            del ds["scheduler"]
+        sources["scheduler"] = "--scheduler"
 
     _apply_defaults(ds)
     problems: list[Problem] = []
     for item in cfg.set:
-        key, value = parse_set(item)
-        flag = sources.get(key)
-        if flag is not None and get_path(ds, key) != value:
-            problems.append(Problem(
-                f"--set {key}", value, f"{flag} already sets {key} to {get_path(ds, key)!r}",
-                f"drop one of {flag} and --set {key}"))
+        try:
+            key, value = parse_set(item)
+        except ConfigError as e:
+            problems += e.problems
+            continue
+        clash = _set_conflict(ds, key, value, sources)
+        if clash:
+            problems.append(clash)
+            continue
         set_path(ds, key, value)
         sources[key] = "--set"
-    if problems:
-        raise ConfigError(problems)
+    # Flags that fill scheduler parameters (--lr, --warmup-steps, --steps) win over the
+    # file like every flag, and are refused when a --set says otherwise.
+    for key, value, flag in _scheduler_flag_settings(ds, cfg):
+        parts = key.split(".")
+        if any(sources.get(".".join(parts[:n])) == "--set" for n in range(1, len(parts) + 1)):
+            if get_path(ds, key) != value:
+                problems.append(_conflict_problem(key, get_path(ds, key), flag, value))
+            continue
+        _apply_flag(ds, key, value, flag, notices, sources)
     _render_scheduler(ds, cfg)
-    return Rendered(ds, tuple(notices), sources)
+    return Rendered(ds, tuple(notices), sources), problems
+
+
+def _apply_flag(ds: dict[str, Any], key: str, value: Any, flag: str, notices: list[str],
+                sources: dict[str, str]) -> None:
+    before = get_path(ds, key)
+    if before is not None and before != value:
+        notices.append(f"{flag} sets {key} = {value!r} (the config file had {before!r})")
+    set_path(ds, key, value)
+    sources[key] = flag
+
+
+def _set_conflict(ds: Mapping[str, Any], key: str, value: Any, sources: Mapping[str, str]) -> Problem | None:
+    """Return the problem if `--set key=value` would change what a flag set (the key, above or below it)."""
+    trial = copy.deepcopy(dict(ds))
+    set_path(trial, key, value)
+    for flagged, flag in sources.items():
+        before, after = get_path(ds, flagged, _MISSING), get_path(trial, flagged, _MISSING)
+        if flag != "--set" and before != after:
+            return _conflict_problem(key, value, flag, before, flagged)
+    return None
+
+
+def _conflict_problem(key: str, set_value: Any, flag: str, flag_value: Any, flagged: str | None = None) -> Problem:
+    rule = (f"{flag} already removes {flagged or key}" if flag_value is _MISSING
+            else f"{flag} already sets {flagged or key} to {flag_value!r}")
+    return Problem(f"--set {key}", set_value, rule, f"drop one of {flag} and --set {key}")
+
+
+def _scheduler_flag_settings(ds: Mapping[str, Any], cfg: TrainConfig) -> list[tuple[str, Any, str]]:
+    """Return (key, value, flag) for the scheduler parameters that flags set directly."""
+    kind = get_path(ds, "scheduler.type")
+    out: list[tuple[str, Any, str]] = []
+    if kind in WARMUP_SCHEDULERS and cfg.warmup_steps is not None:
+        out.append(("scheduler.params.warmup_num_steps", cfg.warmup_steps, "--warmup-steps"))
+    if cfg.lr is not None and kind in ("WarmupLR", "WarmupDecayLR"):
+        out.append(("scheduler.params.warmup_max_lr", cfg.lr, "--lr"))
+    if cfg.lr is not None and kind == "OneCycle":
+        out.append(("scheduler.params.cycle_max_lr", cfg.lr, "--lr"))
+    if cfg.steps is not None and kind in ("WarmupDecayLR", "WarmupCosineLR"):
+        out.append(("scheduler.params.total_num_steps", cfg.steps, "--steps"))
+    return out
 
 
 def _apply_defaults(ds: dict[str, Any]) -> None:
