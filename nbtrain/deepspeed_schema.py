@@ -20,7 +20,7 @@ import functools
 import inspect
 import json
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -38,6 +38,8 @@ class DeepSpeedSchema:
     children: dict[str, list[str]]
     scheduler_params: dict[str, list[str]]
     optimizer_params: dict[str, list[str]]
+    # Keys DeepSpeed reads only to refuse them (removed features), dotted -> its message.
+    removed: dict[str, str] = field(default_factory=dict)
 
     def allowed(self, path: str, config: dict[str, Any]) -> list[str] | None:
         """Return the keys accepted under `path`, or None where DeepSpeed does not check."""
@@ -223,18 +225,34 @@ def _optimizer_params() -> dict[str, list[str]]:
     }
 
 
+def _removed_keys() -> dict[str, str]:
+    """Return the keys DeepSpeed refuses as removed features, with DeepSpeed's message."""
+    from deepspeed.runtime import config as ds_config
+
+    # DeepSpeed asks for these keys only to raise: recorded reads would count them as accepted.
+    removed = dict(getattr(ds_config, "_REMOVED_TOP_LEVEL_CONFIG_KEYS", {}))
+    zero = getattr(ds_config, "_REMOVED_ZERO_CONFIG_KEYS", {})
+    removed.update({f"zero_optimization.{key}": message for key, message in zero.items()})
+    return removed
+
+
 def derive_schema() -> DeepSpeedSchema:
     """Derive the accepted keys from the installed DeepSpeed (imports it: slow)."""
+    removed = _removed_keys()
     children = _recorded_children([])
     top = children[""]
-    children = _recorded_children([s for s in top if s not in _pydantic_sections()])
+    children = _recorded_children([s for s in top if s not in _pydantic_sections() and s not in removed])
     for section, model in _pydantic_sections().items():
         _model_children(model, section, children)
     for section in ("optimizer", "scheduler"):
         children[section] = sorted(set(children.get(section, [])) | {"type", "params"})
+    for dotted in removed:
+        parent, _, key = dotted.rpartition(".")
+        if key in children.get(parent, []):
+            children[parent].remove(key)
     return DeepSpeedSchema(
         version=deepspeed_version(), children=children,
-        scheduler_params=_scheduler_params(), optimizer_params=_optimizer_params(),
+        scheduler_params=_scheduler_params(), optimizer_params=_optimizer_params(), removed=removed,
     )
 
 

@@ -18,7 +18,7 @@ from nbtrain.config import DEEPSPEED_DEFAULT_WARMUP_STEPS, TrainConfig
 from nbtrain.deepspeed_schema import DeepSpeedSchema, load_schema
 from nbtrain.errors import Problem
 from nbtrain.machine import MachineFacts
-from nbtrain.render import FROM_DATALOADER, get_path
+from nbtrain.render import FROM_DATALOADER, WARMUP_SCHEDULERS, get_path
 
 # Flags that parse and show in --dry-run but whose effect is not built yet.
 NOT_AVAILABLE_YET = {
@@ -40,7 +40,7 @@ def check(cfg: TrainConfig, ds: Mapping[str, Any], machine: MachineFacts, nproc:
     problems += _check_numbers(cfg, ds)
     problems += _check_unknown_keys(ds, schema or load_schema())
     problems += _check_combinations(cfg, ds, nproc)
-    problems += _check_machine(ds, machine)
+    problems += _check_machine(cfg, ds, machine)
     problems += _check_bookkeeping(cfg)
     return problems
 
@@ -94,6 +94,10 @@ def _check_unknown_keys(ds: Mapping[str, Any], schema: DeepSpeedSchema, path: st
     found: list[Problem] = []
     for key, value in ds.items():
         dotted = f"{path}.{key}" if path else key
+        if dotted in schema.removed:
+            found.append(Problem(dotted, value, f"DeepSpeed {schema.version} refuses it: {schema.removed[dotted]}",
+                                 f"remove {dotted!r}"))
+            continue
         if allowed is not None and key not in allowed:
             close = difflib.get_close_matches(key, allowed, n=1, cutoff=0.6)
             fix = f"did you mean {close[0]!r}?" if close else "remove it, or check DeepSpeed's config docs"
@@ -168,6 +172,11 @@ def _check_nvme(cfg: TrainConfig, ds: Mapping[str, Any], kind: str, flag: str, s
 
 def _check_scheduler(cfg: TrainConfig, ds: Mapping[str, Any]) -> list[Problem]:
     kind = get_path(ds, "scheduler.type")
+    if cfg.warmup_steps is not None and kind not in WARMUP_SCHEDULERS:
+        return [Problem("--warmup-steps", cfg.warmup_steps,
+                        "only the warmup, warmup_decay and warmup_cosine schedulers warm up "
+                        f"({_scheduler_words(kind)})",
+                        "add --scheduler warmup_cosine (or warmup, warmup_decay), or drop --warmup-steps")]
     if kind is None:
         return []
     known = ("WarmupLR", "WarmupDecayLR", "WarmupCosineLR", "OneCycle", "LRRangeTest")
@@ -185,21 +194,28 @@ def _check_scheduler(cfg: TrainConfig, ds: Mapping[str, Any]) -> list[Problem]:
     return []
 
 
-def _check_machine(ds: Mapping[str, Any], machine: MachineFacts) -> list[Problem]:
+def _scheduler_words(kind: Any) -> str:
+    return f"the scheduler is {kind}" if kind else "no scheduler is set"
+
+
+def _check_machine(cfg: TrainConfig, ds: Mapping[str, Any], machine: MachineFacts) -> list[Problem]:
     """Refuse what DeepSpeed cannot run on this machine, with the reason."""
     found: list[Problem] = []
     if machine.cuda:
         return found
     if get_path(ds, "fp16.enabled") is True:
-        found.append(Problem("--precision", "fp16", "DeepSpeed supports fp16 only on CUDA devices "
+        found.append(Problem(_where(cfg.precision, "--precision", "fp16.enabled"), "fp16",
+                             "DeepSpeed supports fp16 only on CUDA devices "
                              "(\"Type fp16 is not supported on your device\"); this machine has no GPU",
                              "use --precision bf16 (or fp32)"))
     if str(get_path(ds, "optimizer.type", "")).lower() == "lamb":
-        found.append(Problem("--optimizer", "lamb", "DeepSpeed's Lamb optimizer has no CPU implementation; "
+        found.append(Problem(_where(cfg.optimizer, "--optimizer", "optimizer.type"), "lamb",
+                             "DeepSpeed's Lamb optimizer has no CPU implementation; "
                              "this machine has no GPU", "use --optimizer adamw (or adam, sgd)"))
     for key, name in (("zero_quantized_weights", "qwz"), ("zero_quantized_gradients", "qgz")):
         if get_path(ds, f"zero_optimization.{key}") is True:
-            found.append(Problem("--quant", name, f"ZeRO++ {name} uses CUDA kernels that DeepSpeed has no CPU "
+            found.append(Problem(_where(cfg.quant, "--quant", f"zero_optimization.{key}"), name,
+                                 f"ZeRO++ {name} uses CUDA kernels that DeepSpeed has no CPU "
                                  "version of; this machine has no GPU", "drop --quant (hpZ with --hpz runs on CPU)"))
     return found + _check_libaio(ds, machine)
 
@@ -226,6 +242,6 @@ def _check_bookkeeping(cfg: TrainConfig) -> list[Problem]:
         if getattr(cfg, field_name) not in (None, False, (), "none"):
             flag = "--" + field_name.replace("_", "-")
             found.append(Problem(flag, getattr(cfg, field_name),
-                                 f"{feature} are not available yet in this nbtrain version",
+                                 f"{feature}: not available yet in this nbtrain version",
                                  f"drop {flag} for now"))
     return found

@@ -1,0 +1,232 @@
+"""Bad input is refused before anything starts, with every problem named at once.
+
+Each row of BAD_INPUT is a `%%bigtrain` line (and optionally a DeepSpeed config file's
+dict and the machine) that `plan_run` -- the last step before the launcher -- must refuse,
+with a problem naming the expected flag or key and a fragment of the rule or fix.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import pytest
+
+from nbtrain.arguments import parse_line
+from nbtrain.config import TrainConfig
+from nbtrain.errors import ConfigError, Problem
+from nbtrain.machine import MachineFacts
+from nbtrain.plan import plan_run
+from nbtrain.render import render
+from nbtrain.validate import check
+
+CPU = MachineFacts(gpu_count=0, has_libaio=True)
+GPU = MachineFacts(gpu_count=8, has_libaio=True)
+NOT_YET = "not available yet"
+
+
+@dataclass(frozen=True)
+class Bad:
+    line: str
+    where: str  # the flag or dotted key the problem must name
+    says: str  # a fragment of the problem's rule or fix
+    base: dict[str, Any] | None = None
+    machine: MachineFacts = field(default=CPU)
+
+
+BAD_INPUT: dict[str, Bad] = {
+    # -- impossible combinations ------------------------------------------------------
+    "param offload below stage 3": Bad("--zero 2 --offload-param cpu", "--offload-param", "needs ZeRO stage 3"),
+    "param offload below stage 3, from the file": Bad(
+        "", "zero_optimization.offload_param.device", "needs ZeRO stage 3",
+        base={"zero_optimization": {"stage": 1, "offload_param": {"device": "cpu"}}}),
+    "optimizer offload at stage 0": Bad("--offload-optimizer cpu", "--offload-optimizer", "stage 1, 2 or 3"),
+    "fp16 with bf16 via --set": Bad("--set bf16.enabled=true --set fp16.enabled=true", "bf16.enabled/fp16.enabled",
+                                    "cannot both be enabled", machine=GPU),
+    "fp16 from --set with bf16 from the file": Bad("--set fp16.enabled=true", "bf16.enabled/fp16.enabled",
+                                                   "cannot both be enabled", base={"bf16": {"enabled": True}},
+                                                   machine=GPU),
+    "nvme without a path": Bad("--zero 3 --offload-optimizer nvme", "--offload-optimizer", "--nvme-path"),
+    "nvme below stage 3": Bad("--zero 2 --offload-optimizer nvme --nvme-path /tmp", "--offload-optimizer",
+                              "silently keeps the optimizer state in CPU memory"),
+    "nvme path missing": Bad("--zero 3 --offload-param nvme --nvme-path /no/such/dir", "--nvme-path",
+                             "mkdir -p /no/such/dir"),
+    "nvme without libaio": Bad("--zero 3 --offload-optimizer nvme --nvme-path /tmp",
+                               "--offload-optimizer/--offload-param", "libaio-dev",
+                               machine=MachineFacts(gpu_count=0, has_libaio=False)),
+    "qwz on CPU": Bad("--zero 3 --quant qwz", "--quant", "no CPU version"),
+    "qgz on CPU": Bad("--zero 3 --quant qgz", "--quant", "no CPU version"),
+    "qwz from the file on CPU": Bad("--zero 3", "zero_optimization.zero_quantized_weights", "no CPU version",
+                                    base={"zero_optimization": {"zero_quantized_weights": True}}),
+    "qwz below stage 3": Bad("--zero 2 --quant qwz", "--quant", "needs ZeRO stage 3", machine=GPU),
+    "qgz below stage 3": Bad("--zero 1 --quant qwz+qgz", "--quant", "qgz needs ZeRO stage 3", machine=GPU),
+    "hpz not dividing nproc": Bad("--nproc 2 --zero 3 --hpz 3", "--hpz", "must divide the processes per host (2)"),
+    "hpz below stage 3": Bad("--nproc 2 --zero 2 --hpz 2", "--hpz", "hpZ needs ZeRO stage 3"),
+    "lamb on CPU": Bad("--optimizer lamb", "--optimizer", "no CPU implementation"),
+    "lamb from the file on CPU": Bad("", "optimizer.type", "no CPU implementation",
+                                     base={"optimizer": {"type": "Lamb", "params": {"lr": 0.1}}}),
+    "fp16 on CPU": Bad("--precision fp16", "--precision", "only on CUDA"),
+    "fp16 from the file on CPU": Bad("", "fp16.enabled", "only on CUDA", base={"fp16": {"enabled": True}}),
+    "warmup longer than the run": Bad("--scheduler warmup_cosine --steps 10", "--warmup-steps",
+                                      "DeepSpeed's default warmup_num_steps (1000) exceeds the run's 10 steps"),
+    "warmup steps without a scheduler": Bad("--warmup-steps 10", "--warmup-steps", "no scheduler is set"),
+    "warmup steps with one_cycle": Bad("--scheduler one_cycle --warmup-steps 10 --steps 20", "--warmup-steps",
+                                       "the scheduler is OneCycle"),
+    "unknown scheduler type": Bad("--set scheduler.type=Cosine", "scheduler.type", "not a DeepSpeed scheduler"),
+    "ZeRO stage 5 in the file": Bad("", "zero_optimization.stage", "must be 0, 1, 2 or 3",
+                                    base={"zero_optimization": {"stage": 5}}),
+    "offload to the GPU in the file": Bad(
+        "--zero 2", "zero_optimization.offload_optimizer.device", "none, cpu or nvme",
+        base={"zero_optimization": {"offload_optimizer": {"device": "gpu"}}}),
+    "a flag and a --set disagree": Bad("--zero 2 --set zero_optimization.stage=3", "--set zero_optimization.stage",
+                                       "--zero already sets zero_optimization.stage to 2"),
+    # -- misspelt DeepSpeed keys (DeepSpeed would ignore them silently) ----------------
+    "misspelt top-level key": Bad("--set gradient_acumulation_steps=2", "gradient_acumulation_steps",
+                                  "did you mean 'gradient_accumulation_steps'?"),
+    "misspelt top-level key in the file": Bad("", "train_micro_batch_size_per_gu",
+                                              "did you mean 'train_micro_batch_size_per_gpu'?",
+                                              base={"train_micro_batch_size_per_gu": 4}),
+    "misspelt zero_optimization key": Bad(
+        "--zero 3 --set zero_optimization.stage3_prefetch_bucket_sze=5e7",
+        "zero_optimization.stage3_prefetch_bucket_sze", "did you mean 'stage3_prefetch_bucket_size'?"),
+    "misspelt offload_optimizer key": Bad(
+        "--zero 2 --offload-optimizer cpu --set zero_optimization.offload_optimizer.pin_memroy=true",
+        "zero_optimization.offload_optimizer.pin_memroy", "did you mean 'pin_memory'?"),
+    "misspelt bf16 key": Bad("--precision bf16 --set bf16.enabeld=true", "bf16.enabeld", "did you mean 'enabled'?"),
+    "scheduler param of another scheduler": Bad(
+        "--scheduler warmup --set scheduler.params.total_num_steps=5", "scheduler.params.total_num_steps",
+        "no key under scheduler.params"),
+    "misspelt scheduler param": Bad(
+        "--scheduler warmup_cosine --steps 100 --warmup-steps 5 --set scheduler.params.cos_min_ration=0.1",
+        "scheduler.params.cos_min_ration", "did you mean 'cos_min_ratio'?"),
+    "optimizer param of another optimizer": Bad(
+        "--optimizer sgd --set optimizer.params.betas=[0.9,0.99]", "optimizer.params.betas",
+        "no key under optimizer.params"),
+    "misspelt adam param": Bad("--set optimizer.params.weight_decya=0.1", "optimizer.params.weight_decya",
+                               "did you mean 'weight_decay'?"),
+    "removed DeepSpeed feature": Bad("--set amp.enabled=true", "amp", "Apex AMP integration has been removed"),
+    # -- malformed or non-positive values -------------------------------------------------
+    "zero steps": Bad("--steps 0", "--steps", "greater than 0"),
+    "negative micro-batch": Bad("--micro-batch -1", "--micro-batch", "greater than 0"),
+    "zero micro-batch in the file": Bad("", "train_micro_batch_size_per_gpu", "greater than 0",
+                                        base={"train_micro_batch_size_per_gpu": 0}),
+    "micro-batch as text in the file": Bad("", "train_micro_batch_size_per_gpu", "whole number",
+                                           base={"train_micro_batch_size_per_gpu": "8"}),
+    "zero grad-accum": Bad("--grad-accum 0", "--grad-accum", "greater than 0"),
+    "zero processes": Bad("--nproc 0", "--nproc", "greater than 0"),
+    "zero epochs": Bad("--epochs 0", "--epochs", "greater than 0"),
+    "lr not a number": Bad("--lr abc", "--lr", "'abc' is not a number"),
+    "zero lr": Bad("--lr 0", "--lr", "greater than 0"),
+    "negative lr": Bad("--lr -1e-3", "--lr", "greater than 0"),
+    "lr as text through --set": Bad("--set optimizer.params.lr=fast", "optimizer.params.lr", "must be a number"),
+    "negative weight decay": Bad("--weight-decay -0.1", "--weight-decay", "0 or more"),
+    "negative grad clip": Bad("--grad-clip -1", "--grad-clip", "0 or more"),
+    "negative seed": Bad("--seed -1", "--seed", "0 or more"),
+    "steps not a whole number": Bad("--steps 2.5", "--steps", "'2.5' is not a whole number"),
+    "ZeRO stage not a choice": Bad("--zero 4", "--zero", "invalid choice"),
+    "precision not a choice": Bad("--precision fp64", "--precision", "invalid choice"),
+    "unknown flag": Bad("--zeroo 3", "--zeroo", "unknown flag"),
+    "a word that is no flag": Bad("zero=3", "zero=3", "unknown flag"),
+    "a flag without its value": Bad("--steps", "--steps", "expected one argument"),
+    "bad --set syntax": Bad("--set zero_optimization.stage", "--set", "dotted.key=value"),
+    "--steps with --epochs": Bad("--steps 10 --epochs 2", "--epochs", "give --steps or --epochs, not both"),
+    "--out not an identifier": Bad("--out model,1st", "--out", "not a Python variable name"),
+    "--out a keyword": Bad("--out class", "--out", "not a Python variable name"),
+    "--name with a space": Bad("--name 'my run'", "--name", "letters, digits"),
+    "unclosed quote": Bad("--name 'my run", "%%bigtrain", "close the quote"),
+    # -- flags that parse but whose feature comes later ----------------------------------
+    "--background": Bad("--background", "--background", NOT_YET),
+    "--resume": Bad("--resume", "--resume", NOT_YET),
+    "--resume RUN": Bad("--resume 20261125-083705-gpt2-c302", "--resume", NOT_YET),
+    "--qat int8": Bad("--qat int8", "--qat", NOT_YET),
+    "--hosts": Bad("--hosts a,b", "--hosts", NOT_YET),
+    "--hostfile": Bad("--hostfile hosts.txt", "--hostfile", NOT_YET),
+    "--multinode-launcher": Bad("--multinode-launcher slurm", "--multinode-launcher", NOT_YET),
+    "--checkpoint-every": Bad("--checkpoint-every 10", "--checkpoint-every", NOT_YET),
+}
+
+
+def problems_of(line: str, base: dict[str, Any] | None = None, machine: MachineFacts = CPU) -> list[Problem]:
+    """Return the problems the magic would show for this line (none: it would launch)."""
+    try:
+        plan_run(parse_line(line), machine, base)
+    except ConfigError as e:
+        return list(e.problems)
+    return []
+
+
+@pytest.mark.parametrize("case", sorted(BAD_INPUT))
+def test_bad_input_is_refused_naming_the_flag_and_the_rule(case: str) -> None:
+    bad = BAD_INPUT[case]
+    problems = problems_of(bad.line, bad.base, bad.machine)
+    assert problems, f"`%%bigtrain {bad.line}` (file {bad.base}) was accepted"
+    named = [p for p in problems if p.where == bad.where]
+    assert named, f"no problem names {bad.where!r}: {[str(p) for p in problems]}"
+    assert any(bad.says in f"{p.rule}. Fix: {p.fix}" for p in named), \
+        f"expected {bad.says!r} in {[str(p) for p in named]}"
+
+
+@pytest.mark.parametrize("case", sorted(BAD_INPUT))
+def test_every_problem_says_what_where_why_and_how_to_fix(case: str) -> None:
+    bad = BAD_INPUT[case]
+    for problem in problems_of(bad.line, bad.base, bad.machine):
+        text = str(problem)
+        assert text.startswith(f"{problem.where} = {problem.value!r}: "), text
+        assert len(problem.rule) > 10 and len(problem.fix) > 5, f"vague problem: {text}"
+
+
+def test_refused_flags_are_still_shown_by_the_parser() -> None:
+    # "not available yet" flags parse (so --dry-run can show them); only the plan refuses them.
+    cfg = parse_line("--background --resume --qat int8 --hosts a,b --checkpoint-every 5")
+    assert (cfg.background, cfg.resume, cfg.qat, cfg.hosts, cfg.checkpoint_every) == \
+        (True, "latest", "int8", ("a", "b"), 5)
+
+
+def test_none_values_of_refused_flags_are_fine() -> None:
+    assert problems_of("--qat none --quant none --offload-optimizer none --offload-param none") == []
+
+
+def test_config_error_carries_every_problem_at_once() -> None:
+    problems = problems_of("--zero 2 --offload-param cpu --steps 0 --out 1x")
+    assert [p.where for p in problems] == ["--steps", "--offload-param", "--out"], [str(p) for p in problems]
+
+
+def test_set_problems_and_validation_problems_come_together() -> None:
+    problems = problems_of("--set nonsense --lr 0 --set gradient_acumulation_steps=2 --zero 1 "
+                           "--set zero_optimization.stage=2")
+    wheres = sorted(p.where for p in problems)
+    assert wheres == ["--lr", "--set", "--set zero_optimization.stage", "gradient_acumulation_steps"], \
+        [str(p) for p in problems]
+
+
+def test_the_error_message_lists_each_problem_and_says_nothing_started() -> None:
+    with pytest.raises(ConfigError) as err:
+        plan_run(parse_line("--steps 0 --micro-batch 0 --lr 0"), CPU)
+    message = str(err.value)
+    assert message.startswith("3 problems in the %%bigtrain settings (nothing was started):")
+    assert message.count("\n  - ") == 3
+
+
+def test_a_good_line_has_no_problems_on_cpu() -> None:
+    line = ("--nproc 2 --zero 3 --offload-optimizer cpu --offload-param cpu --precision bf16 --lr 3e-4 "
+            "--scheduler warmup_cosine --warmup-steps 20 --steps 200 --hpz 2 --out model_state --name gpt2-z3")
+    assert problems_of(line) == []
+
+
+def test_what_the_gpu_can_run_is_allowed_there() -> None:
+    assert problems_of("--zero 3 --quant qwz+qgz --precision fp16 --optimizer lamb", machine=GPU) == []
+
+
+def test_nvme_at_stage_3_with_a_real_directory_is_allowed(tmp_path: Any) -> None:
+    assert problems_of(f"--zero 3 --offload-optimizer nvme --offload-param nvme --nvme-path {tmp_path}") == []
+
+
+def test_check_is_pure_and_does_not_raise() -> None:
+    cfg = TrainConfig(steps=0)
+    problems = check(cfg, render(cfg).deepspeed, CPU, nproc=2)
+    assert [p.where for p in problems] == ["--steps"]
+
+
+def test_marker_values_from_the_dataloader_are_not_problems() -> None:
+    cfg = TrainConfig(scheduler="warmup_decay", warmup_steps=3)  # total steps known only in the workers
+    assert check(cfg, render(cfg).deepspeed, CPU, nproc=2) == []
