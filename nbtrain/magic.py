@@ -14,6 +14,7 @@ from IPython.display import DisplayHandle, display
 
 from nbtrain.arguments import build_parser, parse_line
 from nbtrain.config import DEFAULT_RUN_ROOT
+from nbtrain.dashboard import Dashboard
 from nbtrain.errors import ConfigError, ShippingError
 from nbtrain.machine import detect_machine
 from nbtrain.plan import RunPlan, load_base, plan_run
@@ -92,7 +93,7 @@ class BigTrainMagics(Magics):
             print(plan.describe())
             return None
         try:
-            return start_run(plan, cell, self.shell.user_ns, NotebookSink())
+            return start_run(plan, cell, self.shell.user_ns, NotebookSink() if cfg.no_plot else Dashboard())
         except ShippingError as e:
             raise UsageError(str(e)) from None
 

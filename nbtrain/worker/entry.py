@@ -86,6 +86,9 @@ def main(run_path: Path, rank: int) -> int:
     from nbtrain.rundir import RunDirectory, read_json, write_json_atomic
 
     run = RunDirectory(run_path)
+    from nbtrain.worker.utilization import start_sampler
+
+    start_sampler(run, rank)
     info = run.run_info()
     cell = run.cell_file.read_text()
     linecache.cache[CELL_FILENAME] = (len(cell), None, cell.splitlines(True), CELL_FILENAME)

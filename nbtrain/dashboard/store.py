@@ -1,0 +1,219 @@
+"""What the dashboard shows, read incrementally from a run directory (no widgets here).
+
+`RunMetrics.update()` reads only the bytes written since its last call (rank 0's metric
+records and every rank's utilization records) and appends them to bounded series, so a
+tick costs the same at step 10 and at step 100 000.
+"""
+
+from __future__ import annotations
+
+import statistics
+from collections import deque
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from nbtrain.rundir import RunDirectory, read_json, read_records
+
+MAX_POINTS = 512  # per curve; older points are merged pairwise beyond this
+SMOOTHING = 0.9  # weight of the running average of the loss, as TensorBoard's slider
+ETA_WINDOW = 20  # recent steps whose duration predicts the rest
+
+
+class Series:
+    """The points of one curve in bounded memory: past `max_points`, every stored point averages twice as many.
+
+    The resolution stays uniform over the whole run (a 100 000-step run keeps its first
+    steps as visible as its last), and `last` is always the latest value as logged.
+    """
+
+    def __init__(self, max_points: int = MAX_POINTS):
+        self.max_points = max_points - max_points % 2
+        self._xs: list[float] = []
+        self._ys: list[float] = []
+        self._stride = 1  # logged values per stored point
+        self._pending: list[float] = [0.0, 0.0, 0]  # sums of x and y, count, of a point still filling
+        self.last: float | None = None
+
+    def append(self, x: float, y: float) -> None:
+        self.last = float(y)
+        pending = self._pending
+        pending[0] += float(x)
+        pending[1] += float(y)
+        pending[2] += 1
+        if pending[2] < self._stride:
+            return
+        self._xs.append(pending[0] / pending[2])
+        self._ys.append(pending[1] / pending[2])
+        self._pending = [0.0, 0.0, 0]
+        if len(self._xs) >= self.max_points:
+            self._xs = [(a + b) / 2 for a, b in zip(self._xs[::2], self._xs[1::2], strict=True)]
+            self._ys = [(a + b) / 2 for a, b in zip(self._ys[::2], self._ys[1::2], strict=True)]
+            self._stride *= 2
+
+    @property
+    def xs(self) -> list[float]:
+        count = self._pending[2]
+        return self._xs + [self._pending[0] / count] if count else list(self._xs)
+
+    @property
+    def ys(self) -> list[float]:
+        count = self._pending[2]
+        return self._ys + [self._pending[1] / count] if count else list(self._ys)
+
+    def __len__(self) -> int:
+        return len(self._xs) + (1 if self._pending[2] else 0)
+
+
+class Smoother:
+    """A debiased exponential moving average (the first values are not pulled towards 0)."""
+
+    def __init__(self, weight: float = SMOOTHING):
+        self.weight, self._average, self._count = weight, 0.0, 0
+
+    def add(self, value: float) -> float:
+        self._count += 1
+        self._average = self.weight * self._average + (1 - self.weight) * value
+        return self._average / (1 - self.weight**self._count)
+
+
+def smooth(values: list[float], weight: float = SMOOTHING) -> list[float]:
+    """Return the debiased exponential moving average of `values`."""
+    smoother = Smoother(weight)
+    return [smoother.add(v) for v in values]
+
+
+def eta_s(step: int, max_steps: int | None, recent_step_times: list[float]) -> float | None:
+    """Return the seconds left: the remaining steps at the median pace of the recent ones."""
+    if not max_steps or step <= 0 or not recent_step_times:
+        return None
+    return max(0, max_steps - step) * statistics.median(recent_step_times)
+
+
+@dataclass
+class RankUtilization:
+    """One rank's utilization over time (x = seconds since the run's first sample)."""
+
+    rank: int
+    device: str = "cpu"
+    device_name: str = ""
+    gpu_index: int | None = None
+    no_gpu_reason: str = ""
+    cpu_percent: Series = field(default_factory=Series)
+    rss_bytes: Series = field(default_factory=Series)
+    gpu_util: Series = field(default_factory=Series)
+    gpu_mem_bytes: Series = field(default_factory=Series)
+    power_w: Series = field(default_factory=Series)
+    gpu_mem_total_bytes: int | None = None
+    # (time, joules) of the first and latest counter readings: energy is their difference.
+    energy: list[tuple[float, float]] = field(default_factory=list)
+    cpu_energy: list[tuple[float, float]] = field(default_factory=list)
+
+    @property
+    def label(self) -> str:
+        if self.device == "gpu":
+            return f"rank {self.rank} · GPU {self.gpu_index} ({self.device_name})"
+        return f"rank {self.rank} · CPU"
+
+
+def _keep_ends(pairs: list[tuple[float, float]], point: tuple[float, float]) -> None:
+    # Energy needs the first reading, the latest and the one before it (for power): keep three.
+    pairs.append(point)
+    if len(pairs) > 3:
+        del pairs[1]
+
+
+class RunMetrics:
+    """Everything the dashboard draws, kept up to date by `update()` from the run directory."""
+
+    def __init__(self, run: RunDirectory):
+        self.run = run
+        self.loss, self.loss_smooth, self.eval_loss = Series(), Series(), Series()
+        self.lr, self.samples_per_s, self.tokens_per_s = Series(), Series(), Series()
+        self.step = 0
+        self.tokens_seen = 0.0
+        self.recent_step_times: deque[float] = deque(maxlen=ETA_WINDOW)
+        self.first_time: float | None = None
+        self.last_time: float | None = None
+        self.engine: dict[str, Any] = {}
+        self.utilization: dict[int, RankUtilization] = {}
+        self._smoother = Smoother()
+        self._metric_offset = 0
+        self._util_offsets: dict[Path, int] = {}
+        self._util_start: float | None = None
+
+    # -- reading -----------------------------------------------------------------------
+    def update(self) -> bool:
+        """Read what was written since the last call; return whether anything new came."""
+        records, self._metric_offset = read_records(self.run.metrics_file(0), self._metric_offset)
+        for record in records:
+            self._add_metric(record)
+        if not self.engine and self.run.effective_deepspeed_file.exists():
+            self.engine = (read_json(self.run.effective_deepspeed_file, {}) or {}).get("engine", {})
+        new_util = self._read_utilization()
+        return bool(records) or new_util
+
+    def _add_metric(self, record: dict[str, Any]) -> None:
+        step = int(record.get("step", 0))
+        self.step = max(self.step, step)
+        self.first_time = self.first_time or record.get("time")
+        self.last_time = record.get("time", self.last_time)
+        loss = record.get("loss")
+        if loss is not None:
+            self.loss.append(step, loss)
+            self.loss_smooth.append(step, self._smoother.add(float(loss)))
+        for key, series in (("eval_loss", self.eval_loss), ("lr", self.lr),
+                            ("samples_per_s", self.samples_per_s), ("tokens_per_s", self.tokens_per_s)):
+            if record.get(key) is not None:
+                series.append(step, record[key])
+        step_time = record.get("step_time_s")
+        if step_time is not None:
+            self.recent_step_times.append(float(step_time))
+            if record.get("tokens_per_s") is not None:
+                self.tokens_seen += float(record["tokens_per_s"]) * float(step_time)
+
+    def _read_utilization(self) -> bool:
+        folder = self.run.path / "utilization"
+        new = False
+        for path in sorted(folder.glob("rank-*.jsonl")) if folder.is_dir() else ():
+            records, self._util_offsets[path] = read_records(path, self._util_offsets.get(path, 0))
+            for record in records:
+                self._add_utilization(record)
+            new = new or bool(records)
+        return new
+
+    def _add_utilization(self, record: dict[str, Any]) -> None:
+        rank = int(record["rank"])
+        util = self.utilization.get(rank)
+        if util is None:
+            util = self.utilization[rank] = RankUtilization(rank)
+            self.utilization = dict(sorted(self.utilization.items()))
+        if self._util_start is None:
+            self._util_start = float(record["time"])
+        t = float(record["time"]) - self._util_start
+        util.device = record.get("device", "cpu")
+        util.device_name = record.get("device_name", "")
+        util.gpu_index = record.get("gpu_index")
+        util.no_gpu_reason = record.get("no_gpu_reason", "")
+        for key in ("cpu_percent", "rss_bytes", "gpu_util", "gpu_mem_bytes", "power_w"):
+            if record.get(key) is not None:
+                getattr(util, key).append(t, record[key])
+        util.gpu_mem_total_bytes = record.get("gpu_mem_total_bytes", util.gpu_mem_total_bytes)
+        if record.get("energy_j") is not None:
+            _keep_ends(util.energy, (float(record["time"]), float(record["energy_j"])))
+        if record.get("cpu_energy_j") is not None:
+            _keep_ends(util.cpu_energy, (float(record["time"]), float(record["cpu_energy_j"])))
+
+    # -- derived -------------------------------------------------------------------------
+    @property
+    def max_steps(self) -> int | None:
+        value = self.engine.get("max_steps")
+        return int(value) if value else None
+
+    @property
+    def eta_s(self) -> float | None:
+        return eta_s(self.step, self.max_steps, list(self.recent_step_times))
+
+    @property
+    def on_gpu(self) -> bool:
+        return any(u.device == "gpu" for u in self.utilization.values())

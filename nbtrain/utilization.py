@@ -1,0 +1,164 @@
+"""Read what the devices are doing: a process's CPU and memory, GPUs through NVML, CPU energy through RAPL.
+
+Shared by the workers' sampler (`nbtrain.worker.utilization`) and any view that wants
+machine-wide readings (the JupyterLab server API). Every reader works where its device
+is missing: NVML without a driver or library reports no GPU (with the reason), RAPL
+without a readable counter reports None; nothing here raises because a machine lacks
+hardware. NVML is imported only when a `Gpus` is made, never at `import nbtrain`.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+POWERCAP = Path("/sys/class/powercap")
+
+
+@dataclass(frozen=True)
+class GpuReading:
+    """One GPU at one moment; power and energy are None where the GPU does not report them."""
+
+    index: int
+    name: str
+    util_percent: float
+    mem_used_bytes: int
+    mem_total_bytes: int
+    power_w: float | None
+    energy_j: float | None  # NVML's counter: joules since the driver was loaded
+
+
+class Gpus:
+    """The machine's NVIDIA GPUs through NVML; `count` is 0 (and `problem` says why) without them."""
+
+    def __init__(self) -> None:
+        self.count, self.problem = 0, ""
+        self._nvml: Any = None
+        try:
+            import pynvml
+
+            pynvml.nvmlInit()
+            self.count = int(pynvml.nvmlDeviceGetCount())
+            self._nvml = pynvml
+        except ImportError:
+            self.problem = "nvidia-ml-py is not installed"
+        except Exception as e:  # noqa: BLE001 - NVMLError of every kind: no driver, no library, no GPU
+            self.problem = str(e) or type(e).__name__
+        if self._nvml is not None and self.count == 0:
+            self.problem = "NVML sees no GPU"
+
+    def read(self, index: int) -> GpuReading | None:
+        """Return GPU `index` now, or None if NVML cannot read it."""
+        if self._nvml is None or not 0 <= index < self.count:
+            return None
+        nvml = self._nvml
+        try:
+            handle = nvml.nvmlDeviceGetHandleByIndex(index)
+            name = nvml.nvmlDeviceGetName(handle)
+            util = nvml.nvmlDeviceGetUtilizationRates(handle)
+            memory = nvml.nvmlDeviceGetMemoryInfo(handle)
+        except nvml.NVMLError:
+            return None
+        return GpuReading(index=index, name=name.decode() if isinstance(name, bytes) else str(name),
+                          util_percent=float(util.gpu), mem_used_bytes=int(memory.used),
+                          mem_total_bytes=int(memory.total),
+                          power_w=_optional(lambda: nvml.nvmlDeviceGetPowerUsage(handle) / 1000.0, nvml),
+                          energy_j=_optional(lambda: nvml.nvmlDeviceGetTotalEnergyConsumption(handle) / 1000.0,
+                                             nvml))
+
+    def close(self) -> None:
+        if self._nvml is not None:
+            try:
+                self._nvml.nvmlShutdown()
+            except self._nvml.NVMLError:
+                pass
+            self._nvml = None
+
+
+def _optional(read: Any, nvml: Any) -> float | None:
+    # Power and energy are "Not Supported" on many GPUs (older or virtualised ones).
+    try:
+        return float(read())
+    except nvml.NVMLError:
+        return None
+
+
+def gpu_index_for(local_rank: int, gpu_count: int, visible: str | None) -> int | None:
+    """Return the NVML index of the GPU that a rank uses, or None if it uses none.
+
+    A rank uses CUDA device `local_rank`; CUDA_VISIBLE_DEVICES renumbers devices, NVML does not.
+    """
+    if visible is not None:
+        entries = [v.strip() for v in visible.split(",") if v.strip()]
+        if not entries or entries[0] == "-1" or local_rank >= len(entries):
+            return None
+        if not entries[local_rank].isdigit():
+            return None  # UUIDs or MIG names: no reliable NVML index for them
+        index = int(entries[local_rank])
+    else:
+        index = local_rank
+    return index if index < gpu_count else None
+
+
+class Rapl:
+    """The CPU packages' energy counters (Linux powercap/RAPL), summed; `readable` False where they are not."""
+
+    def __init__(self, root: Path = POWERCAP):
+        self._zones = [zone for zone in sorted(root.glob("intel-rapl:*")) if _is_package(zone)]
+        self._last: dict[Path, int] = {}
+        self._total_uj = 0
+        self.readable = bool(self._zones) and self.read_j() is not None
+
+    def read_j(self) -> float | None:
+        """Return the joules used by every CPU package since this reader was made (counter wraps handled)."""
+        for zone in self._zones:
+            try:
+                now = int((zone / "energy_uj").read_text())
+                span = int((zone / "max_energy_range_uj").read_text())
+            except (OSError, ValueError):
+                return None  # on most machines only root may read energy_uj
+            before = self._last.get(zone, now)
+            self._total_uj += now - before if now >= before else now + span - before
+            self._last[zone] = now
+        return self._total_uj / 1e6 if self._zones else None
+
+
+def _is_package(zone: Path) -> bool:
+    # Top-level zones are packages ("package-0"); sub-zones (intel-rapl:0:0 = core, dram) are inside them.
+    try:
+        return zone.name.count(":") == 1 and (zone / "name").read_text().startswith("package")
+    except OSError:
+        return False
+
+
+class ProcessMeter:
+    """CPU % (100 = one core busy) and resident memory of one process, through psutil."""
+
+    def __init__(self, pid: int | None = None):
+        import psutil
+
+        self._process = psutil.Process(pid)
+        self._process.cpu_percent(None)  # the first call only starts the measuring interval
+
+    def read(self) -> tuple[float, int]:
+        with self._process.oneshot():
+            return float(self._process.cpu_percent(None)), int(self._process.memory_info().rss)
+
+
+def cpu_name() -> str:
+    """Return the CPU's model name, e.g. "AMD EPYC 7B13"."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "CPU"
+
+
+def visible_devices() -> str | None:
+    """Return CUDA_VISIBLE_DEVICES as the workers see it (None when unset)."""
+    return os.environ.get("CUDA_VISIBLE_DEVICES")

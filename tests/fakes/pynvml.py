@@ -1,0 +1,172 @@
+"""A stand-in for nvidia-ml-py (`import pynvml`) on machines without an NVIDIA driver.
+
+Put tests/fakes first on PYTHONPATH and code that uses NVML sees GPUs. It keeps the real
+library's surface and manners: the same function names and units (mW, mJ, bytes),
+`NVMLError` subclasses picked by error code, "Uninitialized" before `nvmlInit`, "Invalid
+Argument" for a bad index or handle, counters that only go up. Set by the environment:
+FAKE_NVML_GPUS (default 2), FAKE_NVML_NAME (default "NVIDIA H100 80GB HBM3"),
+FAKE_NVML_DRIVER=missing (nvmlInit fails as it does without a driver),
+FAKE_NVML_POWER=unsupported (power and energy raise "Not Supported", as on many GPUs).
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass
+
+NVML_SUCCESS = 0
+NVML_ERROR_UNINITIALIZED = 1
+NVML_ERROR_INVALID_ARGUMENT = 2
+NVML_ERROR_NOT_SUPPORTED = 3
+NVML_ERROR_DRIVER_NOT_LOADED = 9
+NVML_ERROR_LIBRARY_NOT_FOUND = 12
+
+_MESSAGES = {
+    NVML_ERROR_UNINITIALIZED: "Uninitialized",
+    NVML_ERROR_INVALID_ARGUMENT: "Invalid Argument",
+    NVML_ERROR_NOT_SUPPORTED: "Not Supported",
+    NVML_ERROR_DRIVER_NOT_LOADED: "Driver Not Loaded",
+    NVML_ERROR_LIBRARY_NOT_FOUND: "NVML Shared Library Not Found",
+}
+
+
+class NVMLError(Exception):
+    """Like pynvml.NVMLError: `NVMLError(code)` makes the subclass for that code; `.value` is the code."""
+
+    _by_code: dict[int, type[NVMLError]] = {}
+
+    def __new__(cls, value: int) -> NVMLError:
+        if cls is NVMLError:
+            cls = NVMLError._by_code.get(value, cls)
+        obj = Exception.__new__(cls)
+        obj.value = value
+        return obj
+
+    def __init__(self, value: int):
+        super().__init__(value)
+        self.value = value
+
+    def __str__(self) -> str:
+        return _MESSAGES.get(self.value, f"NVML Error with code {self.value}")
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, NVMLError) and self.value == other.value
+
+    __hash__ = Exception.__hash__
+
+
+def _error_class(name: str, code: int) -> type[NVMLError]:
+    cls = type(name, (NVMLError,), {})
+    NVMLError._by_code[code] = cls
+    return cls
+
+
+NVMLError_Uninitialized = _error_class("NVMLError_Uninitialized", NVML_ERROR_UNINITIALIZED)
+NVMLError_InvalidArgument = _error_class("NVMLError_InvalidArgument", NVML_ERROR_INVALID_ARGUMENT)
+NVMLError_NotSupported = _error_class("NVMLError_NotSupported", NVML_ERROR_NOT_SUPPORTED)
+NVMLError_DriverNotLoaded = _error_class("NVMLError_DriverNotLoaded", NVML_ERROR_DRIVER_NOT_LOADED)
+NVMLError_LibraryNotFound = _error_class("NVMLError_LibraryNotFound", NVML_ERROR_LIBRARY_NOT_FOUND)
+
+
+@dataclass(frozen=True)
+class c_nvmlUtilization_t:  # noqa: N801 - the real library's name
+    gpu: int
+    memory: int
+
+
+@dataclass(frozen=True)
+class c_nvmlMemory_t:  # noqa: N801
+    total: int
+    free: int
+    used: int
+
+
+@dataclass(frozen=True)
+class _Handle:
+    index: int
+
+
+_state = {"initialised": 0, "started": 0.0}
+_TOTAL_MEMORY = 80 * 1024**3
+_POWER_MW = 350_000  # a GPU under load, per the spec sheets
+
+
+def _check_init() -> None:
+    if _state["initialised"] <= 0:
+        raise NVMLError(NVML_ERROR_UNINITIALIZED)
+
+
+def _gpu_count() -> int:
+    return int(os.environ.get("FAKE_NVML_GPUS", "2"))
+
+
+def _device(handle: object) -> int:
+    _check_init()
+    if not isinstance(handle, _Handle) or not 0 <= handle.index < _gpu_count():
+        raise NVMLError(NVML_ERROR_INVALID_ARGUMENT)
+    return handle.index
+
+
+def nvmlInit() -> None:  # noqa: N802
+    if os.environ.get("FAKE_NVML_DRIVER") == "missing":
+        raise NVMLError(NVML_ERROR_DRIVER_NOT_LOADED)
+    if _state["initialised"] == 0:
+        _state["started"] = time.time() - 1000.0  # the driver was loaded a while ago
+    _state["initialised"] += 1  # the real library counts nested inits too
+
+
+def nvmlShutdown() -> None:  # noqa: N802
+    _check_init()
+    _state["initialised"] -= 1
+
+
+def nvmlErrorString(result: int) -> str:  # noqa: N802
+    return _MESSAGES.get(result, "Unknown Error")
+
+
+def nvmlDeviceGetCount() -> int:  # noqa: N802
+    _check_init()
+    return _gpu_count()
+
+
+def nvmlDeviceGetHandleByIndex(index: int) -> _Handle:  # noqa: N802
+    handle = _Handle(int(index))
+    _device(handle)
+    return handle
+
+
+def nvmlDeviceGetName(handle: _Handle) -> str:  # noqa: N802
+    _device(handle)
+    return os.environ.get("FAKE_NVML_NAME", "NVIDIA H100 80GB HBM3")
+
+
+def nvmlDeviceGetUtilizationRates(handle: _Handle) -> c_nvmlUtilization_t:  # noqa: N802
+    index = _device(handle)
+    # Busy, and not the same number every time, as a training GPU is.
+    busy = 60 + (int(time.time() * 7) + 13 * index) % 40
+    return c_nvmlUtilization_t(gpu=busy, memory=busy // 2)
+
+
+def nvmlDeviceGetMemoryInfo(handle: _Handle, version: int | None = None) -> c_nvmlMemory_t:  # noqa: N802
+    index = _device(handle)
+    used = (10 + index) * 1024**3
+    return c_nvmlMemory_t(total=_TOTAL_MEMORY, free=_TOTAL_MEMORY - used, used=used)
+
+
+def _power_supported() -> None:
+    if os.environ.get("FAKE_NVML_POWER") == "unsupported":
+        raise NVMLError(NVML_ERROR_NOT_SUPPORTED)
+
+
+def nvmlDeviceGetPowerUsage(handle: _Handle) -> int:  # noqa: N802
+    _device(handle)
+    _power_supported()
+    return _POWER_MW
+
+
+def nvmlDeviceGetTotalEnergyConsumption(handle: _Handle) -> int:  # noqa: N802
+    """Return millijoules since the driver was loaded: advances at the reported power."""
+    _device(handle)
+    _power_supported()
+    return int((time.time() - _state["started"]) * _POWER_MW)

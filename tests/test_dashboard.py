@@ -1,0 +1,241 @@
+"""The live dashboard: its pure parts (series, smoothing, ETA, efficiency, summary, pictures),
+its widget state, and (marked integration) what a notebook user sees through a real kernel."""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import queue
+import time
+import xml.etree.ElementTree as ET
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from nbtrain.arguments import parse_line
+from nbtrain.dashboard.efficiency import NOT_MEASURABLE, device_peak_flops, efficiency, flops_per_device
+from nbtrain.dashboard.picture import final_png
+from nbtrain.dashboard.store import MAX_POINTS, RunMetrics, Series, eta_s, smooth
+from nbtrain.dashboard.summary import rows_html, rows_text, summary_rows
+from nbtrain.dashboard.svg import Line, line_chart
+from nbtrain.machine import MachineFacts
+from nbtrain.plan import plan_run
+from nbtrain.rundir import RunDirectory
+from tests.conftest import wait_until_gone, worker_processes
+from tests.kernel import Kernel
+
+FAKES = Path(__file__).parent / "fakes"
+
+
+# -- a run directory written the way the workers write it ----------------------------------------
+def make_run(tmp_path: Path, engine: dict[str, Any] | None = None) -> RunDirectory:
+    run = RunDirectory.create(tmp_path, "20261125-083705-test-c302", {"name": "test", "nproc": 2})
+    if engine is not None:
+        (run.path / "deepspeed.effective.json").write_text(json.dumps({"config": {}, "engine": engine}))
+    return run
+
+
+def append(path: Path, *records: dict[str, Any], partial: str = "") -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as f:
+        f.write("".join(json.dumps(r) + "\n" for r in records) + partial)
+
+
+def step_records(step: int, loss: float, t: float = 1000.0, tokens_per_s: float | None = None) -> list[dict]:
+    timing = {"step": step, "rank": 0, "time": t + step, "lr": 1e-3, "step_time_s": 0.5, "samples_per_s": 64.0}
+    if tokens_per_s is not None:
+        timing["tokens_per_s"] = tokens_per_s
+    return [timing, {"step": step, "rank": 0, "time": t + step, "loss": loss}]
+
+
+def util_record(rank: int, t: float, **more: Any) -> dict[str, Any]:
+    return {"time": t, "rank": rank, "cpu_percent": 95.0, "rss_bytes": 300 * 2**20, "device": "cpu",
+            "device_name": "AMD EPYC", **more}
+
+
+def gpu_record(rank: int, t: float, energy_j: float, name: str = "NVIDIA H100 80GB HBM3") -> dict[str, Any]:
+    return util_record(rank, t, device="gpu", device_name=name, gpu_index=rank, gpu_util=90.0,
+                       gpu_mem_bytes=10 * 2**30, gpu_mem_total_bytes=80 * 2**30, power_w=350.0, energy_j=energy_j)
+
+
+# -- pure parts ---------------------------------------------------------------------------------
+def test_a_long_run_keeps_bounded_points_with_recent_ones_exact() -> None:
+    series = Series()
+    for step in range(1, 100_001):
+        series.append(step, step * 2.0)
+    assert len(series) <= MAX_POINTS, f"{len(series)} points kept for 100 000 steps"
+    assert series.last == 200_000.0, "the latest value was altered"
+    assert series.xs == sorted(series.xs), "points out of order"
+    assert series.xs[0] < 500 and series.ys[-1] > 190_000, "the start or the end of the run is lost"
+    gaps = [b - a for a, b in zip(series.xs, series.xs[1:])]
+    assert max(gaps[:-1]) <= 2 * min(gaps), "the resolution is not uniform over the run"
+
+
+def test_smoothing_is_debiased_and_follows_a_change() -> None:
+    assert smooth([2.0, 2.0, 2.0]) == pytest.approx([2.0, 2.0, 2.0]), "a constant loss must stay constant"
+    values = smooth([1.0] * 10 + [0.0] * 10)
+    assert values[9] == pytest.approx(1.0) and 0.0 < values[12] < 1.0 and values[-1] < values[12]
+
+
+def test_eta_uses_the_recent_pace_of_the_remaining_steps() -> None:
+    assert eta_s(10, 110, [0.5, 0.5, 0.6, 0.4, 0.5]) == pytest.approx(50.0)
+    assert eta_s(10, None, [0.5]) is None, "no total, no ETA"
+    assert eta_s(0, 100, []) is None, "no step yet, no ETA"
+    assert eta_s(120, 100, [0.5]) == 0
+
+
+def test_reading_skips_a_partial_last_record_and_picks_it_up_when_complete(tmp_path: Path) -> None:
+    run = make_run(tmp_path, {"max_steps": 10, "parameters": 1000, "world_size": 2})
+    metrics = RunMetrics(run)
+    assert metrics.update() is False and metrics.step == 0
+    half = json.dumps(step_records(2, 1.5)[1])
+    append(run.metrics_file(0), *step_records(1, 2.0), partial=half[:17])
+    assert metrics.update() is True
+    assert (metrics.step, metrics.loss.ys) == (1, [2.0]), "the torn record was read before it was complete"
+    append(run.metrics_file(0), partial=half[17:] + "\n")
+    metrics.update()
+    assert metrics.loss.ys == [2.0, 1.5] and metrics.step == 2
+    assert metrics.max_steps == 10 and metrics.eta_s == pytest.approx(8 * 0.5)
+
+
+def test_tokens_and_flops_per_device_follow_six_n_d(tmp_path: Path) -> None:
+    run = make_run(tmp_path, {"max_steps": 10, "parameters": 1_000_000, "world_size": 2, "bf16": True})
+    for step in range(1, 5):
+        append(run.metrics_file(0), *step_records(step, 1.0, tokens_per_s=8000.0))
+    metrics = RunMetrics(run)
+    metrics.update()
+    assert metrics.tokens_seen == pytest.approx(4 * 8000.0 * 0.5)
+    assert flops_per_device(1_000_000, 8000.0, 2) == pytest.approx(2.4e10)
+    assert efficiency(metrics).flops_per_device == pytest.approx(2.4e10)
+
+
+def test_device_peaks_are_known_only_for_listed_gpus() -> None:
+    assert device_peak_flops("NVIDIA H100 80GB HBM3", "bf16") == 989e12
+    assert device_peak_flops("NVIDIA H100 PCIe", "fp16") == 756e12
+    assert device_peak_flops("NVIDIA A100-SXM4-80GB", "fp32") == 19.5e12
+    assert device_peak_flops("Tesla V100-SXM2-16GB", "bf16") is None, "V100 has no bf16 tensor cores"
+    assert device_peak_flops("AMD EPYC 7B13", "fp32") is None
+    assert device_peak_flops("NVIDIA GeForce GTX 1080", "fp32") is None
+
+
+def test_mfu_and_energy_from_nvml_counters(tmp_path: Path) -> None:
+    run = make_run(tmp_path, {"max_steps": 10, "parameters": 1_000_000_000, "world_size": 2, "bf16": True})
+    for step in range(1, 3):
+        append(run.metrics_file(0), *step_records(step, 1.0, tokens_per_s=100_000.0))
+    for rank in (0, 1):
+        path = run.path / "utilization" / f"rank-{rank}.jsonl"
+        append(path, *(gpu_record(rank, 1000.0 + i, energy_j=5000.0 + 350.0 * i) for i in range(6)))
+    metrics = RunMetrics(run)
+    metrics.update()
+    eff = efficiency(metrics)
+    assert eff.flops_per_device == pytest.approx(6 * 1e9 * 1e5 / 2)
+    assert eff.mfu == pytest.approx(3e14 / 989e12)
+    # Two GPUs, five seconds each at 350 W between their first and last counter readings.
+    assert (eff.energy_j, eff.power_w, eff.energy_source) == (pytest.approx(3500.0), 700.0, "NVML")
+    assert eff.energy_per_mtok_j == pytest.approx(3500.0 / (2 * 100_000 * 0.5) * 1e6)
+
+
+def test_energy_from_rapl_when_only_the_cpu_reports_it(tmp_path: Path) -> None:
+    run = make_run(tmp_path, {"max_steps": 10, "parameters": 1000, "world_size": 1})
+    path = run.path / "utilization" / "rank-0.jsonl"
+    append(path, *(util_record(0, 1000.0 + i, cpu_energy_j=40.0 * i) for i in range(5)))
+    metrics = RunMetrics(run)
+    metrics.update()
+    eff = efficiency(metrics)
+    assert (eff.energy_j, eff.power_w) == (pytest.approx(160.0), pytest.approx(40.0))
+    assert eff.energy_source.startswith("RAPL")
+    assert eff.mfu is None and NOT_MEASURABLE in eff.mfu_note
+
+
+def test_a_cpu_machine_without_counters_says_not_measurable_instead_of_a_number(tmp_path: Path) -> None:
+    run = make_run(tmp_path, {"max_steps": 4, "parameters": 1000, "world_size": 2})
+    append(run.metrics_file(0), *step_records(1, 1.0))
+    for rank in (0, 1):
+        append(run.path / "utilization" / f"rank-{rank}.jsonl", util_record(rank, 1000.0))
+    metrics = RunMetrics(run)
+    metrics.update()
+    rows = dict(summary_rows(metrics, "succeeded", "", 12.0))
+    for label in ("MFU", "power", "energy this run", "energy per million tokens"):
+        assert NOT_MEASURABLE in rows[label], f"{label}: {rows[label]!r}"
+    assert "token" in rows["FLOP/s per device"], "FLOP/s without tokens must say it needs them"
+    assert [u.label for u in metrics.utilization.values()] == ["rank 0 · CPU", "rank 1 · CPU"]
+
+
+def test_summary_table_in_html_and_text(tmp_path: Path) -> None:
+    run = make_run(tmp_path, {"max_steps": 3})
+    for step in (1, 2, 3):
+        append(run.metrics_file(0), *step_records(step, 1.0 / step))
+    append(run.metrics_file(0), {"step": 3, "rank": 0, "time": 1004.0, "eval_loss": 0.42, "epoch": 1})
+    metrics = RunMetrics(run)
+    metrics.update()
+    rows = summary_rows(metrics, "stopped", "stopped from the dashboard", 75.0)
+    text, page = rows_text(rows, "run x"), rows_html(rows, "run x")
+    assert "status" in text and "stopped (stopped from the dashboard)" in text
+    assert "3 of 3" in text and "0.3333" in text and "eval loss" in text and "0.42" in text and "1:15" in text
+    assert page.startswith("<table>") and "<th" in page and "0.42" in page
+    assert "<script" not in rows_html([("x", "<script>alert(1)</script>")]), "values must be escaped"
+
+
+def test_final_picture_is_a_png_of_the_curves(tmp_path: Path) -> None:
+    from PIL import Image
+
+    run = make_run(tmp_path, {"max_steps": 40})
+    for step in range(1, 41):
+        append(run.metrics_file(0), *step_records(step, 2.0 / step))
+    append(run.path / "utilization" / "rank-0.jsonl", util_record(0, 1000.0), util_record(0, 1001.0))
+    metrics = RunMetrics(run)
+    metrics.update()
+    image = Image.open(io.BytesIO(final_png(metrics, "run x: succeeded")))
+    assert image.format == "PNG" and image.size[0] >= 640 and image.size[1] >= 400
+    assert sum(1 for count in image.convert("L").histogram() if count) > 10, "the picture is blank"
+
+
+def test_charts_are_well_formed_svg_and_an_empty_chart_says_why() -> None:
+    empty = line_chart("loss", [Line("loss", Series())])
+    assert "waiting for the first values" in empty
+    series = Series()
+    for step in range(1, 30):
+        series.append(step, 1.0 / step)
+    chart = line_chart("loss <raw>", [Line("loss", series), Line("other", Series())])
+    root = ET.fromstring(chart)
+    polylines = root.findall("{http://www.w3.org/2000/svg}polyline")
+    assert len(polylines) == 1 and len(polylines[0].get("points", "").split()) == 29
+    assert "loss &lt;raw&gt;" in chart
+
+
+# -- the widget, without a kernel ---------------------------------------------------------------
+def plan() -> Any:
+    return plan_run(parse_line("--nproc 2 --steps 4"), MachineFacts(gpu_count=0))
+
+
+def test_widget_state_follows_the_run_directory(tmp_path: Path) -> None:
+    from nbtrain.dashboard import Dashboard
+
+    run = make_run(tmp_path, {"max_steps": 4})
+    stops: list[bool] = []
+    dashboard = Dashboard(redraw_every_s=0.0)
+    dashboard.started(run, plan(), lambda: stops.append(True))
+    assert "waiting" in dashboard.charts.value and not dashboard.stop_button.disabled
+    run.write_status(state="running")
+    append(run.metrics_file(0), *step_records(1, 2.0), *step_records(2, 1.0))
+    append(run.path / "utilization" / "rank-0.jsonl", util_record(0, 1000.0))
+    dashboard.progress(type("P", (), {"elapsed_s": 3.0})())
+    assert (dashboard.bar.value, dashboard.bar.max) == (2, 4)
+    assert "step 2/4" in dashboard.progress_text.value and "ETA 0:01" in dashboard.progress_text.value
+    assert "running" in dashboard.status.value
+    assert "<polyline" in dashboard.charts.value and "rank 0 · CPU" in dashboard.devices.value
+    dashboard.stop_button.click()
+    dashboard.stop_button.click()
+    assert stops == [True], "Stop must call the run's stop exactly once"
+    assert dashboard.stop_button.disabled and "stopping" in dashboard.status.value
+
+
+def test_without_a_stop_callback_the_button_is_disabled(tmp_path: Path) -> None:
+    from nbtrain.dashboard import Dashboard
+
+    dashboard = Dashboard()
+    dashboard.started(make_run(tmp_path), plan())
+    assert dashboard.stop_button.disabled
