@@ -1,0 +1,153 @@
+// Typed calls to the BigTrain server API (nbtrain/server/handlers.py).
+import { URLExt } from '@jupyterlab/coreutils';
+import { ServerConnection } from '@jupyterlab/services';
+
+export interface IRunSummary {
+  id: string;
+  name: string;
+  root: string;
+  state: string;
+  reason: string;
+  final: boolean;
+  created: number | null;
+  started: number | null;
+  ended: number | null;
+  nproc: number | null;
+  step: number;
+  total: number | null;
+  loss: number | null;
+  loss_tail: [number, number][];
+  eta_s: number | null;
+  workers_alive?: number;
+  cpu_percent?: number;
+  rss_bytes?: number;
+}
+
+export interface IRunsList {
+  roots: string[];
+  runs: IRunSummary[];
+}
+
+export interface IWorker {
+  rank: number;
+  pid: number;
+  alive: boolean;
+  cpu_percent?: number;
+  rss_bytes?: number;
+}
+
+export interface IRunDetail {
+  id: string;
+  root: string;
+  status: { [key: string]: any };
+  run: { [key: string]: any };
+  deepspeed: { [key: string]: any } | null;
+  effective: { config?: { [key: string]: any }; engine?: { [key: string]: any } } | null;
+  cell: string;
+  errors: { [rank: string]: { type: string; message: string; traceback: string } };
+  ranks: number[];
+  total: number | null;
+  workers: IWorker[];
+}
+
+export interface IMetricRecord {
+  step: number;
+  rank: number;
+  time: number;
+  [key: string]: number | null;
+}
+
+export interface IMetrics {
+  id: string;
+  state: string;
+  records: IMetricRecord[];
+  cursor: string;
+}
+
+export interface IGpu {
+  index: number;
+  name: string;
+  utilization_percent: number;
+  memory_used_bytes: number;
+  memory_total_bytes: number;
+}
+
+export interface IMachine {
+  cpu_percent: number;
+  cpu_count: number;
+  memory_used_bytes: number;
+  memory_total_bytes: number;
+  memory_percent: number;
+  gpus: IGpu[];
+}
+
+export interface ILogTail {
+  rank: number;
+  lines: string[];
+  exists: boolean;
+}
+
+export interface ITutorial {
+  name: string;
+  title: string;
+}
+
+/** Call the API at `path` under nbtrain/api; throw an Error carrying the server's message. */
+export async function requestAPI<T>(path: string, init: RequestInit = {}): Promise<T> {
+  const settings = ServerConnection.makeSettings();
+  const url = URLExt.join(settings.baseUrl, 'nbtrain', 'api', path);
+  const response = await ServerConnection.makeRequest(url, init, settings);
+  const text = await response.text();
+  let body: any = null;
+  try {
+    body = text ? JSON.parse(text) : null;
+  } catch {
+    body = { message: text };
+  }
+  if (!response.ok) {
+    throw new Error((body && body.message) || `${response.status} ${response.statusText}`);
+  }
+  return body as T;
+}
+
+export const api = {
+  runs: () => requestAPI<IRunsList>('runs'),
+  run: (id: string) => requestAPI<IRunDetail>(`runs/${encodeURIComponent(id)}`),
+  metrics: (id: string, cursor: string) =>
+    requestAPI<IMetrics>(`runs/${encodeURIComponent(id)}/metrics?cursor=${encodeURIComponent(cursor)}`),
+  log: (id: string, rank: number, lines = 200) =>
+    requestAPI<ILogTail>(`runs/${encodeURIComponent(id)}/log?rank=${rank}&lines=${lines}`),
+  stop: (id: string) => requestAPI<{ status: any }>(`runs/${encodeURIComponent(id)}/stop`, { method: 'POST', body: '{}' }),
+  machine: () => requestAPI<IMachine>('machine'),
+  tutorials: () => requestAPI<{ tutorials: ITutorial[] }>('tutorials'),
+  copyTutorial: (name: string) =>
+    requestAPI<{ path: string }>(`tutorials/${encodeURIComponent(name)}`, { method: 'POST', body: '{}' })
+};
+
+/** Format seconds as h:mm:ss or m:ss. */
+export function formatDuration(seconds: number | null | undefined): string {
+  if (seconds === null || seconds === undefined || !isFinite(seconds)) {
+    return '–';
+  }
+  const s = Math.round(seconds);
+  const h = Math.floor(s / 3600);
+  const m = Math.floor((s % 3600) / 60);
+  const rest = String(s % 60).padStart(2, '0');
+  return h > 0 ? `${h}:${String(m).padStart(2, '0')}:${rest}` : `${m}:${rest}`;
+}
+
+/** Format a byte count in GiB or MiB. */
+export function formatBytes(bytes: number | null | undefined): string {
+  if (!bytes) {
+    return '0 MiB';
+  }
+  return bytes >= 1 << 30 ? `${(bytes / (1 << 30)).toFixed(1)} GiB` : `${Math.round(bytes / (1 << 20))} MiB`;
+}
+
+/** Format a loss-like number with 4 significant digits. */
+export function formatNumber(value: number | null | undefined): string {
+  if (value === null || value === undefined || !isFinite(value)) {
+    return '–';
+  }
+  return Math.abs(value) >= 1e4 || (Math.abs(value) < 1e-3 && value !== 0) ? value.toExponential(2) : value.toPrecision(4);
+}

@@ -1,0 +1,122 @@
+// Small SVG line charts: the sidebar's sparklines and the run panel's charts (no chart library).
+
+const SVG = 'http://www.w3.org/2000/svg';
+export const COLORS = ['#1f77b4', '#ff7f0e', '#2ca02c', '#d62728', '#9467bd', '#8c564b', '#e377c2', '#7f7f7f'];
+const MAX_POINTS = 800; // drawing more than the pixels across buys nothing
+
+export interface ISeries {
+  label: string;
+  points: [number, number][];
+  color?: string;
+}
+
+function element(name: string, attrs: { [key: string]: string | number }): SVGElement {
+  const node = document.createElementNS(SVG, name);
+  for (const [key, value] of Object.entries(attrs)) {
+    node.setAttribute(key, String(value));
+  }
+  return node;
+}
+
+/** Return at most `count` points spread over `points`, keeping the last. */
+export function thin(points: [number, number][], count = MAX_POINTS): [number, number][] {
+  if (points.length <= count) {
+    return points;
+  }
+  const stride = points.length / count;
+  const kept: [number, number][] = [];
+  for (let i = 0; i < count - 1; i++) {
+    kept.push(points[Math.floor(i * stride)]);
+  }
+  kept.push(points[points.length - 1]);
+  return kept;
+}
+
+function bounds(series: ISeries[]): [number, number, number, number] | null {
+  let x0 = Infinity, x1 = -Infinity, y0 = Infinity, y1 = -Infinity;
+  for (const s of series) {
+    for (const [x, y] of s.points) {
+      x0 = Math.min(x0, x); x1 = Math.max(x1, x);
+      y0 = Math.min(y0, y); y1 = Math.max(y1, y);
+    }
+  }
+  if (!isFinite(x0)) {
+    return null;
+  }
+  if (x1 === x0) { x1 = x0 + 1; }
+  if (y1 === y0) { y0 -= 0.5; y1 += 0.5; }
+  return [x0, x1, y0, y1];
+}
+
+function polyline(points: [number, number][], box: [number, number, number, number], w: number, h: number,
+                  pad: [number, number, number, number], color: string): SVGElement {
+  const [x0, x1, y0, y1] = box;
+  const [left, top, right, bottom] = pad;
+  const coords = thin(points).map(([x, y]) => {
+    const px = left + ((x - x0) / (x1 - x0)) * (w - left - right);
+    const py = top + (1 - (y - y0) / (y1 - y0)) * (h - top - bottom);
+    return `${px.toFixed(1)},${py.toFixed(1)}`;
+  });
+  return element('polyline', { points: coords.join(' '), fill: 'none', stroke: color, 'stroke-width': 1.5 });
+}
+
+/** Draw a tiny loss curve without axes (the sidebar's sparkline). */
+export function sparkline(points: [number, number][], width = 90, height = 22): SVGElement {
+  const svg = element('svg', { width, height, viewBox: `0 0 ${width} ${height}`, class: 'nbtrain-sparkline' });
+  const box = bounds([{ label: '', points }]);
+  if (box) {
+    svg.appendChild(polyline(points, box, width, height, [1, 2, 1, 2], 'var(--jp-brand-color1, #1976d2)'));
+  }
+  return svg;
+}
+
+function format(value: number): string {
+  const a = Math.abs(value);
+  return a !== 0 && (a >= 1e5 || a < 1e-3) ? value.toExponential(1) : String(Number(value.toPrecision(3)));
+}
+
+/** Draw a chart of one or more series with its title, axis ranges and a legend. */
+export function lineChart(title: string, series: ISeries[], width = 420, height = 180): HTMLElement {
+  const box = document.createElement('div');
+  box.className = 'nbtrain-chart';
+  const heading = document.createElement('div');
+  heading.className = 'nbtrain-chart-title';
+  heading.textContent = title;
+  box.appendChild(heading);
+  const svg = element('svg', { width: '100%', height, viewBox: `0 0 ${width} ${height}`, preserveAspectRatio: 'none' });
+  box.appendChild(svg);
+  const drawn = series.filter(s => s.points.length > 0);
+  const range = bounds(drawn);
+  if (!range) {
+    const empty = element('text', { x: width / 2, y: height / 2, 'text-anchor': 'middle', class: 'nbtrain-chart-empty' });
+    empty.textContent = 'no data yet';
+    svg.appendChild(empty);
+    return box;
+  }
+  const pad: [number, number, number, number] = [48, 8, 8, 18];
+  svg.appendChild(element('rect', { x: pad[0], y: pad[1], width: width - pad[0] - pad[2],
+                                    height: height - pad[1] - pad[3], class: 'nbtrain-chart-frame' }));
+  const labels: [number, number, string, string][] = [
+    [pad[0] - 4, pad[1] + 8, 'end', format(range[3])],
+    [pad[0] - 4, height - pad[3], 'end', format(range[2])],
+    [pad[0], height - 4, 'start', format(range[0])],
+    [width - pad[2], height - 4, 'end', format(range[1])]
+  ];
+  for (const [x, y, anchor, text] of labels) {
+    const label = element('text', { x, y, 'text-anchor': anchor, class: 'nbtrain-chart-axis' });
+    label.textContent = text;
+    svg.appendChild(label);
+  }
+  drawn.forEach((s, i) => svg.appendChild(polyline(s.points, range, width, height, pad, s.color || COLORS[i % COLORS.length])));
+  const legend = document.createElement('div');
+  legend.className = 'nbtrain-chart-legend';
+  drawn.forEach((s, i) => {
+    const item = document.createElement('span');
+    const last = s.points[s.points.length - 1][1];
+    item.innerHTML = `<i style="background:${s.color || COLORS[i % COLORS.length]}"></i>`;
+    item.appendChild(document.createTextNode(`${s.label} ${format(last)}`));
+    legend.appendChild(item);
+  });
+  box.appendChild(legend);
+  return box;
+}

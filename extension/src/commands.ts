@@ -1,0 +1,93 @@
+// Notebook commands: insert a %%bigtrain cell, open the config panel, open a tutorial.
+import { JupyterFrontEnd } from '@jupyterlab/application';
+import { InputDialog, showErrorMessage } from '@jupyterlab/apputils';
+import { INotebookTracker, NotebookActions, NotebookPanel } from '@jupyterlab/notebook';
+
+import { api } from './api';
+
+export const LOAD_CELL = '%load_ext nbtrain';
+
+/** The template of "Insert %%bigtrain cell": the common flags, and the loop in one call. */
+export const BIGTRAIN_TEMPLATE = `%%bigtrain --nproc 2 --zero 2 --precision fp32 --micro-batch 8 --steps 100 --lr 1e-3 --name my-run
+# Runs on every rank; \`bigtrain\` is the run context. make_model, train_data and loss_fn come from earlier cells.
+result = bigtrain.fit(make_model(), train_data, loss_fn=loss_fn)
+print(f"final loss {result.final_loss:.4f}")`;
+
+export const CONFIG_PANEL_CELL = `from nbtrain import ConfigPanel
+
+panel = ConfigPanel()  # then: %%bigtrain --config panel
+panel`;
+
+/** Return the current notebook, opening a new one when none is open. */
+async function currentNotebook(app: JupyterFrontEnd, tracker: INotebookTracker): Promise<NotebookPanel> {
+  if (tracker.currentWidget) {
+    return tracker.currentWidget;
+  }
+  const panel = (await app.commands.execute('notebook:create-new', { kernelName: 'python3' })) as NotebookPanel;
+  await panel.context.ready;
+  return panel;
+}
+
+function hasLoadExt(panel: NotebookPanel): boolean {
+  const cells = panel.content.model?.sharedModel.cells || [];
+  return cells.some(cell => cell.getSource().includes(LOAD_CELL));
+}
+
+/** Insert code cells below the active cell (replacing it when it is an empty first cell). */
+function insertCells(panel: NotebookPanel, sources: string[]): void {
+  const notebook = panel.content;
+  for (const source of sources) {
+    const active = notebook.activeCell;
+    const reuse = active && active.model.type === 'code' && active.model.sharedModel.getSource().trim() === '';
+    if (!reuse) {
+      NotebookActions.insertBelow(notebook);
+    }
+    NotebookActions.changeCellType(notebook, 'code');
+    notebook.activeCell!.model.sharedModel.setSource(source);
+  }
+}
+
+export function registerNotebookCommands(app: JupyterFrontEnd, tracker: INotebookTracker): void {
+  app.commands.addCommand('nbtrain:insert-cell', {
+    label: 'Insert %%bigtrain cell',
+    caption: 'Insert a %%bigtrain cell with the common flags (and %load_ext nbtrain where it is missing)',
+    execute: async () => {
+      const panel = await currentNotebook(app, tracker);
+      insertCells(panel, hasLoadExt(panel) ? [BIGTRAIN_TEMPLATE] : [LOAD_CELL, BIGTRAIN_TEMPLATE]);
+      panel.content.activate();
+    }
+  });
+  app.commands.addCommand('nbtrain:open-config', {
+    label: 'Open config panel',
+    caption: 'Insert and run a cell showing nbtrain.ConfigPanel: DeepSpeed settings with live validation',
+    execute: async () => {
+      const panel = await currentNotebook(app, tracker);
+      insertCells(panel, [CONFIG_PANEL_CELL]);
+      await panel.sessionContext.ready;
+      await NotebookActions.run(panel.content, panel.sessionContext);
+    }
+  });
+  app.commands.addCommand('nbtrain:open-tutorial', {
+    label: 'Open tutorial…',
+    caption: 'Copy one of nbtrain\'s tutorial notebooks into the workspace and open it',
+    execute: async () => {
+      try {
+        const { tutorials } = await api.tutorials();
+        if (!tutorials.length) {
+          await showErrorMessage('No tutorials', 'No nbtrain tutorial notebooks are installed on the server.');
+          return;
+        }
+        const labels = tutorials.map(t => `${t.title} (${t.name})`);
+        const choice = await InputDialog.getItem({ title: 'Open an nbtrain tutorial', items: labels, current: 0 });
+        if (!choice.button.accept || choice.value === null) {
+          return;
+        }
+        const tutorial = tutorials[labels.indexOf(choice.value)];
+        const { path } = await api.copyTutorial(tutorial.name);
+        await app.commands.execute('docmanager:open', { path });
+      } catch (e) {
+        await showErrorMessage('Could not open the tutorial', (e as Error).message);
+      }
+    }
+  });
+}
