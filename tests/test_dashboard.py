@@ -6,7 +6,9 @@ from __future__ import annotations
 import base64
 import io
 import json
+import os
 import queue
+import re
 import time
 import xml.etree.ElementTree as ET
 from collections.abc import Callable
@@ -24,7 +26,7 @@ from nbtrain.dashboard.svg import Line, line_chart
 from nbtrain.machine import MachineFacts
 from nbtrain.plan import plan_run
 from nbtrain.rundir import RunDirectory
-from tests.conftest import wait_until_gone, worker_processes
+from tests.conftest import NOTEBOOK_SETUP, wait_until_gone
 from tests.kernel import Kernel
 
 FAKES = Path(__file__).parent / "fakes"
@@ -70,7 +72,7 @@ def test_a_long_run_keeps_bounded_points_with_recent_ones_exact() -> None:
     assert series.last == 200_000.0, "the latest value was altered"
     assert series.xs == sorted(series.xs), "points out of order"
     assert series.xs[0] < 500 and series.ys[-1] > 190_000, "the start or the end of the run is lost"
-    gaps = [b - a for a, b in zip(series.xs, series.xs[1:])]
+    gaps = [b - a for a, b in zip(series.xs, series.xs[1:], strict=False)]
     assert max(gaps[:-1]) <= 2 * min(gaps), "the resolution is not uniform over the run"
 
 
@@ -239,3 +241,163 @@ def test_without_a_stop_callback_the_button_is_disabled(tmp_path: Path) -> None:
     dashboard = Dashboard()
     dashboard.started(make_run(tmp_path), plan())
     assert dashboard.stop_button.disabled
+
+
+# -- through a real kernel -----------------------------------------------------------------------
+Act = Callable[[dict[str, Any]], None]
+
+
+def collect(kernel: Kernel, code: str, act: Act | None = None, timeout: float = 300) -> list[tuple[float, dict]]:
+    """Run `code` as a cell; return (arrival time, message) for every iopub message it caused.
+
+    `act` sees every iopub message as it arrives (e.g. to click a button, as a frontend would).
+    """
+    msg_id = kernel.client.execute(code)
+    messages: list[tuple[float, dict]] = []
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        try:
+            msg = kernel.client.get_iopub_msg(timeout=0.2)
+        except queue.Empty:
+            continue
+        if act is not None:
+            act(msg)
+        if msg["parent_header"].get("msg_id") != msg_id:
+            continue
+        if msg["msg_type"] == "status" and msg["content"]["execution_state"] == "idle":
+            return messages
+        messages.append((time.time(), msg))
+    raise AssertionError(f"the cell did not finish in {timeout} s")
+
+
+def of_type(messages: list[tuple[float, dict]], kind: str) -> list[tuple[float, dict]]:
+    return [(t, m) for t, m in messages if m["msg_type"] == kind]
+
+
+def widget_values(messages: list[tuple[float, dict]]) -> list[tuple[float, str]]:
+    """Return (time, value) of every widget `value` update, in order."""
+    return [(t, str(m["content"]["data"]["state"]["value"])) for t, m in of_type(messages, "comm_msg")
+            if m["content"]["data"].get("method") == "update" and "value" in m["content"]["data"].get("state", {})]
+
+
+def click(kernel: Kernel, comm_id: str) -> None:
+    """Send what a frontend sends when a Button is clicked."""
+    msg = kernel.client.session.msg("comm_msg", {"comm_id": comm_id,
+                                                 "data": {"method": "custom", "content": {"event": "click"}}})
+    kernel.client.shell_channel.send(msg)
+
+
+def png_of(messages: list[tuple[float, dict]]) -> bytes:
+    pictures = [m["content"]["data"] for _, m in of_type(messages, "update_display_data")
+                if "image/png" in m["content"]["data"]]
+    assert pictures, "no static picture replaced the live dashboard"
+    return base64.b64decode(pictures[-1]["image/png"])
+
+
+def summary_of(messages: list[tuple[float, dict]]) -> dict[str, str]:
+    tables = [m["content"]["data"] for _, m in of_type(messages, "display_data")
+              if "<table>" in m["content"]["data"].get("text/html", "")]
+    assert tables, "no summary table was left in the output"
+    return tables[-1]
+
+
+SLOW_LOSS = """
+import time
+def slow_loss(model, batch):
+    time.sleep(0.02)  # a step long enough to watch
+    return loss_fn(model, batch)
+"""
+
+
+@pytest.mark.integration
+def test_the_dashboard_updates_while_training_and_leaves_a_picture_and_a_table(kernel: Kernel,
+                                                                                tmp_path: Path) -> None:
+    kernel.execute(SLOW_LOSS)
+    cell = ("%%bigtrain --nproc 2 --steps 100 --micro-batch 4\n"
+            "if bigtrain.is_main:\n    print('hello from rank 0', flush=True)\n"
+            "result = bigtrain.fit(make_model(), ToyData(), loss_fn=slow_loss)\n")
+    messages = collect(kernel, cell)
+    end = messages[-1][0]
+    steps = sorted({(t, int(re.match(r"&nbsp;step (\d+)", v).group(1))) for t, v in widget_values(messages)
+                    if v.startswith("&nbsp;step ")})
+    during = {step for t, step in steps if 0 < step < 100}
+    assert len(during) >= 3, f"the progress showed only steps {sorted(during)} during the run"
+    charts = [t for t, v in widget_values(messages) if "<polyline" in v and ">loss<" in v]
+    assert len(charts) >= 3 and charts[0] < end - 0.5, "the loss chart was not redrawn during the run"
+    # Nothing of the cell's output is wiped: prints stay, the dashboard is replaced only in its own place.
+    assert not of_type(messages, "clear_output")
+    texts = "".join(m["content"]["text"] for _, m in of_type(messages, "stream"))
+    assert "hello from rank 0" in texts and "bigtrain: run" in texts
+    assert png_of(messages).startswith(b"\x89PNG\r\n\x1a\n")
+    table = summary_of(messages)
+    assert "succeeded" in table["text/plain"] and "100 of 100" in table["text/plain"], table["text/plain"]
+    assert "final loss" in table["text/html"]
+    devices = [v for _, v in widget_values(messages) if "rank 1 · CPU" in v]
+    assert devices and "rank 0 · CPU" in devices[-1] and "no GPU" in devices[-1]
+    run = next((tmp_path / "bigtrain-runs").iterdir())
+    for rank in (0, 1):
+        records = [json.loads(line) for line in (run / "utilization" / f"rank-{rank}.jsonl").read_text().splitlines()]
+        assert records and all(r["device"] == "cpu" and r["rank"] == rank for r in records), records[:2]
+
+
+@pytest.mark.integration
+def test_with_nvml_the_dashboard_shows_each_ranks_gpu_and_energy(tmp_path: Path,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    # The fake reaches the workers through the kernel's sys.path, which the launcher hands down.
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(FAKES), os.environ.get("PYTHONPATH", "")]))
+    monkeypatch.setenv("FAKE_NVML_GPUS", "2")
+    kernel = Kernel(tmp_path)
+    try:
+        kernel.execute("%load_ext nbtrain")
+        kernel.execute(NOTEBOOK_SETUP + SLOW_LOSS)
+        messages = collect(kernel, "%%bigtrain --nproc 2 --steps 40 --micro-batch 4\n"
+                                   "bigtrain.fit(make_model(), ToyData(), loss_fn=slow_loss)\n")
+    finally:
+        kernel.shutdown()
+        wait_until_gone(str(tmp_path), timeout=30)
+    values = [v for _, v in widget_values(messages)]
+    devices = [v for v in values if "GPU 1" in v]
+    assert devices, "no GPU row appeared"
+    assert "rank 0 · GPU 0 (NVIDIA H100 80GB HBM3)" in devices[-1] and "rank 1 · GPU 1" in devices[-1]
+    assert any("GPU utilization %" in v for v in values)
+    table = summary_of(messages)["text/plain"]
+    assert "700 W (NVML)" in table, table  # two GPUs at 350 W
+    energy = next(line for line in table.splitlines() if "energy this run" in line)
+    assert "(NVML)" in energy and NOT_MEASURABLE not in energy, energy
+
+
+@pytest.mark.integration
+def test_widget_clicks_reach_a_busy_cell_and_queued_cells_still_run_after(kernel: Kernel) -> None:
+    cell = """
+import ipywidgets, time
+from nbtrain.dashboard.ui_poll import UiPoller
+clicked = []
+button = ipywidgets.Button(description="poll-test")
+button.on_click(lambda _: clicked.append(True))
+display(button)
+poller = UiPoller.for_this_kernel()
+deadline = time.time() + 60
+while not clicked and time.time() < deadline:
+    poller.poll()
+    time.sleep(0.05)
+print("clicked" if clicked else "never clicked")
+"""
+    second: list[str] = []
+
+    def frontend(msg: dict[str, Any]) -> None:
+        content = msg["content"]
+        if msg["msg_type"] == "comm_open" and content.get("data", {}).get("state", {}).get("description") == "poll-test":
+            second.append(kernel.client.execute("print('second cell ran')"))  # queued behind the busy cell
+            click(kernel, content["comm_id"])
+
+    messages = collect(kernel, cell, act=frontend, timeout=120)
+    printed = "".join(m["content"]["text"] for _, m in of_type(messages, "stream"))
+    assert printed.strip() == "clicked", printed
+    assert second, "the button was never displayed"
+    after = []
+    deadline = time.time() + 60
+    while time.time() < deadline and not any("second cell ran" in text for text in after):
+        msg = kernel.client.get_iopub_msg(timeout=60)
+        if msg["parent_header"].get("msg_id") == second[0] and msg["msg_type"] == "stream":
+            after.append(msg["content"]["text"])
+    assert "second cell ran" in "".join(after), "a cell queued while the first one polled was lost"

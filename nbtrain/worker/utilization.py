@@ -55,14 +55,15 @@ class UtilizationSampler:
         return record
 
 
-def start_sampler(run_dir: RunDirectory, rank: int, every_s: float = SAMPLE_EVERY_S) -> None:
-    """Start the daemon thread that appends a utilization record every `every_s` seconds."""
+def start_sampler(run_dir: RunDirectory, rank: int, every_s: float = SAMPLE_EVERY_S,
+                  stop: threading.Event | None = None) -> None:
+    """Start the daemon thread that appends a utilization record every `every_s` seconds (until `stop` is set)."""
     local_rank = int(os.environ.get("LOCAL_RANK", rank))
-    threading.Thread(target=_sample_forever, args=(run_dir, rank, local_rank, every_s),
+    threading.Thread(target=_sample, args=(run_dir, rank, local_rank, every_s, stop or threading.Event()),
                      name="nbtrain-utilization", daemon=True).start()
 
 
-def _sample_forever(run_dir: RunDirectory, rank: int, local_rank: int, every_s: float) -> None:
+def _sample(run_dir: RunDirectory, rank: int, local_rank: int, every_s: float, stop: threading.Event) -> None:
     path = utilization_file(run_dir, rank)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -71,13 +72,14 @@ def _sample_forever(run_dir: RunDirectory, rank: int, local_rank: int, every_s: 
     except Exception as e:  # noqa: BLE001 - no sampler is better than no training
         _note(run_dir, rank, f"utilization sampler did not start: {type(e).__name__}: {e}")
         return
-    while True:
-        try:
-            out.write(json.dumps(sampler.record()) + "\n")
-        except Exception as e:  # noqa: BLE001 - the same: end the sampler, keep training
-            _note(run_dir, rank, f"utilization sampler stopped: {type(e).__name__}: {e}")
-            return
-        time.sleep(every_s)
+    with out:
+        while not stop.is_set():
+            try:
+                out.write(json.dumps(sampler.record()) + "\n")
+            except Exception as e:  # noqa: BLE001 - the same: end the sampler, keep training
+                _note(run_dir, rank, f"utilization sampler stopped: {type(e).__name__}: {e}")
+                return
+            stop.wait(every_s)
 
 
 def _note(run_dir: RunDirectory, rank: int, text: str) -> None:
