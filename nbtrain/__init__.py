@@ -16,8 +16,17 @@ from nbtrain.errors import ConfigError, Problem, RunFailed, ShippingError
 from nbtrain.result import RunResult
 
 __version__ = "0.1.0"
-__all__ = ["ConfigError", "Problem", "RunFailed", "RunResult", "ShippingError", "TrainConfig",
+__all__ = ["ConfigError", "ConfigPanel", "Problem", "RunFailed", "RunResult", "ShippingError", "TrainConfig",
            "load_ipython_extension"]
+
+
+def __getattr__(name: str) -> Any:
+    # ConfigPanel needs ipywidgets: load it on first use so that `import nbtrain` stays light.
+    if name == "ConfigPanel":
+        from nbtrain.panel import ConfigPanel
+
+        return ConfigPanel
+    raise AttributeError(f"module 'nbtrain' has no attribute {name!r}")
 
 
 def load_ipython_extension(ipython: Any) -> None:

@@ -1,0 +1,263 @@
+"""Map the panel's field values to a TrainConfig and back, without any widget.
+
+The panel's state is a base DeepSpeed dict (from `config=`) plus the values of its fields.
+A field becomes a flag or a `--set` only when its value differs from what the base already
+renders to, so a loaded config comes back out unchanged, keys the form does not show
+included. `values_from` reads field values out of a rendered DeepSpeed dict.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from collections.abc import Collection, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from nbtrain.config import DEFAULT_MICRO_BATCH, TrainConfig
+from nbtrain.deepspeed_schema import load_schema
+from nbtrain.machine import MachineFacts
+from nbtrain.panel.fields import _SCHEDULER_PARAMS, field_by_name, scheduler_param_fields
+from nbtrain.render import SCHEDULER_TYPES, WARMUP_SCHEDULERS, get_path, render
+from nbtrain.validate import NOT_AVAILABLE_YET
+
+FLAG_FIELDS = ("zero", "offload_optimizer", "offload_param", "precision", "micro_batch", "grad_accum", "grad_clip",
+               "optimizer", "lr", "weight_decay", "scheduler", "hpz", "qat")
+_SCHEDULER_NAMES = {v: k for k, v in SCHEDULER_TYPES.items()}
+WARMUP_STEPS = "scheduler.params.warmup_num_steps"
+# Scheduler parameters that flags set (render() makes --steps the decay's end and --lr the
+# peak): the form shows them but they follow the step count and the learning rate.
+DERIVED = {"scheduler.params.total_num_steps": "steps", "scheduler.params.warmup_max_lr": "lr",
+           "scheduler.params.cycle_max_lr": "lr"}
+
+
+def values_from(ds: Mapping[str, Any]) -> dict[str, Any]:
+    """Return every field's value as the DeepSpeed dict `ds` has it (None where it has none)."""
+    values: dict[str, Any] = {
+        "zero": get_path(ds, "zero_optimization.stage", 0),
+        "offload_optimizer": get_path(ds, "zero_optimization.offload_optimizer.device", "none"),
+        "offload_param": get_path(ds, "zero_optimization.offload_param.device", "none"),
+        "nvme_path": (get_path(ds, "zero_optimization.offload_optimizer.nvme_path")
+                      or get_path(ds, "zero_optimization.offload_param.nvme_path") or ""),
+        "precision": "bf16" if get_path(ds, "bf16.enabled") is True
+        else "fp16" if get_path(ds, "fp16.enabled") is True else "fp32",
+        "micro_batch": _whole(ds.get("train_micro_batch_size_per_gpu")),
+        "grad_accum": ds.get("gradient_accumulation_steps"),
+        "grad_clip": float(ds.get("gradient_clipping") or 0.0),
+        "optimizer": str(get_path(ds, "optimizer.type", "adamw")).lower(),
+        "lr": get_path(ds, "optimizer.params.lr"),
+        "weight_decay": get_path(ds, "optimizer.params.weight_decay"),
+        "scheduler": _SCHEDULER_NAMES.get(str(get_path(ds, "scheduler.type")), "none"),
+        "qwz": get_path(ds, "zero_optimization.zero_quantized_weights", False) is True,
+        "qgz": get_path(ds, "zero_optimization.zero_quantized_gradients", False) is True,
+        "hpz": get_path(ds, "zero_optimization.zero_hpz_partition_size", 1),
+        "qat": "none",
+    }
+    kind = get_path(ds, "scheduler.type")
+    for f in field_by_name().values():
+        if f.is_flag or f.name in values:
+            continue
+        values[f.name] = get_path(ds, f.name, default_of(f.name, ds, kind))
+    if isinstance(values["optimizer.params.betas"], (list, tuple)):
+        values["optimizer.params.betas"] = [float(b) for b in values["optimizer.params.betas"]]
+    return values
+
+
+def _whole(value: Any) -> int | None:
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
+
+
+def default_of(name: str, ds: Mapping[str, Any], scheduler: Any) -> Any:
+    """Return what DeepSpeed uses for a `--set` field that `ds` does not give."""
+    if name == "zero_optimization.overlap_comm":
+        # DeepSpeed turns overlap_comm on by default at stage 3 only (DeepSpeedZeroConfig).
+        return get_path(ds, "zero_optimization.stage", 0) == 3
+    if name.startswith("scheduler.params."):
+        param = name.rsplit(".", 1)[1]
+        for p, _, default in _SCHEDULER_PARAMS.get(str(scheduler), []):
+            if p == param:
+                return default
+    return field_by_name()[name].default
+
+
+@dataclass(frozen=True)
+class FormResult:
+    """The TrainConfig a form produces, the base it applies to, and notes on what was dropped."""
+
+    config: TrainConfig  # flags and --set of the form, config=None
+    base: dict[str, Any]  # the loaded dict minus what the form replaced
+    notes: tuple[str, ...] = ()
+
+
+def prune_base(base: Mapping[str, Any], values: Mapping[str, Any]) -> tuple[dict[str, Any], list[str]]:
+    """Drop base sections that another choice in the form made meaningless (a new scheduler type)."""
+    pruned = copy.deepcopy(dict(base))
+    notes: list[str] = []
+    base_scheduler = _SCHEDULER_NAMES.get(str(get_path(base, "scheduler.type")), "none")
+    if "scheduler" in pruned and values["scheduler"] != base_scheduler:
+        # Parameters of one scheduler are unknown keys to another: start the new one afresh.
+        del pruned["scheduler"]
+        notes.append(f"the loaded scheduler ({get_path(base, 'scheduler.type')}) and its parameters were replaced")
+    base_optimizer = str(get_path(base, "optimizer.type", "")).lower()
+    params = get_path(pruned, "optimizer.params")
+    if isinstance(params, dict) and base_optimizer and values["optimizer"] != base_optimizer:
+        allowed = set(load_schema().optimizer_params.get(values["optimizer"], []))
+        dropped = sorted(k for k in params if k not in allowed)
+        for key in dropped:
+            del params[key]
+        if dropped:
+            notes.append(f"optimizer parameters {', '.join(dropped)} do not apply to {values['optimizer']}: dropped")
+    return pruned, notes
+
+
+def quant_flag(values: Mapping[str, Any]) -> str:
+    """Return the --quant value of the two ZeRO++ checkboxes."""
+    return {(False, False): "none", (True, False): "qwz", (False, True): "qgz",
+            (True, True): "qwz+qgz"}[(bool(values["qwz"]), bool(values["qgz"]))]
+
+
+def to_config(values: Mapping[str, Any], base: Mapping[str, Any], pinned: Collection[str] = ()) -> FormResult:
+    """Return the TrainConfig whose rendering on the (pruned) base is what the form shows.
+
+    Flag fields are compared with what the base renders to. A `--set` field is written only
+    when `pinned` (the user set it): the others follow what render() derives, so e.g. the
+    scheduler's total_num_steps follows the step count until the user types one.
+    """
+    pruned, notes = prune_base(base, values)
+    reference = values_from(render(TrainConfig(), pruned).deepspeed)
+    flags: dict[str, Any] = {"nproc": values["nproc"], "steps": values["steps"]}
+    for name in FLAG_FIELDS:
+        if values[name] != reference[name]:
+            flags[name] = values[name]
+    if quant_flag(values) != quant_flag(reference):
+        flags["quant"] = quant_flag(values)
+    nvme_kinds = [k for k in ("offload_optimizer", "offload_param") if values[k] == "nvme"]
+    if nvme_kinds and values["nvme_path"] != reference["nvme_path"]:
+        # render() writes --nvme-path only beside an offload flag that chose nvme.
+        flags["nvme_path"] = values["nvme_path"]
+        flags.update({k: "nvme" for k in nvme_kinds})
+    if flags.get("qat") == "none":
+        del flags["qat"]
+    cfg = TrainConfig(**flags)
+    rendered = render(cfg, pruned).deepspeed
+    after_flags = values_from(rendered)
+    changed = [name for name in active_set_fields(values) if name in pinned and name not in DERIVED
+               and values[name] is not None and values[name] != after_flags[name]]
+    if WARMUP_STEPS in changed and get_path(rendered, "scheduler.type") in WARMUP_SCHEDULERS:
+        # The warm-up length has a flag of its own; the copied line reads better with it.
+        changed.remove(WARMUP_STEPS)
+        cfg = cfg.replace(warmup_steps=values[WARMUP_STEPS])
+    sets = [f"{name}={json.dumps(values[name])}" for name in changed]
+    if "train_batch_size" in pruned:
+        # Keep a loaded train_batch_size consistent with the batch the form shows.
+        global_batch = values["micro_batch"] * values["grad_accum"] * values["nproc"]
+        if global_batch != pruned["train_batch_size"]:
+            sets.append(f"train_batch_size={global_batch}")
+    return FormResult(cfg.replace(set=tuple(sets)), pruned, tuple(notes))
+
+
+def active_set_fields(values: Mapping[str, Any]) -> list[str]:
+    """Return the `--set` fields that apply to the form's current choices."""
+    names = [f"zero_optimization.{k}.pin_memory" for k in ("offload_optimizer", "offload_param")
+             if values[k] != "none"]
+    if values["precision"] == "fp16":
+        names += [n for n in field_by_name() if n.startswith("fp16.")]
+    if values["optimizer"] == "sgd":
+        names.append("optimizer.params.momentum")
+    else:
+        names += ["optimizer.params.betas", "optimizer.params.eps"]
+    kind = SCHEDULER_TYPES.get(values["scheduler"])
+    if kind is not None:
+        names += [f.name for f in scheduler_param_fields()[kind]]
+    names += [n for n in field_by_name() if n.startswith("zero_optimization.") and "pin_memory" not in n]
+    return names
+
+
+def standalone(result: FormResult, source: str | None, original: Mapping[str, Any]) -> TrainConfig:
+    """Return the TrainConfig that renders the panel's dict on its own (for the %%bigtrain line).
+
+    A file that the form did not prune is named with `--config`; otherwise every setting of
+    the base that no flag or `--set` covers becomes a `--set` of its own.
+    """
+    cfg = result.config
+    if source is not None and result.base == dict(original):
+        return cfg.replace(config=source)
+    # Every key a flag or --set writes (the scheduler parameters that --steps/--lr fill included).
+    covered = set(render(cfg, result.base).sources)
+    leaves = [f"{key}={json.dumps(value)}" for key, value in _leaves(result.base)
+              if not any(".".join(key.split(".")[:n]) in covered for n in range(1, key.count(".") + 2))]
+    return cfg.replace(set=tuple(leaves) + cfg.set)
+
+
+def _leaves(tree: Mapping[str, Any], prefix: str = "") -> list[tuple[str, Any]]:
+    out: list[tuple[str, Any]] = []
+    for key, value in tree.items():
+        if isinstance(value, Mapping) and value:
+            out += _leaves(value, f"{prefix}{key}.")
+        elif not isinstance(value, Mapping):  # an empty section carries no setting
+            out.append((prefix + key, value))
+    return out
+
+
+@dataclass(frozen=True)
+class Choice:
+    """The options a choice field may offer now, and why others are missing."""
+
+    options: tuple[Any, ...]
+    reason: str = ""  # why some options (or the whole field) are unavailable
+
+
+def allowed_choices(values: Mapping[str, Any], machine: MachineFacts) -> dict[str, Choice]:
+    """Return what each constrained field may be set to, given the stage and the machine."""
+    stage = values["zero"]
+    nvme_ok = stage == 3 and machine.has_libaio
+    nvme_why = ("nvme needs ZeRO-3 (below it DeepSpeed silently keeps the state in CPU memory)" if stage != 3
+                else "" if machine.has_libaio else "nvme needs libaio (apt-get install libaio-dev)")
+    out = {
+        "offload_optimizer": Choice(("none",), "optimizer offload needs ZeRO stage 1, 2 or 3") if stage == 0
+        else Choice(OFFLOAD_ALL if nvme_ok else ("none", "cpu"), nvme_why),
+        "offload_param": Choice(OFFLOAD_ALL if nvme_ok else ("none", "cpu"), nvme_why) if stage == 3
+        else Choice(("none",), "parameter offload needs ZeRO stage 3"),
+        "precision": Choice(("fp32", "bf16", "fp16")) if machine.cuda
+        else Choice(("fp32", "bf16"), "fp16: DeepSpeed runs fp16 only on CUDA devices; this machine has no GPU"),
+        "optimizer": Choice(("adamw", "adam", "sgd", "lamb")) if machine.cuda
+        else Choice(("adamw", "adam", "sgd"), "lamb: DeepSpeed's Lamb has no CPU implementation; no GPU here"),
+        "qat": Choice(("none",), f"{NOT_AVAILABLE_YET['qat']} is not available yet in this nbtrain version"),
+    }
+    zpp = "" if stage == 3 else "ZeRO++ needs ZeRO stage 3"
+    cuda = "" if machine.cuda else "qwZ/qgZ use CUDA kernels DeepSpeed has no CPU version of; this machine has no GPU"
+    out["qwz"] = out["qgz"] = Choice((False, True) if not (zpp or cuda) else (False,), zpp or cuda)
+    out["hpz"] = Choice((), zpp)  # any divisor of the process count; only at stage 3
+    return out
+
+
+OFFLOAD_ALL = ("none", "cpu", "nvme")
+
+
+def coerce(values: dict[str, Any], allowed: Mapping[str, Choice]) -> list[str]:
+    """Reset fields whose value is no longer allowed (e.g. param offload after leaving stage 3); say so."""
+    notes = []
+    resets = {"offload_optimizer": "none", "offload_param": "none", "precision": "fp32", "optimizer": "adamw",
+              "qat": "none", "qwz": False, "qgz": False}
+    for name, fallback in resets.items():
+        if values[name] not in allowed[name].options:
+            notes.append(f"{name} reset from {values[name]!r} to {fallback!r}: {allowed[name].reason}")
+            values[name] = fallback
+    if allowed["hpz"].reason and values["hpz"] != 1:
+        notes.append(f"hpz reset from {values['hpz']} to 1: {allowed['hpz'].reason}")
+        values["hpz"] = 1
+    return notes
+
+
+def display_defaults(values: dict[str, Any], nproc: int, steps: int) -> dict[str, Any]:
+    """Fill what a rendered dict leaves open (micro-batch from a DataLoader) with what the form shows."""
+    filled = dict(values)
+    filled.setdefault("nproc", nproc)
+    filled.setdefault("steps", steps)
+    if filled["micro_batch"] is None:
+        filled["micro_batch"] = DEFAULT_MICRO_BATCH
+    for name, default in (("grad_accum", 1), ("lr", 1e-3), ("weight_decay", 0.0)):
+        if filled[name] is None:
+            filled[name] = default
+    return filled
+

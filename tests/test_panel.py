@@ -1,0 +1,441 @@
+"""The config panel: real ipywidgets driven in-process (no frontend needed), and one real kernel run."""
+
+from __future__ import annotations
+
+import copy
+import json
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import ipywidgets as w
+import pytest
+import torch
+from deepspeed.runtime import lr_schedules
+from traitlets import TraitError
+
+from nbtrain import ConfigError
+from nbtrain.arguments import parse_line
+from nbtrain.deepspeed_schema import load_schema
+from nbtrain.estimate import GIB
+from nbtrain.machine import MachineFacts
+from nbtrain.panel import ConfigPanel
+from nbtrain.panel.fields import scheduler_param_fields
+from nbtrain.plan import load_base, plan_run
+
+CPU = MachineFacts(gpu_count=0, has_libaio=True)
+GPUS = MachineFacts(gpu_count=2, has_libaio=True)
+
+
+def make_panel(**kwargs: Any) -> ConfigPanel:
+    kwargs.setdefault("machine", CPU)
+    return ConfigPanel(**kwargs)
+
+
+def widgets_in(widget: w.Widget) -> list[w.Widget]:
+    """Return `widget` and everything below it in the widget tree."""
+    found = [widget]
+    for child in getattr(widget, "children", ()):
+        found += widgets_in(child)
+    return found
+
+
+def button(panel: ConfigPanel, description: str) -> w.Button:
+    return next(b for b in widgets_in(panel.widget) if isinstance(b, w.Button) and b.description == description)
+
+
+def visible(panel: ConfigPanel, name: str) -> bool:
+    return panel.inputs[name].row.layout.display != "none"
+
+
+def run_dict(panel: ConfigPanel) -> dict:
+    """Return what %%bigtrain would run from the panel's copied line alone."""
+    cfg = parse_line(panel.flags)
+    return plan_run(cfg, panel.machine, load_base(cfg.config) if cfg.config else None).deepspeed
+
+
+# -- defaults, live summary ---------------------------------------------------------------
+
+def test_a_fresh_panel_is_a_valid_config_with_deepspeeds_defaults() -> None:
+    panel = make_panel()
+    ds = panel.to_deepspeed()
+    assert panel.problems == ()
+    assert ds["zero_optimization"] == {"stage": 0}
+    assert ds["optimizer"] == {"type": "AdamW", "params": {"lr": 0.001, "weight_decay": 0.0}}
+    assert "bf16" not in ds and "fp16" not in ds and "scheduler" not in ds, "defaults must follow DeepSpeed"
+    assert panel.config.nproc == 2 and panel.config.micro_batch == 8
+
+
+def test_stage_explanation_and_global_batch_follow_the_form() -> None:
+    panel = make_panel()
+    html_of = {id(x): x for x in widgets_in(panel.widget) if isinstance(x, w.HTML)}
+    panel.set(zero=2, micro_batch=4, grad_accum=3, nproc=4)
+    texts = " ".join(x.value for x in html_of.values())
+    assert "partitions the optimizer state and the gradients" in texts
+    assert "global batch = 4 x 3 x 4 processes = <b>48</b>" in texts
+    assert panel.to_deepspeed()["gradient_accumulation_steps"] == 3
+
+
+# -- impossible combinations cannot be produced ---------------------------------------------
+
+def test_parameter_offload_is_not_offered_below_stage_3() -> None:
+    panel = make_panel()
+    offload = panel.inputs["offload_param"].parts[0]
+    for stage in (0, 1, 2):
+        panel.set(zero=stage)
+        assert tuple(offload.options) == ("none",) and offload.disabled, f"stage {stage} offers {offload.options}"
+        with pytest.raises(TraitError):
+            offload.value = "cpu"
+        assert "needs ZeRO stage 3" in panel.inputs["offload_param"].message.value
+    panel.set(zero=3)
+    assert tuple(offload.options) == ("none", "cpu", "nvme") and not offload.disabled
+    panel.set(offload_param="cpu")
+    assert panel.to_deepspeed()["zero_optimization"]["offload_param"]["device"] == "cpu"
+    # Leaving stage 3 takes the offload back, and says so.
+    panel.set(zero=2)
+    assert offload.value == "none"
+    assert "offload_param" not in panel.to_deepspeed()["zero_optimization"]
+    assert any("offload_param reset from 'cpu'" in note for note in panel.notes)
+
+
+def test_nvme_is_offered_at_stage_3_only_and_asks_for_a_path() -> None:
+    panel = make_panel()
+    panel.set(zero=2)
+    assert tuple(panel.inputs["offload_optimizer"].parts[0].options) == ("none", "cpu")
+    assert "nvme needs ZeRO-3" in panel.inputs["offload_optimizer"].message.value
+    panel.set(zero=3, offload_optimizer="nvme")
+    assert visible(panel, "nvme_path")
+    # No path yet: the validator's message shows next to the path field; the value stays valid.
+    assert [p.rule for p in panel.problems] == ["NVMe offload needs a directory to write to"]
+    assert "add --nvme-path" in panel.inputs["offload_optimizer"].message.value
+    assert "offload_optimizer" not in panel.to_deepspeed()["zero_optimization"]
+
+
+def test_nvme_without_libaio_is_not_offered() -> None:
+    panel = make_panel(machine=MachineFacts(gpu_count=0, has_libaio=False))
+    panel.set(zero=3)
+    assert "nvme" not in panel.inputs["offload_optimizer"].parts[0].options
+    assert "libaio" in panel.inputs["offload_optimizer"].message.value
+
+
+def test_quantization_is_offered_but_unavailable_without_cuda() -> None:
+    panel = make_panel()
+    panel.set(zero=3)
+    for name in ("qwz", "qgz"):
+        assert panel.inputs[name].parts[0].disabled, f"{name} must be unavailable without CUDA"
+        assert "no GPU" in panel.inputs[name].message.value
+    assert panel.inputs["qat"].parts[0].disabled and "not available yet" in panel.inputs["qat"].message.value
+    # hpZ runs on CPU: available at stage 3, and checked against the process count.
+    assert not panel.inputs["hpz"].parts[0].disabled
+    panel.set(nproc=4, hpz=3)
+    assert panel.problems and panel.problems[0].rule.startswith("the hpZ partition size must divide")
+    panel.set(hpz=2)
+    assert panel.problems == () and panel.to_deepspeed()["zero_optimization"]["zero_hpz_partition_size"] == 2
+
+
+def test_quantization_on_a_gpu_machine_reaches_the_config() -> None:
+    panel = make_panel(machine=GPUS)
+    panel.set(zero=2)
+    assert panel.inputs["qwz"].parts[0].disabled and "needs ZeRO stage 3" in panel.inputs["qwz"].message.value
+    panel.set(zero=3, qwz=True, qgz=True)
+    zero = panel.to_deepspeed()["zero_optimization"]
+    assert zero["zero_quantized_weights"] is True and zero["zero_quantized_gradients"] is True
+    assert "--quant qwz+qgz" in panel.flags
+
+
+def test_fp16_and_lamb_are_gpu_only_and_fp16_shows_loss_scaling() -> None:
+    cpu = make_panel()
+    assert tuple(cpu.inputs["precision"].parts[0].options) == ("fp32", "bf16")
+    assert "fp16" in cpu.inputs["precision"].message.value and "no GPU" in cpu.inputs["precision"].message.value
+    assert "lamb" not in cpu.inputs["optimizer"].parts[0].options
+    gpu = make_panel(machine=GPUS)
+    assert not visible(gpu, "fp16.loss_scale")
+    gpu.set(precision="fp16")
+    assert visible(gpu, "fp16.loss_scale") and visible(gpu, "fp16.initial_scale_power")
+    gpu.set(**{"fp16.loss_scale": 128.0, "fp16.hysteresis": 4})
+    assert gpu.to_deepspeed()["fp16"] == {"enabled": True, "loss_scale": 128.0, "hysteresis": 4}
+    assert gpu.to_deepspeed()["bf16"] == {"enabled": False}
+
+
+# -- validation: every problem shown, the value stays valid ----------------------------------
+
+def test_a_bad_value_shows_the_validators_message_and_keeps_the_last_valid_config() -> None:
+    panel = make_panel()
+    panel.set(lr=0.02)
+    panel.set(lr=0.0)
+    assert [(p.where, p.rule) for p in panel.problems] == [("--lr", "must be greater than 0")]
+    assert "must be greater than 0" in panel.inputs["lr"].message.value
+    box = " ".join(x.value for x in widgets_in(panel.widget) if isinstance(x, w.HTML))
+    assert "1 problem" in box and "give --lr a value greater than 0" in box
+    assert panel.to_deepspeed()["optimizer"]["params"]["lr"] == 0.02, "an invalid edit leaked into the value"
+    assert "1 problem(s) in the form" in panel.summary()
+    panel.set(lr=0.03)
+    assert panel.problems == () and panel.inputs["lr"].message.value == ""
+
+
+def test_every_problem_of_a_loaded_config_is_listed_and_nothing_is_valid() -> None:
+    panel = make_panel(config={"zero_optimisation": {"stage": 2}, "train_micro_batch_size_per_gpu": 4,
+                               "optimizer": {"type": "AdamW", "params": {"lr": 1e-3, "betaz": [0.9, 0.99]}}})
+    rules = {p.where: p.fix for p in panel.problems}
+    assert rules["zero_optimisation"] == "did you mean 'zero_optimization'?"
+    assert "optimizer.params.betaz" in rules
+    with pytest.raises(ConfigError, match="zero_optimisation"):
+        panel.to_deepspeed()
+    assert panel.summary().startswith("ConfigPanel: no valid settings yet")
+
+
+def test_scheduler_parameters_deepspeed_refuses_are_a_problem() -> None:
+    panel = make_panel()
+    panel.set(scheduler="one_cycle", **{"scheduler.params.cycle_first_step_size": 0})
+    assert panel.problems and "OneCycle refuses them" in panel.problems[0].rule
+    assert panel.to_deepspeed()["scheduler"]["params"]["cycle_first_step_size"] == 50
+
+
+def test_warmup_longer_than_the_run_is_refused_next_to_the_warmup_field() -> None:
+    panel = make_panel(steps=40)
+    panel.set(scheduler="warmup_cosine")
+    assert "exceeds the run's 40 steps" in panel.inputs["scheduler.params.warmup_num_steps"].message.value
+    panel.set(**{"scheduler.params.warmup_num_steps": 5})
+    assert panel.problems == () and "--warmup-steps 5" in panel.flags
+
+
+# -- memory estimate --------------------------------------------------------------------------
+
+def memory_cells(panel: ConfigPanel) -> dict[str, tuple[float, float]]:
+    """Read the memory table as a user sees it: state -> (device, host)."""
+    import re
+
+    table = panel._memory.value
+    rows = re.findall(r"<tr><td>([a-z ]+)</td><td>([0-9.]+)</td><td>([0-9.]+)</td></tr>", table)
+    return {name: (float(device), float(host)) for name, device, host in rows}
+
+
+def test_memory_per_parameter_follows_stage_offload_precision_and_processes() -> None:
+    panel = make_panel()
+    # fp32 Adam without ZeRO: 4 (weights) + 4 (grads) + 8 (two moments) bytes per parameter.
+    assert memory_cells(panel)["total"] == (16.0, 0.0)
+    assert "1.3B parameters" in panel._memory.value
+    panel.set(zero=3, nproc=4)
+    assert memory_cells(panel)["total"] == (4.0, 0.0), "ZeRO-3 splits all 16 bytes over 4 processes"
+    panel.set(offload_optimizer="cpu", offload_param="cpu")
+    assert memory_cells(panel)["optimizer states"] == (0.0, 2.0)
+    assert memory_cells(panel)["parameters"] == (0.0, 1.0)
+    panel.set(precision="bf16")
+    # bf16 weights and grads (2 + 2) plus fp32 master weights with the moments (4 + 8), over 4.
+    assert memory_cells(panel)["total"][0] + memory_cells(panel)["total"][1] == 4.0
+
+
+def test_memory_of_a_model_counts_its_parameters() -> None:
+    model = torch.nn.Sequential(torch.nn.Linear(1000, 1000), torch.nn.Linear(1000, 10))
+    count = sum(p.numel() for p in model.parameters())
+    panel = make_panel(model=model)
+    assert f"{count:,} parameters" in panel._memory.value
+    device, host = memory_cells(panel)["total"]
+    assert device == pytest.approx(16 * count / GIB, abs=1e-3) and host == 0.0
+    assert "GiB on the device" in panel.summary()
+
+
+# -- LR schedule preview --------------------------------------------------------------------
+
+def deepspeed_lrs(ds: dict, steps: int) -> list[float]:
+    """Step DeepSpeed's scheduler of `ds` one optimizer step at a time; return the LR each step used."""
+    optimizer = torch.optim.AdamW([torch.zeros(1, requires_grad=True)], lr=ds["optimizer"]["params"]["lr"])
+    scheduler = getattr(lr_schedules, ds["scheduler"]["type"])(optimizer, **ds["scheduler"]["params"])
+    used = []
+    for _ in range(steps):
+        used.append(optimizer.param_groups[0]["lr"])
+        scheduler.step()
+    return used
+
+
+@pytest.mark.parametrize("scheduler,extra", [
+    ("warmup", {"scheduler.params.warmup_num_steps": 10, "scheduler.params.warmup_type": "linear"}),
+    ("warmup_decay", {"scheduler.params.warmup_num_steps": 20}),
+    ("warmup_cosine", {"scheduler.params.warmup_num_steps": 15, "scheduler.params.cos_min_ratio": 0.1}),
+    ("one_cycle", {"scheduler.params.decay_step_size": 5, "scheduler.params.decay_lr_rate": 0.3,
+                   "scheduler.params.cycle_first_step_size": 30}),
+    ("lr_range_test", {"scheduler.params.lr_range_test_staircase": True, "scheduler.params.lr_range_test_step_size": 7}),
+])
+def test_schedule_preview_is_deepspeeds_scheduler(scheduler: str, extra: dict) -> None:
+    panel = make_panel(steps=120)
+    panel.set(lr=0.01, scheduler=scheduler)
+    before = panel._plot.value
+    panel.set(**extra)
+    assert panel.problems == ()
+    ds = panel.to_deepspeed()
+    for key, value in extra.items():
+        assert ds["scheduler"]["params"][key.rsplit(".", 1)[1]] == value
+    assert list(panel.lr_curve.lrs) == pytest.approx(deepspeed_lrs(ds, 120), rel=1e-12)
+    assert bytes(panel._plot.value).startswith(b"\x89PNG") and bytes(panel._plot.value) != bytes(before), \
+        "the plot did not update"
+
+
+def test_each_scheduler_shows_exactly_its_deepspeed_parameters() -> None:
+    schema = load_schema().scheduler_params
+    for kind, fields in scheduler_param_fields().items():
+        names = {f.name.rsplit(".", 1)[1] for f in fields}
+        assert names == set(schema[kind]) - {"last_batch_iteration"}, f"{kind} form differs from DeepSpeed"
+    panel = make_panel()
+    panel.set(scheduler="lr_range_test")
+    shown = {n for n in panel.inputs if n.startswith("scheduler.params.") and visible(panel, n)}
+    assert shown == {f.name for f in scheduler_param_fields()["LRRangeTest"]}
+
+
+def test_derived_schedule_values_follow_steps_and_lr_until_the_user_sets_them() -> None:
+    panel = make_panel(steps=100)
+    panel.set(scheduler="warmup_decay", **{"scheduler.params.warmup_num_steps": 10})
+    panel.set(steps=60, lr=0.005)
+    params = panel.to_deepspeed()["scheduler"]["params"]
+    assert params["total_num_steps"] == 60 and params["warmup_max_lr"] == 0.005
+    assert panel.inputs["scheduler.params.total_num_steps"].value == 60, "the form shows a stale total"
+    assert panel.inputs["scheduler.params.total_num_steps"].parts[0].disabled
+    panel.set(**{"scheduler.params.warmup_min_lr": 1e-4})
+    panel.set(lr=0.002)
+    assert panel.to_deepspeed()["scheduler"]["params"]["warmup_min_lr"] == 1e-4, "a value the user set moved"
+
+
+# -- advanced ---------------------------------------------------------------------------------
+
+def test_advanced_settings_reach_the_zero_section_and_stage3_ones_need_stage_3() -> None:
+    panel = make_panel()
+    assert panel.inputs["zero_optimization.stage3_max_live_parameters"].parts[0].disabled
+    assert panel.inputs["zero_optimization.overlap_comm"].value is False
+    panel.set(zero=3)
+    assert panel.inputs["zero_optimization.overlap_comm"].value is True, "DeepSpeed overlaps by default at stage 3"
+    panel.set(**{"zero_optimization.reduce_bucket_size": 2_000_000,
+                 "zero_optimization.stage3_max_live_parameters": 10_000_000,
+                 "zero_optimization.overlap_comm": False})
+    zero = panel.to_deepspeed()["zero_optimization"]
+    assert zero == {"stage": 3, "reduce_bucket_size": 2_000_000, "stage3_max_live_parameters": 10_000_000,
+                    "overlap_comm": False}
+
+
+# -- round trips, buttons, repr -------------------------------------------------------------
+
+def realistic_configs(nvme: Path) -> dict[str, dict]:
+    """DeepSpeed configs as users write them (tutorial-style), with keys the form does not show."""
+    return {
+        "zero2_cpu_offload": {
+            "train_micro_batch_size_per_gpu": 4, "gradient_accumulation_steps": 2, "gradient_clipping": 1.0,
+            "steps_per_print": 50, "wall_clock_breakdown": False,
+            "optimizer": {"type": "AdamW", "params": {"lr": 3e-4, "betas": [0.9, 0.95], "eps": 1e-8,
+                                                      "weight_decay": 0.1}},
+            "zero_optimization": {"stage": 2, "offload_optimizer": {"device": "cpu", "pin_memory": True},
+                                  "allgather_partitions": True, "allgather_bucket_size": 200_000_000,
+                                  "overlap_comm": True, "reduce_scatter": True, "reduce_bucket_size": 200_000_000,
+                                  "contiguous_gradients": True}},
+        "zero3_nvme": {
+            "train_micro_batch_size_per_gpu": 2, "gradient_accumulation_steps": 1,
+            "optimizer": {"type": "Adam", "params": {"lr": 1e-4, "weight_decay": 0.0}},
+            "zero_optimization": {
+                "stage": 3, "sub_group_size": 100_000_000,
+                "offload_optimizer": {"device": "nvme", "nvme_path": str(nvme), "pin_memory": True,
+                                      "buffer_count": 4, "fast_init": False},
+                "offload_param": {"device": "nvme", "nvme_path": str(nvme), "pin_memory": True,
+                                  "buffer_count": 5, "buffer_size": 100_000_000, "max_in_cpu": 1_000_000_000},
+                "stage3_prefetch_bucket_size": 5_000_000, "stage3_param_persistence_threshold": 10_000,
+                "stage3_max_live_parameters": 100_000_000, "stage3_max_reuse_distance": 100_000_000},
+            "aio": {"block_size": 1048576, "queue_depth": 8, "single_submit": False, "overlap_events": True}},
+        "bf16_warmup_cosine": {
+            "train_micro_batch_size_per_gpu": 8, "gradient_accumulation_steps": 4,
+            "bf16": {"enabled": True}, "zero_optimization": {"stage": 1},
+            "optimizer": {"type": "AdamW", "params": {"lr": 6e-4, "weight_decay": 0.1, "betas": [0.9, 0.95]}},
+            "scheduler": {"type": "WarmupCosineLR", "params": {"total_num_steps": 2000, "warmup_num_steps": 100,
+                                                                "warmup_min_ratio": 0.0, "cos_min_ratio": 0.1}}},
+        "one_cycle_sgd": {
+            "train_micro_batch_size_per_gpu": 32, "gradient_accumulation_steps": 1, "zero_optimization": {"stage": 0},
+            "optimizer": {"type": "SGD", "params": {"lr": 0.05, "momentum": 0.9, "weight_decay": 5e-4}},
+            "scheduler": {"type": "OneCycle", "params": {
+                "cycle_min_lr": 0.005, "cycle_max_lr": 0.05, "cycle_first_step_size": 400,
+                "cycle_second_step_size": 400, "decay_step_size": 100, "decay_lr_rate": 0.001,
+                "cycle_momentum": True, "cycle_min_mom": 0.85, "cycle_max_mom": 0.95}}},
+        "lr_range_test": {
+            "train_micro_batch_size_per_gpu": 16, "gradient_accumulation_steps": 1, "zero_optimization": {"stage": 2},
+            "optimizer": {"type": "AdamW", "params": {"lr": 1e-3, "weight_decay": 0.01}},
+            "scheduler": {"type": "LRRangeTest", "params": {"lr_range_test_min_lr": 1e-6,
+                                                             "lr_range_test_step_size": 200,
+                                                             "lr_range_test_step_rate": 5.0,
+                                                             "lr_range_test_staircase": False}}},
+    }
+
+
+@pytest.mark.parametrize("name", ["zero2_cpu_offload", "zero3_nvme", "bf16_warmup_cosine", "one_cycle_sgd",
+                                  "lr_range_test"])
+def test_a_realistic_config_comes_back_out_unchanged(name: str, tmp_path: Path) -> None:
+    original = realistic_configs(tmp_path)[name]
+    panel = make_panel(config=copy.deepcopy(original))
+    assert panel.problems == (), panel.problems
+    assert panel.to_deepspeed() == original
+    assert run_dict(panel) == original, f"the copied line does not reproduce the config: {panel.flags}"
+    # Saved and loaded again: still the same, and the form shows the same values.
+    path = panel.save_json(tmp_path / "saved.json")
+    again = make_panel(config=str(path))
+    assert again.to_deepspeed() == original and again.values() == panel.values()
+    assert f"--config {path}" in again.flags and "--set" not in again.flags
+
+
+def test_editing_a_loaded_config_keeps_the_keys_the_form_does_not_show(tmp_path: Path) -> None:
+    original = realistic_configs(tmp_path)["bf16_warmup_cosine"]
+    path = tmp_path / "ds_config.json"
+    path.write_text(json.dumps(original))
+    panel = make_panel(config=str(path))
+    panel.set(zero=3, micro_batch=2)
+    ds = panel.to_deepspeed()
+    assert ds["zero_optimization"]["stage"] == 3 and ds["train_micro_batch_size_per_gpu"] == 2
+    assert ds["scheduler"] == original["scheduler"] and ds["optimizer"] == original["optimizer"]
+    assert f"--config {path}" in panel.flags and "--zero 3 --micro-batch 2" in panel.flags
+    assert run_dict(panel) == ds
+    # A new scheduler type replaces the old one's parameters instead of carrying unknown keys.
+    panel.set(scheduler="lr_range_test")
+    assert panel.problems == ()
+    assert set(panel.to_deepspeed()["scheduler"]["params"]) == {
+        "lr_range_test_min_lr", "lr_range_test_step_size", "lr_range_test_step_rate"}
+    assert any("WarmupCosineLR" in n for n in panel.notes)
+    assert "--config" not in panel.flags and run_dict(panel) == panel.to_deepspeed()
+
+
+def test_save_json_button_writes_the_valid_config(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    panel = make_panel()
+    panel.set(zero=2, offload_optimizer="cpu", **{"zero_optimization.offload_optimizer.pin_memory": True})
+    panel.set(micro_batch=0)  # the widget itself refuses it
+    assert panel.inputs["micro_batch"].value == 1
+    panel.set(micro_batch=8)
+    panel.set(lr=0.0)  # invalid: what is saved is the last valid config
+    button(panel, "Save JSON").click()
+    saved = json.loads((tmp_path / "ds_config.json").read_text())
+    assert saved == panel.to_deepspeed()
+    assert saved["zero_optimization"]["offload_optimizer"] == {"device": "cpu", "pin_memory": True}
+    assert saved["train_micro_batch_size_per_gpu"] == 8 and saved["optimizer"]["params"]["lr"] == 0.001
+
+
+def test_copy_button_shows_a_line_that_runs_the_same_config() -> None:
+    panel = make_panel()
+    panel.set(zero=3, offload_optimizer="cpu", precision="bf16", grad_clip=1.0, optimizer="sgd",
+              **{"optimizer.params.momentum": 0.9})
+    panel.set(scheduler="warmup", **{"scheduler.params.warmup_num_steps": 10})
+    button(panel, "Copy as %%bigtrain").click()
+    lines = [x.value for x in widgets_in(panel.widget) if isinstance(x, w.Textarea) and x.value]
+    assert lines and lines[0].startswith("%%bigtrain --nproc 2 --zero 3 --offload-optimizer cpu --precision bf16")
+    assert "--set optimizer.params.momentum=0.9" in lines[0]
+    assert run_dict(panel) == panel.to_deepspeed()
+    assert panel.to_deepspeed()["gradient_clipping"] == 1.0
+
+
+def test_text_repr_summarises_the_config_for_saved_notebooks() -> None:
+    panel = make_panel(model=1_300_000_000)
+    panel.set(zero=3, precision="bf16", scheduler="warmup_cosine", **{"scheduler.params.warmup_num_steps": 10})
+    bundle = panel._repr_mimebundle_()
+    text = bundle["text/plain"]
+    assert "application/vnd.jupyter.widget-view+json" in bundle
+    assert text.startswith("ConfigPanel: ZeRO-3, bf16, micro-batch 8 x grad-accum 1 x 2 processes = global batch 16")
+    assert "WarmupCosineLR over 100 steps" in text and "%%bigtrain --nproc 2 --zero 3" in text
+    assert "GiB on the device" in text
+
+
+def test_import_nbtrain_stays_light_and_config_panel_loads_on_use() -> None:
+    code = ("import sys, nbtrain; heavy = [m for m in ('ipywidgets', 'torch', 'deepspeed') if m in sys.modules]; "
+            "assert not heavy, heavy; nbtrain.ConfigPanel; assert 'ipywidgets' in sys.modules; print('ok')")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False)
+    assert out.stdout.strip() == "ok", out.stderr
