@@ -41,7 +41,7 @@ def estimate(ds: Mapping[str, Any], world_size: int) -> MemoryEstimate:
     optimizer_type = str(get_path(ds, "optimizer.type", "adamw")).lower()
     moments = 8 if optimizer_type in ("adam", "adamw", "lamb") else 4  # Adam: m and v in fp32
     # Mixed precision keeps an fp32 master copy of the weights with the optimizer state.
-    optimizer = moments + (4 if mixed else 0)
+    optimizer = float(moments + (4 if mixed else 0))
     params, grads = float(weight), float(weight)
     if stage >= 1:
         optimizer /= world_size
@@ -51,7 +51,9 @@ def estimate(ds: Mapping[str, Any], world_size: int) -> MemoryEstimate:
         params /= world_size
     host = 0.0
     if get_path(ds, "zero_optimization.offload_optimizer.device", "none") != "none":
-        host, optimizer = optimizer, 0.0
+        # ZeRO-Offload keeps only the parameters on the device: the gradients travel to the
+        # host, where the optimizer steps (Ren et al. 2021, section 4.1).
+        host, optimizer, grads = optimizer + grads, 0.0, 0.0
     if get_path(ds, "zero_optimization.offload_param.device", "none") != "none":
         host, params = host + params, 0.0
     return MemoryEstimate(params, grads, optimizer, host)

@@ -38,9 +38,23 @@ def count_gpus() -> int:
             pynvml.nvmlShutdown()
     except Exception:  # noqa: BLE001 - no driver, no library: no GPU, which is a normal state
         return 0
-    if visible:
-        count = min(count, len([v for v in visible.split(",") if v.strip()]))
+    if visible is not None:
+        count = _visible_count(visible, count)
     return count
+
+
+def _visible_count(visible: str, present: int) -> int:
+    """Return how many GPUs CUDA shows for CUDA_VISIBLE_DEVICES=`visible` on `present` GPUs.
+
+    Like CUDA: the list ends at its first invalid entry (an index that is not there).
+    """
+    count = 0
+    for entry in (part.strip() for part in visible.split(",")):
+        is_index = entry.lstrip("-").isdigit()
+        if not entry or (is_index and not 0 <= int(entry) < present):
+            break
+        count += 1
+    return min(count, present)
 
 
 def detect_machine() -> MachineFacts:

@@ -9,6 +9,7 @@ each and flushed, and readers skip a partial last line.
 from __future__ import annotations
 
 import json
+import math
 import os
 import secrets
 import tempfile
@@ -137,8 +138,14 @@ class RunDirectory:
         return run
 
     def write_status(self, **changes: Any) -> dict[str, Any]:
-        """Merge `changes` into status.json (atomically) and return the new status."""
+        """Merge `changes` into status.json (atomically) and return the new status.
+
+        A run that ended stays ended: a late `state` change (e.g. "running" written after a
+        quick failure) is dropped, the other fields are still merged.
+        """
         status = self.status()
+        if status.get("state") in FINAL_STATES and changes.get("state", status["state"]) != status["state"]:
+            changes = {k: v for k, v in changes.items() if k not in ("state", "reason", "ended", "failed_rank")}
         status.update(changes, format_version=FORMAT_VERSION, run_id=self.run_id)
         write_json_atomic(self.status_file, status)
         return status
@@ -193,11 +200,23 @@ class MetricWriter:
         self.rank = rank
 
     def write(self, step: int, **scalars: Any) -> None:
-        record = {"step": step, "rank": self.rank, "time": time.time(), **scalars}
+        record = {"step": step, "rank": self.rank, "time": time.time(),
+                  **{name: _json_scalar(value) for name, value in scalars.items()}}
         self._file.write(json.dumps(record, default=float) + "\n")
 
     def close(self) -> None:
         self._file.close()
+
+
+def _json_scalar(value: Any) -> Any:
+    """Return `value` as a JSON number; NaN and infinities become null (JSON has neither)."""
+    if value is None or isinstance(value, (bool, int, str)):
+        return value
+    try:
+        number = float(value)  # also 0-d tensors and numpy scalars
+    except (TypeError, ValueError):
+        return value
+    return number if math.isfinite(number) else None
 
 
 def list_runs(root: Path) -> Iterator[RunDirectory]:

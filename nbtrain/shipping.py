@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import ast
 import builtins
+import io
 import linecache
 import pickle
 import types
@@ -36,15 +37,37 @@ class Inputs:
 
 
 def names_used(cell: str) -> set[str]:
-    """Return the free names a cell reads (names it only assigns are not needed)."""
-    tree = ast.parse(cell)
+    """Return the free names a cell reads (names it assigns before reading them are not needed).
+
+    >>> sorted(names_used("model = make_model()\nfit(model, data)"))
+    ['data', 'fit', 'make_model']
+    """
     loaded: set[str] = set()
-    for node in ast.walk(tree):
-        if isinstance(node, ast.Name) and isinstance(node.ctx, ast.Load):
-            loaded.add(node.id)
-        elif isinstance(node, (ast.Global, ast.Nonlocal)):
-            loaded.update(node.names)
+    bound: set[str] = set()
+    for statement in ast.parse(cell).body:
+        for node in ast.walk(statement):
+            if isinstance(node, ast.Name) and isinstance(node.ctx, ast.Load) and node.id not in bound:
+                loaded.add(node.id)
+            elif isinstance(node, (ast.Global, ast.Nonlocal)):
+                loaded.update(node.names)
+        # Only top-level statements that always bind count: a name bound in an `if`, a
+        # loop or a `try` may still be read from the notebook.
+        bound |= _always_bound(statement)
     return loaded
+
+
+def _always_bound(statement: ast.stmt) -> set[str]:
+    if isinstance(statement, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+        return {statement.name}
+    if isinstance(statement, (ast.Import, ast.ImportFrom)):
+        return {(alias.asname or alias.name).split(".")[0] for alias in statement.names}
+    targets: list[ast.expr] = []
+    if isinstance(statement, ast.Assign):
+        targets = statement.targets
+    elif isinstance(statement, ast.AnnAssign) and statement.value is not None:
+        targets = [statement.target]
+    return {node.id for target in targets for node in ast.walk(target)
+            if isinstance(node, ast.Name) and isinstance(node.ctx, ast.Store)}
 
 
 def collect(cell: str, namespace: Mapping[str, Any], extra: Iterable[str] = ()) -> Inputs:
@@ -75,14 +98,12 @@ def _notebook_sources() -> dict[str, list[str]]:
 
 def dumps(inputs: Inputs) -> bytes:
     """Serialise `inputs`; a name that cannot be sent raises ShippingError naming it."""
-    import cloudpickle
-
     try:
-        return cloudpickle.dumps(inputs, protocol=pickle.HIGHEST_PROTOCOL)
+        return _by_value(inputs)
     except Exception as whole:  # noqa: BLE001 - find which name broke it, then say so
         for name, value in inputs.names.items():
             try:
-                cloudpickle.dumps(value, protocol=pickle.HIGHEST_PROTOCOL)
+                _by_value(value)
             except Exception as e:  # noqa: BLE001 - any pickling failure is the user's to see
                 raise ShippingError(
                     f"the cell uses {name!r} ({type(value).__name__}), which cannot be sent to the worker "
@@ -90,6 +111,33 @@ def dumps(inputs: Inputs) -> bytes:
                     "(or in a function the cell calls) instead of in an earlier cell."
                 ) from e
         raise ShippingError(f"the cell's inputs cannot be sent to the workers: {whole}") from whole
+
+
+def _by_value(value: Any) -> bytes:
+    """Return cloudpickle's bytes of `value`, code objects keeping their file names."""
+    import cloudpickle
+
+    class KeepFilenames(cloudpickle.Pickler):
+        # cloudpickle writes every function's file name as '<dynamic-code>', which would
+        # leave a worker's traceback through a notebook function without its lines.
+        def __init__(self, file: io.BytesIO):
+            super().__init__(file, protocol=pickle.HIGHEST_PROTOCOL)
+            self.copies: dict[int, types.CodeType] = {}  # held, so that their ids stay unique
+
+        def reducer_override(self, obj: Any) -> Any:
+            if isinstance(obj, types.CodeType) and id(obj) not in self.copies:
+                copy = obj.replace()
+                self.copies[id(copy)] = copy
+                return _with_filename, (copy, obj.co_filename)
+            return super().reducer_override(obj)
+
+    buffer = io.BytesIO()
+    KeepFilenames(buffer).dump(value)
+    return buffer.getvalue()
+
+
+def _with_filename(code: types.CodeType, filename: str) -> types.CodeType:
+    return code.replace(co_filename=filename)
 
 
 def install(inputs: Inputs) -> dict[str, Any]:
