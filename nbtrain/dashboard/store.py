@@ -15,7 +15,7 @@ from typing import Any
 
 from nbtrain.rundir import RunDirectory, read_json, read_records
 
-MAX_POINTS = 512  # per curve; older points are merged pairwise beyond this
+MAX_POINTS = 256  # per curve, about one per pixel of a chart; beyond it, points are merged pairwise
 SMOOTHING = 0.9  # weight of the running average of the loss, as TensorBoard's slider
 ETA_WINDOW = 20  # recent steps whose duration predicts the rest
 

@@ -52,6 +52,7 @@ class Dashboard:
         self._last_draw = 0.0
         self._elapsed = 0.0
         self._stopping = False
+        self._unseen = False  # records read but not drawn yet
         self._build()
 
     # -- the widgets -----------------------------------------------------------------------
@@ -96,13 +97,13 @@ class Dashboard:
         if self.metrics is None:
             return
         self._elapsed = float(getattr(progress, "elapsed_s", self._elapsed))
-        self.metrics.update()
+        self._unseen = self.metrics.update() or self._unseen
         if not self._stopping:
             self._set_status(str(self.metrics.run.status().get("state", "running")))
         self._set_progress()
         now = time.monotonic()
-        if now - self._last_draw >= self.redraw_every_s:
-            self._last_draw = now
+        if self._unseen and now - self._last_draw >= self.redraw_every_s:
+            self._last_draw, self._unseen = now, False
             self._draw()
 
     def poll_ui(self) -> None:
