@@ -69,7 +69,9 @@ def dummy_optimizer(ds: Mapping[str, Any]) -> Any:
 def _quiet_deepspeed() -> Iterator[None]:
     # The schedulers warn "before it has started" when asked for the initial LR, which is
     # exactly what a step-1 preview asks; the warning would only confuse the notebook.
-    logger = logging.getLogger("DeepSpeed")
+    # Import first: DeepSpeed sets its logger's level when it creates it.
+    from deepspeed.utils import logger
+
     level = logger.level
     logger.setLevel(logging.ERROR)
     try:
@@ -95,9 +97,9 @@ def lr_curve(ds: Mapping[str, Any], total_steps: int, points: int = MAX_POINTS) 
     if kind is None:
         lr = float(get_path(ds, "optimizer.params.lr", DEFAULT_LR))
         return LrCurve(tuple(steps), tuple(lr for _ in steps), "constant")
-    with _quiet_deepspeed():
-        from deepspeed.runtime import lr_schedules
+    from deepspeed.runtime import lr_schedules
 
+    with _quiet_deepspeed():
         optimizer = dummy_optimizer(ds)
         params = dict(get_path(ds, "scheduler.params", {}) or {})
         try:

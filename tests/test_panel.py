@@ -439,3 +439,65 @@ def test_import_nbtrain_stays_light_and_config_panel_loads_on_use() -> None:
             "assert not heavy, heavy; nbtrain.ConfigPanel; assert 'ipywidgets' in sys.modules; print('ok')")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False)
     assert out.stdout.strip() == "ok", out.stderr
+
+
+# -- through a real kernel --------------------------------------------------------------------
+
+PANEL_CELL = """
+import json, nbtrain
+panel = nbtrain.ConfigPanel(model=make_model(), steps=5)
+panel.set(zero=2, offload_optimizer="cpu", micro_batch=4, grad_accum=2, grad_clip=1.0, lr=0.01,
+          scheduler="warmup_decay")
+panel.set(**{"scheduler.params.warmup_num_steps": 3, "scheduler.params.warmup_type": "linear",
+             "zero_optimization.reduce_bucket_size": 1000000})
+assert not panel.problems, panel.problems
+print(json.dumps({"deepspeed": panel.to_deepspeed(), "lrs": list(panel.lr_curve.lrs)}))
+"""
+
+
+def leaves(tree: dict, prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in tree.items():
+        out.update(leaves(value, f"{prefix}{key}.") if isinstance(value, dict) else {prefix + key: value})
+    return out
+
+
+@pytest.mark.integration
+def test_bigtrain_runs_the_panels_settings(kernel: Any, tmp_path: Path) -> None:
+    from tests.conftest import only_run
+    from tests.test_magic import FIT_CELL
+
+    printed = kernel.execute(PANEL_CELL).text
+    assert "Attempting to get learning rate" not in printed, "the preview leaks DeepSpeed's warning"
+    panel = json.loads(printed.strip().splitlines()[-1])
+    out = kernel.execute(f"%%bigtrain --config panel --nproc 2 --steps 5\n{FIT_CELL}")
+    assert "succeeded" in out.value(), out.text
+    run = only_run(tmp_path)
+    effective = json.loads((run / "deepspeed.effective.json").read_text())
+    used = leaves(effective["config"])
+    for key, value in leaves(panel["deepspeed"]).items():
+        assert used.get(key) == value, f"the run used {key} = {used.get(key)!r}, the panel said {value!r}"
+    engine = effective["engine"]
+    assert (engine["zero_stage"], engine["train_batch_size"], engine["max_steps"]) == (2, 4 * 2 * 2, 5)
+    records = [json.loads(line) for line in (run / "metrics" / "rank-0.jsonl").read_text().splitlines()]
+    lrs = [r["lr"] for r in sorted(records, key=lambda r: r["step"]) if "lr" in r]
+    assert lrs == pytest.approx(panel["lrs"], rel=1e-9), "the preview is not the LR the run used"
+
+
+@pytest.mark.integration
+def test_a_saved_notebook_shows_the_panels_summary_without_widgets(tmp_path: Path) -> None:
+    import nbformat
+    from nbclient import NotebookClient
+
+    source = "import nbtrain\npanel = nbtrain.ConfigPanel(steps=50)\npanel.set(zero=3, precision='bf16')\npanel"
+    notebook = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell(source)])
+    NotebookClient(notebook, timeout=120, kernel_name="python3",
+                   resources={"metadata": {"path": str(tmp_path)}}).execute()
+    path = tmp_path / "panel.ipynb"
+    nbformat.write(notebook, path)
+    saved = nbformat.read(path, as_version=4)
+    data = saved.cells[0].outputs[-1]["data"]
+    assert "application/vnd.jupyter.widget-view+json" in data
+    text = data["text/plain"]
+    assert text.startswith("ConfigPanel: ZeRO-3, bf16, micro-batch 8"), f"a saved notebook would show {text!r}"
+    assert "%%bigtrain --nproc 2 --zero 3 --precision bf16" in text and "bytes/parameter" in text
