@@ -45,7 +45,9 @@ class Execution:
 
     @property
     def error(self) -> Message | None:
-        return next((m for m in self.messages if m.kind == "error"), None)
+        """The cell's error (a UsageError arrives as stderr text starting with 'UsageError')."""
+        return next((m for m in self.messages if m.kind == "error"
+                     or (m.kind == "stream" and m.text.startswith("UsageError"))), None)
 
     def value(self) -> str:
         found = [m for m in self.messages if m.kind == "execute_result"]
@@ -90,7 +92,11 @@ class Kernel:
                 break
             if kind in ("stream", "display_data", "update_display_data", "execute_result", "error"):
                 run.messages.append(Message(time.time(), kind, msg["content"]))
-        if run.error is not None:
+        reply = self.client.get_shell_msg(timeout=30)
+        while reply["parent_header"].get("msg_id") != msg_id:
+            reply = self.client.get_shell_msg(timeout=30)
+        # A UsageError is shown as stderr text, not as an error message: the reply tells.
+        if run.error is not None or reply["content"]["status"] != "ok":
             run.status = "error"
             if not allow_error:
                 raise AssertionError(f"cell failed:\n{run.text}")
