@@ -14,13 +14,13 @@ from IPython.display import DisplayHandle, display
 
 from nbtrain.arguments import build_parser, parse_line
 from nbtrain.config import DEFAULT_RUN_ROOT
-from nbtrain.dashboard import Dashboard
+from nbtrain.dashboard.widget import Dashboard
 from nbtrain.errors import ConfigError, ShippingError
 from nbtrain.machine import detect_machine
 from nbtrain.plan import RunPlan, load_base, plan_run
 from nbtrain.result import RunResult
-from nbtrain.rundir import RunDirectory, list_runs
 from nbtrain.run import Progress, start_run
+from nbtrain.rundir import RunDirectory, list_runs
 
 PROGRESS_EVERY_S = 0.5
 
@@ -36,7 +36,7 @@ class NotebookSink:
         self._handle: DisplayHandle | None = None
         self._last = 0.0
 
-    def started(self, run: RunDirectory, plan: RunPlan) -> None:
+    def started(self, run: RunDirectory, plan: RunPlan, stop: Any = None) -> None:
         for notice in plan.notices:
             print(f"bigtrain: {notice}")
         print(f"bigtrain: run {run.run_id}: {plan.nproc} processes, run directory {run.path}", flush=True)
@@ -93,17 +93,22 @@ class BigTrainMagics(Magics):
             print(plan.describe())
             return None
         try:
-            return start_run(plan, cell, self.shell.user_ns, NotebookSink() if cfg.no_plot else Dashboard())
+            sink = NotebookSink() if cfg.no_plot else Dashboard()
+            return start_run(plan, cell, self._user_namespace(), sink)
         except ShippingError as e:
             raise UsageError(str(e)) from None
 
     bigtrain.__doc__ = _help()
 
+    def _user_namespace(self) -> dict[str, Any]:
+        assert self.shell is not None, "the magic runs inside an IPython shell"
+        return self.shell.user_ns  # type: ignore[no-any-return]
+
     def _config_source(self, name: str | None) -> Mapping[str, Any] | None:
         """Resolve `--config`: a dict or ConfigPanel variable of the notebook, else a JSON file."""
         if name is None:
             return None
-        value = self.shell.user_ns.get(name) if name.isidentifier() else None
+        value = self._user_namespace().get(name) if name.isidentifier() else None
         if value is None:
             return load_base(name)
         if hasattr(value, "to_deepspeed"):

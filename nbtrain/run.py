@@ -14,8 +14,9 @@ import os
 import pickle
 import signal
 import sys
+import threading
 import time
-from collections.abc import MutableMapping
+from collections.abc import Callable, MutableMapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -73,7 +74,7 @@ def _clock(seconds: float) -> str:
 class ProgressSink(Protocol):
     """Receives what a run shows while it goes (the magic shows it in the cell output)."""
 
-    def started(self, run: RunDirectory, plan: RunPlan) -> None: ...
+    def started(self, run: RunDirectory, plan: RunPlan, stop: Callable[[], None]) -> None: ...
     def output(self, text: str) -> None: ...
     def progress(self, progress: Progress) -> None: ...
     def finished(self, result: RunResult) -> None: ...
@@ -85,7 +86,7 @@ class PrintSink:
     def __init__(self, every_s: float = 5.0):
         self.every_s, self._last = every_s, 0.0
 
-    def started(self, run: RunDirectory, plan: RunPlan) -> None:
+    def started(self, run: RunDirectory, plan: RunPlan, stop: Callable[[], None]) -> None:
         print(f"bigtrain: run {run.run_id} on {plan.nproc} processes ({run.path})", flush=True)
 
     def output(self, text: str) -> None:
@@ -156,45 +157,126 @@ def create_run_directory(plan: RunPlan, cell: str, inputs: bytes) -> RunDirector
     return run
 
 
-def start_run(plan: RunPlan, cell: str, namespace: MutableMapping[str, Any], sink: ProgressSink) -> RunResult:
-    """Run `cell` as planned on fresh workers; bind `--out` names in `namespace` on success.
+class ActiveRun:
+    """A launched run and its supervision: the same code for foreground and background."""
 
-    Raises RunFailed when a rank fails (every worker is stopped first) and
-    KeyboardInterrupt, after stopping every worker, when the kernel is interrupted.
-    """
+    def __init__(self, plan: RunPlan, run: RunDirectory, group: WorkerGroup, sink: ProgressSink, started: float):
+        self.plan, self.run, self.group, self.sink, self.started = plan, run, group, sink, started
+        self.timings = {"launch_s": time.time() - started}
+        self.watcher = _RunWatcher(run, started)
+        self.stop_requested = threading.Event()
+        self.outcome: tuple[str, str, int | None] | None = None
+
+    def request_stop(self) -> None:
+        """Ask the supervisor to stop the run (the dashboard's Stop button calls this)."""
+        self.stop_requested.set()
+
+    def supervise(self) -> tuple[str, str, int | None]:
+        """Relay output and progress until the run ends; stop every worker however it ends."""
+        try:
+            state, reason, failed_rank = _supervise(self)
+        except KeyboardInterrupt:
+            stop_s = self.group.stop()
+            self.run.finish("stopped", f"interrupted from the notebook; workers stopped in {stop_s:.1f} s",
+                            timings=_timings(self.timings, self.watcher, self.started))
+            raise
+        finally:
+            self.group.stop()
+            self.group.close()
+        self.outcome = (state, reason, failed_rank)
+        self.run.finish(state, reason, failed_rank=failed_rank,
+                        timings=_timings(self.timings, self.watcher, self.started))
+        _relay(self.watcher, self.sink)
+        return self.outcome
+
+    def result(self, namespace: MutableMapping[str, Any]) -> RunResult:
+        """Bind `--out` values (after success) and return the result; raise RunFailed otherwise."""
+        assert self.outcome is not None, "the run has not ended"
+        state, _, failed_rank = self.outcome
+        bound: tuple[str, ...] = ()
+        if state == "succeeded":
+            bound, out_problem = _bind_outputs(self.run, self.plan.config.out, namespace)
+            if out_problem:
+                self.run.write_status(reason=out_problem)
+        result = RunResult(self.run.path, outputs=bound, notices=self.plan.notices)
+        self.sink.finished(result)
+        if state != "succeeded":
+            raise RunFailed.from_run(result, failed_rank)
+        if self.plan.config.out and not bound:
+            raise RunFailed(f"the run succeeded but nothing was bound: {self.run.status()['reason']}")
+        return result
+
+
+def launch(plan: RunPlan, cell: str, namespace: MutableMapping[str, Any], sink: ProgressSink) -> ActiveRun:
+    """Write the run directory and start the workers of `cell`."""
     started = time.time()
     inputs = shipping.dumps(shipping.collect(cell, namespace))
     run = create_run_directory(plan, cell, inputs)
-    sink.started(run, plan)
     group = launch_workers(run, plan.nproc)
     run.write_status(state="running", started=started, pids=group.pids, port=group.port)
-    timings = {"launch_s": time.time() - started}
-    watcher = _RunWatcher(run, started)
-    try:
-        state, reason, failed_rank = _supervise(group, watcher, sink)
-    except KeyboardInterrupt:
-        stop_s = group.stop()
-        run.finish("stopped", f"interrupted from the notebook; workers stopped in {stop_s:.1f} s",
-                   timings=_timings(timings, watcher, started))
-        raise
-    finally:
-        group.stop()
-        group.close()
-    timings = _timings(timings, watcher, started)
-    bound: tuple[str, ...] = ()
-    if state == "succeeded":
-        bound, out_problem = _bind_outputs(run, plan.config.out, namespace)
-        run.finish(state, out_problem or "", timings=timings)
-    else:
-        run.finish(state, reason, failed_rank=failed_rank, timings=timings)
-    result = RunResult(run.path, outputs=bound, notices=plan.notices)
-    _relay(watcher, sink)
-    sink.finished(result)
-    if state != "succeeded":
-        raise RunFailed.from_run(result, failed_rank)
-    if plan.config.out and not bound:
-        raise RunFailed(f"the run succeeded but nothing was bound: {run.status()['reason']}")
-    return result
+    active = ActiveRun(plan, run, group, sink, started)
+    sink.started(run, plan, active.request_stop)
+    return active
+
+
+def start_run(plan: RunPlan, cell: str, namespace: MutableMapping[str, Any], sink: ProgressSink) -> RunResult:
+    """Run `cell` as planned on fresh workers; bind `--out` names in `namespace` on success.
+
+    With `--background` it returns a RunHandle at once; the run is supervised by a thread.
+    Raises RunFailed when a rank fails (every worker is stopped first) and
+    KeyboardInterrupt, after stopping every worker, when the kernel is interrupted.
+    """
+    active = launch(plan, cell, namespace, sink)
+    if plan.config.background:
+        return RunHandle(active, namespace)
+    active.supervise()
+    return active.result(namespace)
+
+
+class RunHandle(RunResult):
+    """A background run: its RunResult, plus `wait()` and `stop()`.
+
+    >>> handle = _                                  # doctest: +SKIP
+    >>> handle.status, len(handle.metrics)          # doctest: +SKIP
+    >>> handle.wait()                               # doctest: +SKIP
+    """
+
+    def __init__(self, active: ActiveRun, namespace: MutableMapping[str, Any]):
+        super().__init__(active.run.path, notices=active.plan.notices)
+        self._active, self._namespace = active, namespace
+        self._final: RunResult | None = None
+        self._thread = threading.Thread(target=self._watch, name=f"bigtrain-{active.run.run_id}", daemon=True)
+        self._thread.start()
+
+    def _watch(self) -> None:
+        try:
+            self._active.supervise()
+        except BaseException as e:  # noqa: BLE001 - the run directory says what happened
+            self._active.run.finish("failed", f"nbtrain's supervisor failed: {e!r}")
+            self._active.outcome = ("failed", repr(e), None)
+
+    @property
+    def running(self) -> bool:
+        return self._thread.is_alive()
+
+    def stop(self, timeout: float | None = 60) -> None:
+        """Stop the run: every worker ends, the status becomes 'stopped', metrics are kept."""
+        self._active.request_stop()
+        self._thread.join(timeout)
+
+    def wait(self, timeout: float | None = None) -> RunResult:
+        """Block until the run ends; bind `--out` values; raise RunFailed if it failed."""
+        self._thread.join(timeout)
+        if self._thread.is_alive():
+            raise TimeoutError(f"run {self.run_id} still running after {timeout} s")
+        if self._final is None:
+            self._final = self._active.result(self._namespace)
+            self.outputs = self._final.outputs
+        return self._final
+
+    def summary(self) -> str:
+        text = super().summary()
+        return text + ("\n  running in the background: .wait(), .stop(), .metrics" if self.running else "")
 
 
 def _timings(timings: dict[str, float], watcher: _RunWatcher, started: float) -> dict[str, float]:
@@ -212,10 +294,17 @@ def _relay(watcher: _RunWatcher, sink: ProgressSink) -> None:
     sink.progress(watcher.new_progress())
 
 
-def _supervise(group: WorkerGroup, watcher: _RunWatcher, sink: ProgressSink) -> tuple[str, str, int | None]:
-    """Relay output and progress until every rank succeeded or one failed."""
+def _supervise(active: ActiveRun) -> tuple[str, str, int | None]:
+    """Relay output and progress until every rank succeeded, one failed, or a stop was asked."""
+    group, watcher, sink = active.group, active.watcher, active.sink
+    poll_ui = getattr(sink, "poll_ui", None) if threading.current_thread() is threading.main_thread() else None
     while True:
         _relay(watcher, sink)
+        if poll_ui is not None:
+            poll_ui()  # a Stop click reaches us only if the busy kernel is asked to look
+        if active.stop_requested.is_set():
+            stop_s = group.stop()
+            return "stopped", f"stopped from the notebook; workers stopped in {stop_s:.1f} s", None
         codes = group.exit_codes()
         if all(code == 0 for code in codes):
             return "succeeded", "", None

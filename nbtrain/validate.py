@@ -22,7 +22,6 @@ from nbtrain.render import FROM_DATALOADER, WARMUP_SCHEDULERS, get_path
 
 # Flags that parse and show in --dry-run but whose effect is not built yet.
 NOT_AVAILABLE_YET = {
-    "background": "background runs",
     "checkpoint_every": "checkpoints",
     "resume": "resuming a run",
     "qat": "quantization-aware training",

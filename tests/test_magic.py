@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import losses, only_run, status_of, wait_until_gone, worker_processes
+from tests.conftest import losses, only_run, status_of
 from tests.kernel import Kernel
 
 pytestmark = pytest.mark.integration

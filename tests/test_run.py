@@ -71,14 +71,15 @@ def test_interrupting_the_kernel_stops_every_worker(kernel: Kernel, tmp_path: Pa
     assert "[succeeded]" not in out.text
 
 
-def test_workers_end_themselves_when_the_kernel_is_killed(tmp_path: Path) -> None:
+@pytest.mark.parametrize("mode", ["", "--background"])
+def test_workers_end_themselves_when_the_kernel_is_killed(tmp_path: Path, mode: str) -> None:
     from tests.conftest import NOTEBOOK_SETUP
 
     kernel = Kernel(tmp_path)
     try:
         kernel.execute("%load_ext nbtrain")
         kernel.execute(NOTEBOOK_SETUP)
-        kernel.client.execute("%%bigtrain --nproc 2 --steps 100000 --micro-batch 4\n"
+        kernel.client.execute(f"%%bigtrain --nproc 2 --steps 100000 --micro-batch 4 {mode}\n"
                               "bigtrain.fit(make_model(), ToyData(), loss_fn=loss_fn)")
         deadline = time.time() + 120
         while not any((tmp_path / "bigtrain-runs").glob("*/metrics/rank-0.jsonl")):
@@ -112,3 +113,32 @@ def test_many_runs_in_one_kernel_leave_nothing_behind(kernel: Kernel, tmp_path: 
     assert after_four == after_one, f"children/threads/fds after 1 run {after_one}, after 4 runs {after_four}"
     assert after_one[0] == 0, "a worker is still a child of the kernel"
     assert len(list((tmp_path / "bigtrain-runs").iterdir())) == 4
+
+
+def test_a_background_run_returns_at_once_and_keeps_the_kernel_usable(kernel: Kernel, tmp_path: Path) -> None:
+    started = kernel.execute("%%bigtrain --nproc 2 --steps 1500 --micro-batch 4 --background --out final\n"
+                             "r = bigtrain.fit(make_model(), ToyData(), loss_fn=loss_fn)\nfinal = r.final_loss\n"
+                             "handle = None")
+    assert "running in the background" in started.value(), started.text
+    kernel.execute("handle = _")
+    assert worker_processes(str(tmp_path)), "the workers should still be training"
+    # The kernel answers while the run trains, and the metrics grow.
+    grown = kernel.execute("import time\nwhile handle.metrics.empty: time.sleep(0.1)\n"
+                           "n0 = len(handle.metrics)\ntime.sleep(1)\nprint(handle.status, len(handle.metrics) > n0)")
+    assert grown.text.strip() == "running True", grown.text
+    kernel.execute("result = handle.wait()")
+    assert kernel.execute("print(result.status, round(final, 4) == round(result.metrics['loss'].dropna().iloc[-1], 4))"
+                          ).text.strip() == "succeeded True"
+    assert not worker_processes(str(tmp_path))
+
+
+def test_stopping_a_background_run_keeps_its_metrics(kernel: Kernel, tmp_path: Path) -> None:
+    kernel.execute("%%bigtrain --nproc 2 --steps 100000 --micro-batch 4 --background\n"
+                   "bigtrain.fit(make_model(), ToyData(), loss_fn=loss_fn)")
+    kernel.execute("handle = _\nimport time\nwhile len(handle.metrics) < 5: time.sleep(0.2)\nhandle.stop()")
+    status = status_of(only_run(tmp_path))
+    assert status["state"] == "stopped" and "stopped from the notebook" in status["reason"], status
+    assert not worker_processes(str(tmp_path))
+    assert kernel.execute("print(len(handle.metrics) >= 5)").text.strip() == "True"
+    failed = kernel.execute("handle.wait()", allow_error=True)
+    assert failed.error is not None and "stopped" in failed.error.text

@@ -135,7 +135,6 @@ BAD_INPUT: dict[str, Bad] = {
     "--name with a space": Bad("--name 'my run'", "--name", "letters, digits"),
     "unclosed quote": Bad("--name 'my run", "%%bigtrain", "close the quote"),
     # -- flags that parse but whose feature comes later ----------------------------------
-    "--background": Bad("--background", "--background", NOT_YET),
     "--resume": Bad("--resume", "--resume", NOT_YET),
     "--resume RUN": Bad("--resume 20261125-083705-gpt2-c302", "--resume", NOT_YET),
     "--qat int8": Bad("--qat int8", "--qat", NOT_YET),

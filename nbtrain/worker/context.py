@@ -102,13 +102,13 @@ class BigTrain:
 
     # -- internals -------------------------------------------------------------------------
     def _plan_length(self, data: Any) -> tuple[int, int, int, int]:
-        micro = self.config.get("train_micro_batch_size_per_gpu")
+        micro: Any = self.config.get("train_micro_batch_size_per_gpu")
         if micro == FROM_DATALOADER:
             micro = getattr(data, "batch_size", None) or defaults.DEFAULT_MICRO_BATCH
         elif isinstance(data, torch.utils.data.DataLoader) and data.batch_size not in (None, micro):
             raise ValueError(f"the DataLoader's batch_size is {data.batch_size} but the micro-batch is {micro} "
                              "(--micro-batch or the config file); drop one of them")
-        grad_accum = int(self.config.get("gradient_accumulation_steps", 1))
+        grad_accum = int(self.config.get("gradient_accumulation_steps") or 1)
         per_epoch = batches_per_epoch(data, micro, self.world_size)
         if self._cfg.steps is not None:
             total = self._cfg.steps

@@ -79,8 +79,9 @@ def main(run_path: Path, rank: int) -> int:
 
     watch_kernel(int(os.environ[ALIVE_FD_ENV]), run_path, rank)
 
-    import cloudpickle
     import linecache
+
+    import cloudpickle
 
     from nbtrain import shipping
     from nbtrain.rundir import RunDirectory, read_json, write_json_atomic
@@ -133,8 +134,8 @@ def main(run_path: Path, rank: int) -> int:
     _teardown(bt)
     # Skip interpreter finalisation: C++ threads of the comm backends abort the process
     # ("terminate called without an active exception") when destroyed at exit.
-    sys.stdout.flush()
-    sys.stderr.flush()
+    sys.__stdout__.flush()  # type: ignore[union-attr]
+    sys.__stderr__.flush()  # type: ignore[union-attr]
     os._exit(0)
 
 

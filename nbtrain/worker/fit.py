@@ -139,8 +139,9 @@ def load_into(bt: BigTrain, model: torch.nn.Module, state_dict: dict[str, torch.
     """Return the pre-training copy of `model` holding `state_dict` (a plain CPU module)."""
     skeleton = bt._skeletons[id(model)]
     skeleton.load_state_dict(state_dict or {}, strict=False, assign=True)
-    if hasattr(skeleton, "tie_weights"):
-        skeleton.tie_weights()
+    tie_weights = getattr(skeleton, "tie_weights", None)  # transformers models share embeddings
+    if callable(tie_weights):
+        tie_weights()
     return skeleton
 
 
