@@ -100,6 +100,7 @@ def worker_environment(rank: int, nproc: int, port: int, alive_fd: int, threads:
         GROUP_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
         ACCELERATE_USE_DEEPSPEED="true", PYTHONUNBUFFERED="1",
         PYTHONPATH=os.pathsep.join(dict.fromkeys(paths)),
+        NBTRAIN_LAUNCHED_AT=repr(time.time()),
         **{ALIVE_FD_ENV: str(alive_fd)},
     )
     env.setdefault("OMP_NUM_THREADS", str(threads))

@@ -28,7 +28,8 @@ class BigTrain:
     ...     bigtrain.log(loss=loss.item())
     """
 
-    def __init__(self, run: RunDirectory, cfg: TrainConfig, deepspeed_config: dict[str, Any]):
+    def __init__(self, run: RunDirectory, cfg: TrainConfig, deepspeed_config: dict[str, Any],
+                 timeline: dict[str, float] | None = None):
         self.rank = int(os.environ["RANK"])
         self.world_size = int(os.environ["WORLD_SIZE"])
         self.local_rank = int(os.environ.get("LOCAL_RANK", self.rank))
@@ -46,6 +47,8 @@ class BigTrain:
         self._last_step_time = 0.0
         self.samples_per_step = 0
         self.tokens_in_step = 0
+        # When each start-up phase ended (unix s); rank 0 writes it at its first step.
+        self.timeline: dict[str, float] = timeline if timeline is not None else {}
 
     # -- the cell's API ------------------------------------------------------------------
     def prepare(self, model: torch.nn.Module, data: Any,
@@ -60,8 +63,10 @@ class BigTrain:
         micro_batch, grad_accum, total_steps, per_epoch = self._plan_length(data)
         self.config = finalize(self.config, micro_batch=micro_batch, total_steps=total_steps)
         self.max_steps = total_steps
+        self.timeline["prepare_called"] = time.time()
         self._skeletons[id(model)] = meta_copy(model)
         self.engine = self._build_engine(model, grad_accum)
+        self.timeline["engine_built"] = time.time()
         self._prepared_model = model
         self.samples_per_step = micro_batch * grad_accum * self.world_size
         if self.is_main:
@@ -133,6 +138,7 @@ class BigTrain:
             plugin.deepspeed_config["steps_per_print"] = self.config["steps_per_print"]
         self.accelerator = Accelerator(deepspeed_plugin=plugin, gradient_accumulation_steps=grad_accum,
                                        kwargs_handlers=[InitProcessGroupKwargs(backend=backend)])
+        self.timeline["accelerator_ready"] = time.time()
         optimizer = DummyOptim(model.parameters())
         if "scheduler" in self.config:
             scheduler = DummyScheduler(optimizer, total_num_steps=self.max_steps)
@@ -173,6 +179,9 @@ class BigTrain:
                     record["tokens_per_s"] = self.tokens_in_step * self.world_size / max(seconds, 1e-9)
                     self.tokens_in_step = 0
                 self._metrics.write(int(engine.global_steps), **record)
+                if "first_step" not in self.timeline:
+                    self.timeline["first_step"] = now
+                    write_json_atomic(self._run.path / "logs" / "rank-0.timeline.json", self.timeline)
             return result
 
         engine.step = step

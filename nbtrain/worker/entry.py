@@ -77,6 +77,7 @@ def error_report(exc: BaseException, rank: int, cell_source: str) -> dict[str, A
 def main(run_path: Path, rank: int) -> int:
     from nbtrain.launcher import ALIVE_FD_ENV
 
+    timeline = {"launched": float(os.environ.get("NBTRAIN_LAUNCHED_AT", "nan")), "python_started": time.time()}
     watch_kernel(int(os.environ[ALIVE_FD_ENV]), run_path, rank)
 
     import linecache
@@ -105,8 +106,9 @@ def main(run_path: Path, rank: int) -> int:
         from nbtrain.config import TrainConfig
         from nbtrain.worker.context import BigTrain
 
+        timeline["imports_done"] = time.time()
         cfg = TrainConfig(**_tupled(info["config"]))
-        bt = BigTrain(run, cfg, read_json(run.deepspeed_file))
+        bt = BigTrain(run, cfg, read_json(run.deepspeed_file), timeline)
         with open(run.inputs_file, "rb") as f:
             inputs = pickle.load(f)
         namespace = shipping.install(inputs)
@@ -114,6 +116,7 @@ def main(run_path: Path, rank: int) -> int:
         set_seed(bt.seed)
         code = compile(cell, CELL_FILENAME, "exec")
         sys.stdout = _Tee(sys.__stdout__, user_stream)  # type: ignore[assignment]
+        timeline["cell_started"] = time.time()
         try:
             exec(code, namespace)
         finally:

@@ -1,0 +1,42 @@
+"""The benchmark's workload: a small GPT-2 (random init) learning generated token data.
+
+Imported by the plain DeepSpeed script and executed in the kernel before the %%bigtrain
+cell, so that both sides build exactly the same model and data.
+"""
+
+import torch
+
+SEQ_LEN = 64
+VOCAB = 256
+SAMPLES = 2048
+
+
+class TokenData(torch.utils.data.Dataset):
+    """Sequences from a fixed random bigram chain, so that there is something to learn."""
+
+    def __init__(self, n: int = SAMPLES, seed: int = 1):
+        g = torch.Generator().manual_seed(seed)
+        table = torch.randint(0, VOCAB, (VOCAB, 4), generator=g)
+        start = torch.randint(0, VOCAB, (n,), generator=g)
+        choice = torch.randint(0, 4, (n, SEQ_LEN), generator=g)
+        ids = torch.empty(n, SEQ_LEN, dtype=torch.long)
+        ids[:, 0] = start
+        for t in range(1, SEQ_LEN):
+            ids[:, t] = table[ids[:, t - 1], choice[:, t]]
+        self.ids = ids
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def __getitem__(self, i: int) -> dict:
+        return {"input_ids": self.ids[i], "labels": self.ids[i]}
+
+
+def make_model() -> torch.nn.Module:
+    """Return a 2-layer GPT-2 (about 0.5M parameters), randomly initialised."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    # No dropout: both sides must compute the same losses, whatever RNG draws they make.
+    config = GPT2Config(vocab_size=VOCAB, n_positions=SEQ_LEN, n_embd=128, n_layer=2, n_head=4,
+                        resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+    return GPT2LMHeadModel(config)
