@@ -13,7 +13,6 @@ import time
 import deepspeed
 import torch
 import torch.distributed as dist
-
 from workload import TokenData, make_model  # noqa: I001 - benchmarks/ is on sys.path
 
 
