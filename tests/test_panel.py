@@ -123,6 +123,7 @@ def test_quantization_is_offered_but_unavailable_without_cuda() -> None:
     panel = make_panel()
     panel.set(zero=3)
     for name in ("qwz", "qgz"):
+        assert visible(panel, name), f"{name} must be offered"
         assert panel.inputs[name].parts[0].disabled, f"{name} must be unavailable without CUDA"
         assert "no GPU" in panel.inputs[name].message.value
     assert panel.inputs["qat"].parts[0].disabled and "not available yet" in panel.inputs["qat"].message.value
@@ -230,10 +231,13 @@ def test_memory_of_a_model_counts_its_parameters() -> None:
     model = torch.nn.Sequential(torch.nn.Linear(1000, 1000), torch.nn.Linear(1000, 10))
     count = sum(p.numel() for p in model.parameters())
     panel = make_panel(model=model)
-    assert f"{count:,} parameters" in panel._memory.value
+    assert f"{count:,} parameters" in panel._memory.value and "on device (MiB)" in panel._memory.value
     device, host = memory_cells(panel)["total"]
-    assert device == pytest.approx(16 * count / GIB, abs=1e-3) and host == 0.0
-    assert "GiB on the device" in panel.summary()
+    assert device == pytest.approx(16 * count / 2**20, abs=1e-3) and host == 0.0
+    assert "MiB on the device" in panel.summary()
+    big = make_panel(model=1_300_000_000)
+    assert memory_cells(big)["total"][0] == pytest.approx(16 * 1.3e9 / GIB, abs=1e-3)
+    assert "on device (GiB)" in big._memory.value
 
 
 # -- LR schedule preview --------------------------------------------------------------------

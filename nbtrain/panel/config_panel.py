@@ -46,6 +46,9 @@ _WHERE = {
     "zero_optimization.zero_quantized_gradients": "qgz", "zero_optimization.zero_hpz_partition_size": "hpz",
 }
 
+# Rows shown only where the other choices make them apply (fp16 loss scaling, Adam's betas, ...).
+OPTIONAL_ROWS = {f.name for f in all_fields() if f.name.startswith(("fp16.", "optimizer.params."))
+                 or f.name.endswith("pin_memory")}
 _FOLLOWS = {name: f"follows {source} (set it there)" for name, source in form.DERIVED.items()}
 
 
@@ -155,9 +158,9 @@ class ConfigPanel:
         self._line = w.Textarea(layout=w.Layout(width="100%", display="none"), rows=3)
         self._save_path = w.Text(value="ds_config.json", layout=w.Layout(width="14em"))
         self._save_status = w.HTML()
-        copy_button = w.Button(description="Copy as %%bigtrain", icon="copy")
+        copy_button = w.Button(description="Copy as %%bigtrain", icon="copy", layout=w.Layout(width="auto"))
         copy_button.on_click(lambda _: self._safely(self.copy_line))
-        save_button = w.Button(description="Save JSON", icon="save")
+        save_button = w.Button(description="Save JSON", icon="save", layout=w.Layout(width="auto"))
         save_button.on_click(lambda _: self._safely(self.save_json))
         sections = []
         for section in SECTIONS:
@@ -177,8 +180,8 @@ class ConfigPanel:
                           w.HBox([copy_button, save_button, self._save_path],
                                  layout=w.Layout(flex_flow="row wrap")),
                           self._line, self._save_status],
-                         layout=w.Layout(flex="1 1 22em", min_width="18em"))
-        form_box = w.VBox(sections, layout=w.Layout(flex="1 1 28em", min_width="18em"))
+                         layout=w.Layout(flex="1 1 22em", min_width="0"))
+        form_box = w.VBox(sections, layout=w.Layout(flex="1 1 28em", min_width="0"))
         self.widget = w.VBox([self._problems_box, self._notes_box,
                               w.Box([form_box, outputs], layout=w.Layout(flex_flow="row wrap"))])
 
@@ -246,7 +249,7 @@ class ConfigPanel:
         for name, item in self.inputs.items():
             if name.startswith("scheduler.params."):
                 item.show(name in current)
-            elif not item.field.is_flag and not name.startswith("zero_optimization.") or "pin_memory" in name:
+            elif name in OPTIONAL_ROWS:
                 item.show(name in active)
         self.inputs["nvme_path"].show("nvme" in (values["offload_optimizer"], values["offload_param"]))
 

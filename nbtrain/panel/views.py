@@ -41,13 +41,22 @@ def memory_rows(ds: Mapping[str, Any], nproc: int, param_count: int | None) -> l
     return [(name, device * scale, host * scale) for name, device, host in rows]
 
 
+def memory_unit(rows: list[tuple[str, float, float]], param_count: int | None) -> tuple[str, float]:
+    """Return the unit to show `rows` in and the factor from their GiB: MiB for small models."""
+    if not param_count:
+        return "bytes/parameter", 1.0
+    _, device, host = rows[-1]
+    return ("GiB", 1.0) if device + host >= 1 else ("MiB", 1024.0)
+
+
 def memory_html(ds: Mapping[str, Any], nproc: int, param_count: int | None) -> str:
     """Return the per-process memory table of model states (activations excluded)."""
-    unit = "GiB" if param_count else "bytes/parameter"
+    table_rows = memory_rows(ds, nproc, param_count)
+    unit, factor = memory_unit(table_rows, param_count)
     stage = get_path(ds, "zero_optimization.stage", 0)
     head = (f"{param_count:,} parameters" if param_count else "per parameter (pass model= for GiB)")
-    rows = "".join(f"<tr><td>{name}</td><td>{device:.3f}</td><td>{host:.3f}</td></tr>"
-                   for name, device, host in memory_rows(ds, nproc, param_count))
+    rows = "".join(f"<tr><td>{name}</td><td>{device * factor:.3f}</td><td>{host * factor:.3f}</td></tr>"
+                   for name, device, host in table_rows)
     table = (f"<b>Memory per process</b> — {head}; ZeRO-{stage}, {nproc} processes; activations not included"
              f"<table class='nbtrain-memory'><tr><th></th><th>on device ({unit})</th>"
              f"<th>host memory ({unit})</th></tr>{rows}</table>")
@@ -62,9 +71,11 @@ def memory_html(ds: Mapping[str, Any], nproc: int, param_count: int | None) -> s
 
 def memory_text(ds: Mapping[str, Any], nproc: int, param_count: int | None) -> str:
     """Return the memory estimate's total line as plain text."""
-    _, device, host = memory_rows(ds, nproc, param_count)[-1]
-    unit = "GiB" if param_count else "bytes/parameter"
-    return f"memory per process: {device:.3f} {unit} on the device, {host:.3f} {unit} in host memory"
+    rows = memory_rows(ds, nproc, param_count)
+    unit, factor = memory_unit(rows, param_count)
+    _, device, host = rows[-1]
+    return (f"memory per process: {device * factor:.3f} {unit} on the device, "
+            f"{host * factor:.3f} {unit} in host memory")
 
 
 def problems_html(problems: Sequence[Problem]) -> str:
