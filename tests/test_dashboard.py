@@ -26,7 +26,7 @@ from nbtrain.dashboard.svg import Line, line_chart
 from nbtrain.machine import MachineFacts
 from nbtrain.plan import plan_run
 from nbtrain.rundir import RunDirectory
-from tests.conftest import NOTEBOOK_SETUP, wait_until_gone
+from tests.conftest import NOTEBOOK_SETUP, losses, only_run, status_of, wait_until_gone, worker_processes
 from tests.kernel import Kernel
 
 FAKES = Path(__file__).parent / "fakes"
@@ -235,6 +235,23 @@ def test_widget_state_follows_the_run_directory(tmp_path: Path) -> None:
     assert dashboard.stop_button.disabled and "stopping" in dashboard.status.value
 
 
+def test_the_dashboard_turns_static_when_it_sees_the_run_end(tmp_path: Path,
+                                                             capsys: pytest.CaptureFixture[str]) -> None:
+    from nbtrain.dashboard import Dashboard
+
+    run = make_run(tmp_path, {"max_steps": 2})
+    dashboard = Dashboard(redraw_every_s=0.0)
+    dashboard.started(run, plan(), lambda: None)
+    append(run.metrics_file(0), *step_records(1, 2.0), *step_records(2, 1.0))
+    run.finish("succeeded", "", timings={"total_s": 61.0})
+    dashboard.progress(type("P", (), {"elapsed_s": 3.0})())  # a background run's last tick: no `finished` call
+    shown = capsys.readouterr().out  # outside a kernel, displays are printed as text
+    assert "<final curves of 20261125-083705-test-c302: succeeded>" in shown
+    assert "2 of 2" in shown and "1:01" in shown
+    dashboard.finished(None)  # type: ignore[arg-type]
+    assert "final curves" not in capsys.readouterr().out, "the end was shown twice"
+
+
 def test_without_a_stop_callback_the_button_is_disabled(tmp_path: Path) -> None:
     from nbtrain.dashboard import Dashboard
 
@@ -295,8 +312,8 @@ def png_of(messages: list[tuple[float, dict]]) -> bytes:
 
 
 def summary_of(messages: list[tuple[float, dict]]) -> dict[str, str]:
-    tables = [m["content"]["data"] for _, m in of_type(messages, "display_data")
-              if "<table>" in m["content"]["data"].get("text/html", "")]
+    tables = [m["content"]["data"] for _, m in messages if m["msg_type"] in ("display_data", "update_display_data")
+              and "<table>" in m["content"]["data"].get("text/html", "")]
     assert tables, "no summary table was left in the output"
     return tables[-1]
 
@@ -401,3 +418,83 @@ print("clicked" if clicked else "never clicked")
         if msg["parent_header"].get("msg_id") == second[0] and msg["msg_type"] == "stream":
             after.append(msg["content"]["text"])
     assert "second cell ran" in "".join(after), "a cell queued while the first one polled was lost"
+
+
+@pytest.mark.integration
+def test_the_stop_button_ends_the_run_while_the_cell_is_busy(kernel: Kernel, tmp_path: Path) -> None:
+    kernel.execute(SLOW_LOSS)
+    seen: dict[str, Any] = {"stop": None, "clicked_at_step": None}
+
+    def frontend(msg: dict[str, Any]) -> None:
+        content = msg["content"]
+        if msg["msg_type"] == "comm_open" and content["data"].get("state", {}).get("description") == "Stop":
+            seen["stop"] = content["comm_id"]
+        if msg["msg_type"] == "comm_msg" and seen["stop"] and seen["clicked_at_step"] is None:
+            shown = re.match(r"&nbsp;step ([1-9]\d*)", str(content["data"].get("state", {}).get("value", "")))
+            if shown:  # the user sees training steps, then clicks Stop
+                seen["clicked_at_step"] = int(shown.group(1))
+                click(kernel, seen["stop"])
+
+    messages = collect(kernel, "%%bigtrain --nproc 2 --steps 100000 --micro-batch 4\n"
+                               "bigtrain.fit(make_model(), ToyData(), loss_fn=slow_loss)\n", act=frontend)
+    assert seen["clicked_at_step"], "the dashboard never showed a step to click Stop at"
+    assert not worker_processes(str(tmp_path)), "workers outlived the stopped cell"
+    run = only_run(tmp_path)
+    status = status_of(run)
+    assert status["state"] == "stopped" and "stopped from the notebook" in status["reason"], status
+    kept = losses(run)
+    assert seen["clicked_at_step"] <= len(kept) < 100_000, f"{len(kept)} losses kept"
+    assert "stopped" in summary_of(messages)["text/plain"]
+    assert png_of(messages).startswith(b"\x89PNG")
+
+
+# -- in a real JupyterLab, as a user sees it -----------------------------------------------------
+def notebook(*sources: str) -> str:
+    cells = [{"cell_type": "code", "execution_count": None, "metadata": {}, "outputs": [], "source": s}
+             for s in sources]
+    return json.dumps({"cells": cells, "metadata": {"kernelspec": {"name": "python3", "display_name": "Python 3",
+                                                                   "language": "python"}},
+                       "nbformat": 4, "nbformat_minor": 5})
+
+
+@pytest.mark.browser
+def test_jupyterlab_shows_the_live_dashboard_stops_the_run_and_keeps_a_picture_and_table(tmp_path: Path) -> None:
+    from playwright import sync_api as playwright
+
+    from tests.ui.lab import CHROMIUM, CHROMIUM_ARGS, JupyterLab
+
+    root, home = tmp_path / "root", tmp_path / "home"
+    root.mkdir()
+    cell = "%%bigtrain --nproc 2 --steps 5000 --micro-batch 4\nresult = bigtrain.fit(make_model(), ToyData(), loss_fn=slow_loss)"
+    (root / "dash.ipynb").write_text(notebook("%load_ext nbtrain", NOTEBOOK_SETUP + SLOW_LOSS, cell))
+    artifacts = Path(os.environ.get("NBTRAIN_UI_ARTIFACTS") or tmp_path)
+    lab = JupyterLab(root, home)
+    try:
+        with playwright.sync_playwright() as p:
+            browser = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS)
+            page = browser.new_page(viewport={"width": 1400, "height": 1000})
+            page.set_default_timeout(90_000)
+            page.goto(f"{lab.url}/lab/tree/dash.ipynb?token={lab.token}")
+            page.wait_for_selector(".jp-NotebookPanel .jp-Cell")
+            page.get_by_text("Python 3 (ipykernel) | Idle").wait_for()  # run-all before this is a no-op
+            page.evaluate("() => { void window.jupyterapp.commands.execute('notebook:run-all-cells'); }")
+            output = page.locator(".jp-Cell").nth(2).locator(".jp-OutputArea")
+            playwright.expect.set_options(timeout=90_000)
+            playwright.expect(output.locator("button.widget-button", has_text="Stop")).to_be_visible()
+            page.wait_for_function(  # a step in the progress line and a drawn loss curve, while it runs
+                "() => /step [1-9]\\d*\\/5000/.test(document.body.innerText) && "
+                "document.querySelector('.jp-OutputArea svg')?.querySelector('polyline') !== null")
+            assert "rank 0 · CPU" in output.inner_text()
+            output.screenshot(path=artifacts / "dashboard-live.png")
+            output.locator("button.widget-button", has_text="Stop").click()  # while the cell is busy
+            image = output.locator("img")
+            playwright.expect(image).to_be_visible()  # the live view became the final picture
+            playwright.expect(output.locator("table")).to_contain_text("stopped from the notebook")
+            assert not worker_processes(str(root)), "workers outlived the Stop click"
+            assert image.evaluate("img => img.naturalWidth") >= 640, "the final picture did not load"
+            assert "bigtrain: run" in output.inner_text(), "the run's line above the dashboard was wiped"
+            output.screenshot(path=artifacts / "dashboard-final.png")
+            browser.close()
+    finally:
+        lab.stop()
+        wait_until_gone(str(root), timeout=30)

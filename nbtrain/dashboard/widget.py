@@ -30,7 +30,7 @@ from nbtrain.dashboard.summary import efficiency_rows, rows_html, rows_text, sum
 from nbtrain.dashboard.ui_poll import UiPoller
 from nbtrain.plan import RunPlan
 from nbtrain.result import RunResult
-from nbtrain.rundir import RunDirectory
+from nbtrain.rundir import FINAL_STATES, RunDirectory
 
 REDRAW_EVERY_S = 0.5  # charts: twice a second
 STATE_COLORS = {"running": "#1f77b4", "succeeded": "#2ca02c", "failed": "#d62728", "stopped": "#ff7f0e"}
@@ -48,6 +48,8 @@ class Dashboard:
         self.redraws = 0
         self._stop: Callable[[], Any] | None = None
         self._handle: DisplayHandle | None = None
+        self._summary_handle: DisplayHandle | None = None
+        self._final = False
         self._poller: UiPoller | None = None
         self._last_draw = 0.0
         self._elapsed = 0.0
@@ -87,6 +89,8 @@ class Dashboard:
         self._set_status("starting")
         self._draw()
         self._handle = display(self.view, display_id=True)
+        # An empty place for the summary table, right under the dashboard.
+        self._summary_handle = display({"text/html": "", "text/plain": ""}, raw=True, display_id=True)
 
     def output(self, text: str) -> None:
         sys.stdout.write(text)
@@ -94,12 +98,16 @@ class Dashboard:
 
     def progress(self, progress: Any) -> None:
         """Take what the workers wrote since the last tick; redraw the charts at most twice a second."""
-        if self.metrics is None:
+        if self.metrics is None or self._final:
             return
         self._elapsed = float(getattr(progress, "elapsed_s", self._elapsed))
         self._unseen = self.metrics.update() or self._unseen
+        state = str(self.metrics.run.status().get("state", "running"))
+        if state in FINAL_STATES:
+            self._finalize()
+            return
         if not self._stopping:
-            self._set_status(str(self.metrics.run.status().get("state", "running")))
+            self._set_status(state)
         self._set_progress()
         now = time.monotonic()
         if self._unseen and now - self._last_draw >= self.redraw_every_s:
@@ -112,24 +120,31 @@ class Dashboard:
             self._poller.poll()
 
     def finished(self, result: RunResult) -> None:
-        """Replace the live view by a PNG of the final curves and add the summary table below it."""
-        if self.metrics is None:
+        """Replace the live view by a PNG of the final curves, with the summary table under it."""
+        self._finalize()
+
+    def _finalize(self) -> None:
+        # Called when the run's final state is seen (a background run may never get `finished`).
+        if self.metrics is None or self._final:
             return
+        self._final = True
+        run = self.metrics.run
         self.metrics.update()
-        status = result._run.status()
+        status = run.status()
         state, reason = str(status.get("state", "unknown")), str(status.get("reason", ""))
         total_s = (status.get("timings") or {}).get("total_s", self._elapsed)
-        title = f"{result.run_id}: {state}"
+        title = f"{run.run_id}: {state}"
         png = final_png(self.metrics, title)
         picture = {"image/png": base64.b64encode(png).decode(), "text/plain": f"<final curves of {title}>"}
         rows = summary_rows(self.metrics, state, reason, total_s)
-        table = {"text/html": rows_html(rows, f"bigtrain run {result.run_id}"),
-                 "text/plain": rows_text(rows, f"bigtrain run {result.run_id}")}
-        if self._handle is not None:
-            self._handle.update(picture, raw=True)
-        else:
-            display(picture, raw=True)
-        display(table, raw=True)
+        table = {"text/html": rows_html(rows, f"bigtrain run {run.run_id}"),
+                 "text/plain": rows_text(rows, f"bigtrain run {run.run_id}")}
+        # Updates by display id land in the run's own cell, even when another cell is running now.
+        for handle, bundle in ((self._handle, picture), (self._summary_handle, table)):
+            if handle is not None:
+                handle.update(bundle, raw=True)
+            else:
+                display(bundle, raw=True)
         _close(self.view)  # its views are gone from the output; free the comms too
 
     # -- parts -----------------------------------------------------------------------------
