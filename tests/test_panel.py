@@ -235,9 +235,28 @@ def test_memory_of_a_model_counts_its_parameters() -> None:
     device, host = memory_cells(panel)["total"]
     assert device == pytest.approx(16 * count / 2**20, abs=1e-3) and host == 0.0
     assert "MiB on the device" in panel.summary()
+    assert "DeepSpeed's own" not in panel._memory.value, "DeepSpeed's estimators do not cover fp32"
     big = make_panel(model=1_300_000_000)
     assert memory_cells(big)["total"][0] == pytest.approx(16 * 1.3e9 / GIB, abs=1e-3)
     assert "on device (GiB)" in big._memory.value
+
+
+@pytest.mark.parametrize("stage,offload", [(2, "none"), (2, "cpu"), (3, "none"), (3, "cpu")])
+def test_memory_shows_deepspeeds_own_estimate_where_it_applies(stage: int, offload: str) -> None:
+    from deepspeed.runtime.zero.stage3 import estimate_zero3_model_states_mem_needs
+    from deepspeed.runtime.zero.stage_1_and_2 import estimate_zero2_model_states_mem_needs
+
+    model = torch.nn.Sequential(torch.nn.Linear(4096, 4096), torch.nn.Linear(4096, 1024))
+    count = sum(p.numel() for p in model.parameters())
+    panel = make_panel(model=model, nproc=4)
+    panel.set(zero=stage, precision="bf16", offload_optimizer=offload)
+    if stage == 2:
+        host, device = estimate_zero2_model_states_mem_needs(count, 4, cpu_offload=offload == "cpu")
+    else:
+        host, device, _ = estimate_zero3_model_states_mem_needs(count, 4096 * 4096 + 4096, 4, cpu_offload=offload == "cpu",
+                                                             cpu_offload_params=False, zero_init=False)
+    shown = f"{device / 2**20:.3f} MiB per device, {host / 2**20:.3f} MiB host"
+    assert shown in panel._memory.value, panel._memory.value
 
 
 # -- LR schedule preview --------------------------------------------------------------------

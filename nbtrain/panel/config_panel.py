@@ -63,6 +63,7 @@ class ConfigPanel:
     def __init__(self, model: Any = None, config: str | Path | Mapping[str, Any] | None = None, *,
                  nproc: int | None = None, steps: int | None = None, machine: MachineFacts | None = None):
         self.machine = machine or detect_machine()
+        self.model = model
         self.param_count = views.count_parameters(model)
         self._source: str | None = None
         if isinstance(config, (str, Path)):
@@ -281,7 +282,7 @@ class ConfigPanel:
         self._notes_box.value = "".join(f"<div style='color:#666'>note: {views.escape(n)}</div>" for n in self.notes)
         if self._valid is not None:
             _, plan, curve = self._valid
-            self._memory.value = views.memory_html(plan.deepspeed, plan.nproc, self.param_count)
+            self._memory.value = views.memory_html(plan.deepspeed, plan.nproc, self.param_count, self.model)
             self._plot.value = views.curve_png(curve)
             self._json.value = f"<pre>{views.escape(json.dumps(plan.deepspeed, indent=2))}</pre>"
 

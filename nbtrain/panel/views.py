@@ -49,7 +49,35 @@ def memory_unit(rows: list[tuple[str, float, float]], param_count: int | None) -
     return ("GiB", 1.0) if device + host >= 1 else ("MiB", 1024.0)
 
 
-def memory_html(ds: Mapping[str, Any], nproc: int, param_count: int | None) -> str:
+def deepspeed_estimate(ds: Mapping[str, Any], nproc: int, model: Any) -> tuple[str, float, float] | None:
+    """Return (function, device GiB, host GiB) from DeepSpeed's own estimator, where it covers the case.
+
+    DeepSpeed's `estimate_zero{2,3}_model_states_mem_needs` assume 16-bit training with Adam on
+    one machine, count host memory for the whole machine with a 1.5x buffer, and (stage 3)
+    need the model's largest layer.
+    """
+    stage = get_path(ds, "zero_optimization.stage", 0)
+    mixed = get_path(ds, "bf16.enabled") is True or get_path(ds, "fp16.enabled") is True
+    adam = str(get_path(ds, "optimizer.type", "")).lower() in ("adam", "adamw")
+    devices = {k: get_path(ds, f"zero_optimization.{k}.device", "none") for k in ("offload_optimizer", "offload_param")}
+    if stage not in (2, 3) or not mixed or not adam or "nvme" in devices.values() or not hasattr(model, "modules"):
+        return None
+    total = count_parameters(model) or 0
+    if stage == 2:
+        from deepspeed.runtime.zero.stage_1_and_2 import estimate_zero2_model_states_mem_needs as zero2
+
+        host, device = zero2(total, num_gpus_per_node=nproc, cpu_offload=devices["offload_optimizer"] == "cpu")
+        return "estimate_zero2_model_states_mem_needs", device / GIB, host / GIB
+    from deepspeed.runtime.zero.stage3 import estimate_zero3_model_states_mem_needs as zero3
+
+    largest = max(sum(p.numel() for p in m.parameters(recurse=False)) for m in model.modules())
+    # nbtrain builds the engine without zero.Init (accelerate's zero3_init_flag=False).
+    host, device, _ = zero3(total, largest, num_gpus_per_node=nproc, cpu_offload=devices["offload_optimizer"] == "cpu",
+                         cpu_offload_params=devices["offload_param"] == "cpu", zero_init=False)
+    return "estimate_zero3_model_states_mem_needs", device / GIB, host / GIB
+
+
+def memory_html(ds: Mapping[str, Any], nproc: int, param_count: int | None, model: Any = None) -> str:
     """Return the per-process memory table of model states (activations excluded)."""
     table_rows = memory_rows(ds, nproc, param_count)
     unit, factor = memory_unit(table_rows, param_count)
@@ -60,6 +88,12 @@ def memory_html(ds: Mapping[str, Any], nproc: int, param_count: int | None) -> s
     table = (f"<b>Memory per process</b> — {head}; ZeRO-{stage}, {nproc} processes; activations not included"
              f"<table class='nbtrain-memory'><tr><th></th><th>on device ({unit})</th>"
              f"<th>host memory ({unit})</th></tr>{rows}</table>")
+    official = deepspeed_estimate(ds, nproc, model)
+    if official is not None:
+        name, device, host = official
+        table += (f"<div style='color:#666'>DeepSpeed's own <code>{name}</code> (16-bit Adam, its buffers included; "
+                  f"host for the whole machine): {device * factor:.3f} {unit} per device, "
+                  f"{host * factor:.3f} {unit} host</div>")
     if param_count:
         return table
     refs = []
