@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import ipywidgets as w
+from traitlets import TraitError
 
 from nbtrain.arguments import to_line
 from nbtrain.config import TrainConfig
@@ -83,9 +84,15 @@ class ConfigPanel:
             steps or (total if isinstance(total, int) else DEFAULT_PREVIEW_STEPS))
         self.inputs = {f.name: FieldInput(f) for f in all_fields()}
         self._build()
+        unshown = []
         with self._quietly():
+            self._apply_choices(values, form.allowed_choices(values, self.machine))
             for name, item in self.inputs.items():
-                item.value = values[name]
+                try:
+                    item.value = values[name]
+                except TraitError:  # e.g. a stage 5 in the file: the validator says what is wrong
+                    unshown.append(f"{name} = {values[name]!r} from the config cannot be shown in the form")
+        self._load_notes = tuple(unshown)
         for name, item in self.inputs.items():
             item.observe(self._observer(name))
         self._update()
@@ -228,7 +235,7 @@ class ConfigPanel:
             self._valid = (result, plan, curve)
             self._show_derived(plan.deepspeed)
         self.problems = problems
-        self.notes = tuple(notes) + result.notes
+        self.notes = self._load_notes + tuple(notes) + result.notes
         self._show(values, allowed)
 
     def _apply_choices(self, values: dict[str, Any], allowed: dict[str, form.Choice]) -> None:

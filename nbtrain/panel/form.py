@@ -147,7 +147,7 @@ def to_config(values: Mapping[str, Any], base: Mapping[str, Any], pinned: Collec
         # The warm-up length has a flag of its own; the copied line reads better with it.
         changed.remove(WARMUP_STEPS)
         cfg = cfg.replace(warmup_steps=values[WARMUP_STEPS])
-    sets = [f"{name}={json.dumps(values[name])}" for name in changed]
+    sets = [set_item(name, values[name]) for name in changed]
     if "train_batch_size" in pruned:
         # Keep a loaded train_batch_size consistent with the batch the form shows.
         global_batch = values["micro_batch"] * values["grad_accum"] * values["nproc"]
@@ -184,9 +184,19 @@ def standalone(result: FormResult, source: str | None, original: Mapping[str, An
         return cfg.replace(config=source)
     # Every key a flag or --set writes (the scheduler parameters that --steps/--lr fill included).
     covered = set(render(cfg, result.base).sources)
-    leaves = [f"{key}={json.dumps(value)}" for key, value in _leaves(result.base)
+    leaves = [set_item(key, value) for key, value in _leaves(result.base)
               if not any(".".join(key.split(".")[:n]) in covered for n in range(1, key.count(".") + 2))]
     return cfg.replace(set=tuple(leaves) + cfg.set)
+
+
+def set_item(key: str, value: Any) -> str:
+    """Return the `--set key=value` item that parse_set reads back as `value`."""
+    if isinstance(value, str):
+        try:
+            json.loads(value)
+        except ValueError:
+            return f"{key}={value}"  # plain text reads back as itself: no JSON quotes needed
+    return f"{key}={json.dumps(value)}"
 
 
 def _leaves(tree: Mapping[str, Any], prefix: str = "") -> list[tuple[str, Any]]:
@@ -224,6 +234,9 @@ def allowed_choices(values: Mapping[str, Any], machine: MachineFacts) -> dict[st
         else Choice(("adamw", "adam", "sgd"), "lamb: DeepSpeed's Lamb has no CPU implementation; no GPU here"),
         "qat": Choice(("none",), f"{NOT_AVAILABLE_YET['qat']} is not available yet in this nbtrain version"),
     }
+    if values["optimizer"] not in SUPPORTED_OPTIMIZERS:
+        # A loaded config's own optimizer (e.g. OneBitAdam): keep offering it; the validator judges it.
+        out["optimizer"] = Choice((values["optimizer"], *out["optimizer"].options), out["optimizer"].reason)
     zpp = "" if stage == 3 else "ZeRO++ needs ZeRO stage 3"
     cuda = "" if machine.cuda else "qwZ/qgZ use CUDA kernels DeepSpeed has no CPU version of; this machine has no GPU"
     out["qwz"] = out["qgz"] = Choice((False, True) if not (zpp or cuda) else (False,), zpp or cuda)
@@ -232,6 +245,7 @@ def allowed_choices(values: Mapping[str, Any], machine: MachineFacts) -> dict[st
 
 
 OFFLOAD_ALL = ("none", "cpu", "nvme")
+SUPPORTED_OPTIMIZERS = ("adamw", "adam", "sgd", "lamb")
 
 
 def coerce(values: dict[str, Any], allowed: Mapping[str, Choice]) -> list[str]:
