@@ -12,7 +12,6 @@ import pickle
 import signal
 import subprocess
 import sys
-import time
 import types
 import urllib.parse
 from collections.abc import Callable, Iterator
@@ -24,7 +23,8 @@ import pytest
 from pytest_jupyter.jupyter_server import *  # noqa: F403 - the fixtures, for this module only
 from tornado.httpclient import HTTPClientError, HTTPResponse
 
-from nbtrain.rundir import MetricWriter, RunDirectory, new_run_id
+from nbtrain.rundir import MetricWriter
+from tests.ui.rundirs import make_run
 
 pytestmark = pytest.mark.integration
 
@@ -72,23 +72,6 @@ def data(response: HTTPResponse) -> Any:
 
 def message(response: HTTPResponse) -> str:
     return str(json.loads(response.body)["message"])
-
-
-def make_run(root: Path, name: str, *, state: str = "running", steps: int = 3, total: int = 10,
-             pids: list[int] | None = None) -> RunDirectory:
-    """Write a run folder the way the kernel and rank 0 do, `steps` steps into training."""
-    run = RunDirectory.create(root, new_run_id(name), {
-        "name": name, "created": time.time(), "nproc": 1, "hosts": ["localhost"],
-        "config": {"steps": total, "zero": 2}, "kernel_pid": None, "cwd": str(root), "python": sys.executable})
-    (run.path / "deepspeed.json").write_text(json.dumps({"zero_optimization": {"stage": 2}}))
-    writer = MetricWriter(run.metrics_file(0), 0)
-    for step in range(1, steps + 1):
-        writer.write(step, lr=1e-3, step_time_s=0.01, samples_per_s=800.0)
-        writer.write(step, loss=2.0 / step)
-    writer.close()
-    run.log_file(0).write_text("".join(f"log line {i}\n" for i in range(500)))
-    run.write_status(state=state, started=time.time(), pids=pids or [])
-    return run
 
 
 @pytest.fixture
@@ -265,6 +248,24 @@ def test_metrics_of_a_live_run_come_incrementally(fetch: Fetch, root: Path) -> N
     since = data(fetch(f"nbtrain/api/runs/{run.run_id}/metrics?after_step=3"))
     assert [r["step"] for r in since["records"]] == [4], "after_step must return only later steps"
     writer.close()
+
+
+def strict(response: HTTPResponse) -> Any:
+    """Parse like a browser's JSON.parse, which refuses NaN and Infinity."""
+    def refuse(name: str) -> None:
+        raise AssertionError(f"the answer holds {name}, which browsers cannot parse")
+    return json.loads(response.body, parse_constant=refuse)
+
+
+def test_nan_losses_and_infinite_settings_reach_the_browser_as_strings(fetch: Fetch, root: Path) -> None:
+    run = make_run(root, "diverged", steps=1)
+    with open(run.metrics_file(0), "a") as f:  # what Python's json.dumps writes for a NaN loss
+        f.write(json.dumps({"step": 2, "rank": 0, "time": 1795595831.4, "loss": float("nan")}) + "\n")
+    (run.path / "deepspeed.effective.json").write_text('{"config": {"steps_per_print": Infinity}, "engine": {}}')
+    listed = strict(fetch("nbtrain/api/runs"))["runs"][0]
+    assert listed["loss"] == "NaN" and listed["loss_tail"][-1] == [2, "NaN"]
+    assert strict(fetch(f"nbtrain/api/runs/{run.run_id}"))["effective"]["config"]["steps_per_print"] == "Infinity"
+    assert strict(fetch(f"nbtrain/api/runs/{run.run_id}/metrics"))["records"][-1]["loss"] == "NaN"
 
 
 def test_log_tail_gives_the_last_lines(fetch: Fetch, root: Path) -> None:

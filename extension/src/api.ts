@@ -15,8 +15,8 @@ export interface IRunSummary {
   nproc: number | null;
   step: number;
   total: number | null;
-  loss: number | null;
-  loss_tail: [number, number][];
+  loss: number | string | null; // 'NaN' when the loss diverged
+  loss_tail: [number, number | string][];
   eta_s: number | null;
   workers_alive?: number;
   cpu_percent?: number;
@@ -145,7 +145,10 @@ export function formatBytes(bytes: number | null | undefined): string {
 }
 
 /** Format a loss-like number with 4 significant digits. */
-export function formatNumber(value: number | null | undefined): string {
+export function formatNumber(value: number | string | null | undefined): string {
+  if (typeof value === 'string') {
+    return value; // NaN or Infinity, sent as text
+  }
   if (value === null || value === undefined || !isFinite(value)) {
     return '–';
   }

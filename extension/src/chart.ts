@@ -44,7 +44,10 @@ function bounds(series: ISeries[]): [number, number, number, number] | null {
     return null;
   }
   if (x1 === x0) { x1 = x0 + 1; }
-  if (y1 === y0) { y0 -= 0.5; y1 += 0.5; }
+  if (y1 === y0) {
+    const pad = Math.abs(y0) * 0.1 || 0.5; // a flat line sits in the middle, on its own scale
+    y0 -= pad; y1 += pad;
+  }
   return [x0, x1, y0, y1];
 }
 
@@ -57,11 +60,16 @@ function polyline(points: [number, number][], box: [number, number, number, numb
     const py = top + (1 - (y - y0) / (y1 - y0)) * (h - top - bottom);
     return `${px.toFixed(1)},${py.toFixed(1)}`;
   });
+  if (coords.length === 1) { // one sample cannot make a line: show it as a dot
+    const [cx, cy] = coords[0].split(',');
+    return element('circle', { cx, cy, r: 2.5, fill: color });
+  }
   return element('polyline', { points: coords.join(' '), fill: 'none', stroke: color, 'stroke-width': 1.5 });
 }
 
 /** Draw a tiny loss curve without axes (the sidebar's sparkline). */
-export function sparkline(points: [number, number][], width = 90, height = 22): SVGElement {
+export function sparkline(tail: [number, number | string][], width = 70, height = 20): SVGElement {
+  const points = tail.filter((p): p is [number, number] => typeof p[1] === 'number' && isFinite(p[1]));
   const svg = element('svg', { width, height, viewBox: `0 0 ${width} ${height}`, class: 'nbtrain-sparkline' });
   const box = bounds([{ label: '', points }]);
   if (box) {
@@ -76,7 +84,7 @@ function format(value: number): string {
 }
 
 /** Draw a chart of one or more series with its title, axis ranges and a legend. */
-export function lineChart(title: string, series: ISeries[], width = 420, height = 180): HTMLElement {
+export function lineChart(title: string, series: ISeries[], emptyText = 'no data yet', width = 420, height = 180): HTMLElement {
   const box = document.createElement('div');
   box.className = 'nbtrain-chart';
   const heading = document.createElement('div');
@@ -89,7 +97,7 @@ export function lineChart(title: string, series: ISeries[], width = 420, height 
   const range = bounds(drawn);
   if (!range) {
     const empty = element('text', { x: width / 2, y: height / 2, 'text-anchor': 'middle', class: 'nbtrain-chart-empty' });
-    empty.textContent = 'no data yet';
+    empty.textContent = emptyText;
     svg.appendChild(empty);
     return box;
   }

@@ -130,8 +130,8 @@ export class RunPanel extends Widget {
       lineChart('Loss', [...this.series('loss'), ...this.series('eval_loss')]),
       lineChart('Learning rate', this.series('lr')),
       lineChart('Throughput (per s)', [...this.series('samples_per_s'), ...this.series('tokens_per_s')]),
-      lineChart('CPU % per rank (psutil)', Object.entries(this.cpu).map(([r, p]) => ({ label: `rank ${r}`, points: rebase(p) }))),
-      lineChart('Resident memory MiB per rank', Object.entries(this.rss).map(([r, p]) => ({ label: `rank ${r}`, points: rebase(p) })))
+      lineChart('CPU % per rank (psutil), s since opened', usage(this.cpu), final ? 'sampled only while the run is live' : undefined),
+      lineChart('Resident memory MiB per rank', usage(this.rss), final ? 'sampled only while the run is live' : undefined)
     ];
     const extra = new Set<string>();
     this.rows.forEach(row => Object.keys(row).forEach(k => !KNOWN.has(k) && typeof row[k] === 'number' && extra.add(k)));
@@ -142,7 +142,8 @@ export class RunPanel extends Widget {
       `rank ${w.rank}: pid ${w.pid} ${w.alive ? `running · CPU ${(w.cpu_percent ?? 0).toFixed(0)}% · ${formatBytes(w.rss_bytes)}` : 'gone'}`)
       .join('   ');
     const config = detail.effective?.config ? { ...detail.effective, note: 'as the engine was initialised' }
-      : { planned: detail.deepspeed, note: 'planned; the engine has not started yet' };
+      : { planned: detail.deepspeed,
+          note: final ? 'planned; the engine never recorded its own config' : 'planned; the engine has not started yet' };
     (this.node.querySelector('.nbtrain-config pre') as HTMLElement).textContent = JSON.stringify(config, null, 2);
     (this.node.querySelector('.nbtrain-cell pre') as HTMLElement).textContent = detail.cell;
     const select = this.node.querySelector('.nbtrain-log select') as HTMLSelectElement;
@@ -164,6 +165,10 @@ export class RunPanel extends Widget {
   private rss: { [rank: number]: [number, number][] } = {};
   private timer = 0;
   private final = false;
+}
+
+function usage(byRank: { [rank: number]: [number, number][] }): ISeries[] {
+  return Object.entries(byRank).map(([rank, points]) => ({ label: `rank ${rank}`, points: rebase(points) }));
 }
 
 /** Seconds since the first sample, so the x axis reads as time into the panel's watch. */

@@ -21,12 +21,27 @@ export class RunsSidebar extends Widget {
     this.renderMachine(this.model.machine);
     (this.node.querySelector('.nbtrain-error') as HTMLElement).textContent = this.model.error;
     const list = this.node.querySelector('.nbtrain-runs') as HTMLElement;
-    list.replaceChildren(...this.model.runs.runs.map(run => this.renderRun(run)));
-    if (this.model.runs.runs.length === 0) {
+    const runs = this.model.runs.runs;
+    // Update rows in place: a row (and its Stop button) replaced under the pointer loses clicks.
+    const rows = runs.map(run => {
+      const row = this.rows.get(run.id) || this.createRow(run.id);
+      this.rows.set(run.id, row);
+      this.updateRow(row, run);
+      return row;
+    });
+    const listed = new Set(runs.map(r => r.id));
+    for (const id of [...this.rows.keys()].filter(id => !listed.has(id))) {
+      this.rows.delete(id);
+    }
+    if (rows.length === 0) {
       const empty = document.createElement('li');
       empty.className = 'nbtrain-empty';
       empty.textContent = `No runs yet. Runs of %%bigtrain cells appear here (searched in: ${this.model.runs.roots.join(', ')}).`;
-      list.appendChild(empty);
+      rows.push(empty);
+    }
+    const current = [...list.children];
+    if (current.length !== rows.length || current.some((node, i) => node !== rows[i])) {
+      list.replaceChildren(...rows);
     }
   }
 
@@ -44,43 +59,52 @@ export class RunsSidebar extends Widget {
     box.replaceChildren(...rows);
   }
 
-  private renderRun(run: IRunSummary): HTMLElement {
+  private createRow(id: string): HTMLElement {
     const item = document.createElement('li');
-    item.className = `nbtrain-run nbtrain-state-${run.state}`;
-    item.dataset.runId = run.id;
-    item.title = `${run.id}\n${run.root}${run.reason ? '\n' + run.reason : ''}`;
-    const steps = run.total ? `${run.step}/${run.total}` : `${run.step}`;
+    item.dataset.runId = id;
     item.innerHTML = '<div class="nbtrain-run-line"><span class="nbtrain-run-name"></span>'
       + '<span class="nbtrain-badge"></span></div><div class="nbtrain-run-line nbtrain-run-numbers">'
       + '<span class="nbtrain-run-step"></span><span class="nbtrain-run-loss"></span><span class="nbtrain-run-spark"></span></div>'
-      + '<div class="nbtrain-run-line nbtrain-run-usage"></div>';
-    (item.querySelector('.nbtrain-run-name') as HTMLElement).textContent = run.name || run.id;
-    (item.querySelector('.nbtrain-badge') as HTMLElement).textContent = run.state;
-    (item.querySelector('.nbtrain-run-step') as HTMLElement).textContent = `step ${steps}`;
-    (item.querySelector('.nbtrain-run-loss') as HTMLElement).textContent = `loss ${formatNumber(run.loss)}`;
-    item.querySelector('.nbtrain-run-spark')!.appendChild(sparkline(run.loss_tail));
-    const usage = item.querySelector('.nbtrain-run-usage') as HTMLElement;
-    if (!run.final) {
-      usage.textContent = `${run.workers_alive ?? 0} workers · CPU ${(run.cpu_percent ?? 0).toFixed(0)}% · `
-        + `${formatBytes(run.rss_bytes)} · ETA ${formatDuration(run.eta_s)}`;
-      const stop = document.createElement('button');
-      stop.className = 'jp-mod-styled jp-mod-warn nbtrain-stop';
-      stop.textContent = 'Stop';
-      stop.title = 'Stop this run: its workers get SIGTERM, then SIGKILL';
-      stop.onclick = event => {
-        event.stopPropagation();
-        stop.disabled = true;
-        stop.textContent = 'Stopping…';
-        api.stop(run.id)
-          .catch(e => showErrorMessage('Could not stop the run', (e as Error).message))
-          .finally(() => this.model.refresh());
-      };
-      usage.appendChild(stop);
-    } else {
-      usage.textContent = run.reason;
-    }
-    item.onclick = () => this.openRun(run.id);
+      + '<div class="nbtrain-run-line"><span class="nbtrain-run-usage"></span>'
+      + '<button class="jp-mod-styled jp-mod-warn nbtrain-stop">Stop</button></div>';
+    const stop = item.querySelector('.nbtrain-stop') as HTMLButtonElement;
+    stop.title = 'Stop this run: its workers get SIGTERM, then SIGKILL';
+    stop.onclick = event => {
+      event.stopPropagation();
+      stop.disabled = true;
+      stop.textContent = 'Stopping…';
+      api.stop(id)
+        .catch(e => showErrorMessage('Could not stop the run', (e as Error).message))
+        .finally(() => this.model.refresh());
+    };
+    item.onclick = () => this.openRun(id);
     return item;
+  }
+
+  private updateRow(item: HTMLElement, run: IRunSummary): void {
+    item.className = `nbtrain-run nbtrain-state-${run.state}`;
+    item.title = `${run.id}\n${run.root}${run.reason ? '\n' + run.reason : ''}`;
+    const steps = run.total ? `${run.step}/${run.total}` : `${run.step}`;
+    setText(item, '.nbtrain-run-name', run.name || run.id);
+    setText(item, '.nbtrain-badge', run.state);
+    setText(item, '.nbtrain-run-step', `step ${steps}`);
+    setText(item, '.nbtrain-run-loss', `loss ${formatNumber(run.loss)}`);
+    item.querySelector('.nbtrain-run-spark')!.replaceChildren(sparkline(run.loss_tail));
+    setText(item, '.nbtrain-run-usage', run.final ? run.reason
+      : `${run.workers_alive ?? 0} workers · CPU ${(run.cpu_percent ?? 0).toFixed(0)}% · `
+        + `${formatBytes(run.rss_bytes)} · ETA ${formatDuration(run.eta_s)}`);
+    if (run.final) {
+      item.querySelector('.nbtrain-stop')?.remove();
+    }
+  }
+
+  private rows = new Map<string, HTMLElement>();
+}
+
+function setText(root: HTMLElement, selector: string, text: string): void {
+  const node = root.querySelector(selector) as HTMLElement | null;
+  if (node && node.textContent !== text) {
+    node.textContent = text;
   }
 }
 

@@ -8,6 +8,7 @@ JSON `message`.
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn
 
@@ -24,6 +25,20 @@ if TYPE_CHECKING:
 AUTH_RESOURCE = "nbtrain"
 
 
+def strict_json(value: Any) -> Any:
+    """Return `value` with NaN and infinities as strings: browsers' JSON.parse refuses them.
+
+    They do occur: a diverging loss is NaN, and DeepSpeed configs hold `Infinity`.
+    """
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value).replace("inf", "Infinity").replace("nan", "NaN")
+    if isinstance(value, dict):
+        return {k: strict_json(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [strict_json(v) for v in value]
+    return value
+
+
 class BigTrainHandler(APIHandler):
     """Common parts: the extension's state, JSON answers, RequestError as 4xx."""
 
@@ -35,7 +50,7 @@ class BigTrainHandler(APIHandler):
 
     def answer(self, data: Any) -> None:
         self.set_header("Content-Type", "application/json")
-        self.finish(json.dumps(data, default=str))
+        self.finish(json.dumps(strict_json(data), default=str, allow_nan=False))
 
     def fail(self, error: RequestError) -> NoReturn:
         raise tornado.web.HTTPError(error.status, str(error).replace("%", "%%")) from error
