@@ -168,6 +168,18 @@ def test_insert_bigtrain_cell_inserts_the_template(page: playwright.Page) -> Non
     assert texts[1].startswith("%%bigtrain --nproc 2 --zero 2") and "bigtrain.fit(" in texts[1], texts
 
 
+def test_open_config_panel_runs_a_cell_that_shows_the_panel(page: playwright.Page, artifacts: Path) -> None:
+    panel = page.locator(".jp-NotebookPanel:not(.lm-mod-hidden)")
+    palette(page, "Open config panel")
+    cells = panel.locator(".jp-CodeCell")
+    playwright.expect(cells).to_have_count(3)
+    assert cells.nth(2).locator(".cm-content").inner_text().startswith("from nbtrain import ConfigPanel")
+    output = cells.nth(2).locator(".jp-OutputArea-output")
+    playwright.expect(output.locator(".jupyter-widgets").first).to_be_visible(timeout=60_000)
+    playwright.expect(output).to_contain_text("ZeRO")
+    page.screenshot(path=artifacts / "config-panel.png")
+
+
 def test_open_tutorial_copies_it_into_the_workspace_and_opens_it(page: playwright.Page, workspace: Path) -> None:
     palette(page, "Open tutorial…")
     dialog = page.locator(".jp-Dialog")
