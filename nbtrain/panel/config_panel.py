@@ -235,6 +235,9 @@ class ConfigPanel:
             self._valid = (result, plan, curve)
             self._show_derived(plan.deepspeed)
         self.problems = problems
+        if values["qat"] != "none":
+            notes.append(f"QAT is a %%bigtrain flag, not a DeepSpeed key: `--config panel` does not carry it; "
+                         f"add --qat {values['qat']} to the cell line (Copy as %%bigtrain includes it)")
         self.notes = self._load_notes + tuple(notes) + result.notes
         self._show(values, allowed)
 

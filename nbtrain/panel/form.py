@@ -232,7 +232,8 @@ def allowed_choices(values: Mapping[str, Any], machine: MachineFacts) -> dict[st
         else Choice(("fp32", "bf16"), "fp16: DeepSpeed runs fp16 only on CUDA devices; this machine has no GPU"),
         "optimizer": Choice(("adamw", "adam", "sgd", "lamb")) if machine.cuda
         else Choice(("adamw", "adam", "sgd"), "lamb: DeepSpeed's Lamb has no CPU implementation; no GPU here"),
-        "qat": Choice(("none",), f"{NOT_AVAILABLE_YET['qat']} is not available yet in this nbtrain version"),
+        "qat": Choice(("none",), f"{NOT_AVAILABLE_YET['qat']} is not available yet in this nbtrain version")
+        if "qat" in NOT_AVAILABLE_YET else Choice(("none", "int8", "int4")),
     }
     if values["optimizer"] not in SUPPORTED_OPTIMIZERS:
         # A loaded config's own optimizer (e.g. OneBitAdam): keep offering it; the validator judges it.
