@@ -17,12 +17,14 @@ from traitlets import TraitError
 
 from nbtrain import ConfigError
 from nbtrain.arguments import parse_line
+from nbtrain.config import TrainConfig
 from nbtrain.deepspeed_schema import load_schema
 from nbtrain.estimate import GIB
 from nbtrain.machine import MachineFacts
-from nbtrain.panel import ConfigPanel
+from nbtrain.panel import ConfigPanel, form
 from nbtrain.panel.fields import scheduler_param_fields
 from nbtrain.plan import load_base, plan_run
+from nbtrain.render import render
 from nbtrain.validate import NOT_AVAILABLE_YET
 
 CPU = MachineFacts(gpu_count=0, has_libaio=True)
@@ -54,6 +56,27 @@ def run_dict(panel: ConfigPanel) -> dict:
     """Return what %%bigtrain would run from the panel's copied line alone."""
     cfg = parse_line(panel.flags)
     return plan_run(cfg, panel.machine, load_base(cfg.config) if cfg.config else None).deepspeed
+
+
+# -- the form <-> config mapping, without widgets -------------------------------------------
+
+def test_an_untouched_form_adds_no_flag_to_a_loaded_config(tmp_path: Path) -> None:
+    for name, original in realistic_configs(tmp_path).items():
+        values = form.display_defaults(form.values_from(render(TrainConfig(), original).deepspeed), 4, 100)
+        result = form.to_config(values, original)
+        assert result.config == TrainConfig(nproc=4, steps=100), f"{name}: {result.config.given()}"
+        assert result.base == original and result.notes == ()
+
+
+def test_only_fields_the_user_set_become_set_items() -> None:
+    values = form.display_defaults(form.values_from(render(TrainConfig()).deepspeed), 2, 50)
+    values.update(scheduler="warmup_cosine", lr=0.01)
+    values["scheduler.params.cos_min_ratio"] = 0.2
+    values["scheduler.params.total_num_steps"] = 999  # derived from --steps: never written
+    unpinned = form.to_config(values, {})
+    assert unpinned.config.set == () and unpinned.config.lr == 0.01 and unpinned.config.scheduler == "warmup_cosine"
+    pinned = form.to_config(values, {}, pinned={"scheduler.params.cos_min_ratio", "scheduler.params.total_num_steps"})
+    assert pinned.config.set == ("scheduler.params.cos_min_ratio=0.2",)
 
 
 # -- defaults, live summary ---------------------------------------------------------------
@@ -459,6 +482,9 @@ def test_copy_button_shows_a_line_that_runs_the_same_config() -> None:
     lines = [x.value for x in widgets_in(panel.widget) if isinstance(x, w.Textarea) and x.value]
     assert lines and lines[0].startswith("%%bigtrain --nproc 2 --zero 3 --offload-optimizer cpu --precision bf16")
     assert "--set optimizer.params.momentum=0.9" in lines[0]
+    panel.set(optimizer="adamw", **{"optimizer.params.betas": [0.8, 0.95]})
+    assert panel.to_deepspeed()["optimizer"]["params"]["betas"] == [0.8, 0.95]
+    assert "momentum" not in panel.to_deepspeed()["optimizer"]["params"]
     assert run_dict(panel) == panel.to_deepspeed()
     assert panel.to_deepspeed()["gradient_clipping"] == 1.0
 
