@@ -75,6 +75,7 @@ class ConfigPanel:
         self._pinned: set[str] = set()
         self._quiet = False
         self._valid: tuple[form.FormResult, RunPlan, LrCurve] | None = None
+        self._plotted: LrCurve | None = None
         self.problems: tuple[Problem, ...] = ()
         self.notes: tuple[str, ...] = ()
         total = get_path(self._base, "scheduler.params.total_num_steps")
@@ -293,7 +294,9 @@ class ConfigPanel:
         if self._valid is not None:
             _, plan, curve = self._valid
             self._memory.value = views.memory_html(plan.deepspeed, plan.nproc, self.param_count, self.model)
-            self._plot.value = views.curve_png(curve)
+            if curve != self._plotted:  # drawing costs more than the rest of an update together
+                self._plot.value = views.curve_png(curve)
+                self._plotted = curve
             self._json.value = f"<pre>{views.escape(json.dumps(plan.deepspeed, indent=2))}</pre>"
 
     def _require_valid(self) -> tuple[form.FormResult, RunPlan, LrCurve]:

@@ -8,6 +8,7 @@ the panel writes with `--set`.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -148,6 +149,7 @@ _PARAM_HELP = {
 }
 
 
+@functools.cache
 def scheduler_param_fields() -> dict[str, list[Field]]:
     """Return the panel fields of each DeepSpeed scheduler's parameters, by class name."""
     out: dict[str, list[Field]] = {}
@@ -161,7 +163,8 @@ def scheduler_param_fields() -> dict[str, list[Field]]:
     return out
 
 
-def all_fields() -> list[Field]:
+@functools.cache
+def all_fields() -> tuple[Field, ...]:
     """Return every field of the panel, scheduler parameters of every type included, in display order."""
     fields = _RUN + _ZERO + _PRECISION + _BATCH + _OPTIMIZER + _SCHEDULER
     names = {f.name for f in fields}
@@ -170,11 +173,12 @@ def all_fields() -> list[Field]:
             if f.name not in names:  # the warm-up schedulers share their parameter names
                 names.add(f.name)
                 fields.append(f)
-    return fields + _QUANT + _ADVANCED
+    return tuple(fields + _QUANT + _ADVANCED)
 
 
+@functools.cache
 def field_by_name() -> dict[str, Field]:
-    """Return every field keyed by name."""
+    """Return every field keyed by name (one shared dict: read it, do not change it)."""
     return {f.name: f for f in all_fields()}
 
 
