@@ -122,6 +122,8 @@ class ConfigPanel:
     def set(self, **values: Any) -> None:
         """Set fields by name, as a user would (`panel.set(zero=3, lr=0.01)`); dotted keys via a dict."""
         for name, value in values.items():
+            if name not in self.inputs:
+                raise KeyError(f"the panel has no field {name!r}; its fields: {', '.join(self.inputs)}")
             self.inputs[name].value = value
 
     def save_json(self, path: str | Path | None = None) -> Path:
