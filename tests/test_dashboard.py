@@ -232,6 +232,7 @@ def test_widget_state_follows_the_run_directory(tmp_path: Path) -> None:
     dashboard.stop_button.click()
     dashboard.stop_button.click()
     assert stops == [True], "Stop must call the run's stop exactly once"
+    dashboard.progress(type("P", (), {"elapsed_s": 3.2})())  # the next tick shows it
     assert dashboard.stop_button.disabled and "stopping" in dashboard.status.value
 
 
@@ -250,6 +251,13 @@ def test_the_dashboard_turns_static_when_it_sees_the_run_end(tmp_path: Path,
     assert "2 of 2" in shown and "1:01" in shown
     dashboard.finished(None)  # type: ignore[arg-type]
     assert "final curves" not in capsys.readouterr().out, "the end was shown twice"
+
+
+def test_attaching_without_a_plan_names_the_run(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from nbtrain.dashboard import Dashboard
+
+    Dashboard().started(make_run(tmp_path), None)
+    assert "run 20261125-083705-test-c302: 2 processes" in capsys.readouterr().out
 
 
 def test_without_a_stop_callback_the_button_is_disabled(tmp_path: Path) -> None:
@@ -473,14 +481,15 @@ def test_jupyterlab_shows_the_live_dashboard_stops_the_run_and_keeps_a_picture_a
         with playwright.sync_playwright() as p:
             browser = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS)
             page = browser.new_page(viewport={"width": 1400, "height": 1000})
-            page.set_default_timeout(90_000)
+            page.set_default_timeout(240_000)  # generous: a loaded machine starts DeepSpeed slowly
             page.goto(f"{lab.url}/lab/tree/dash.ipynb?token={lab.token}")
             page.wait_for_selector(".jp-NotebookPanel .jp-Cell")
             page.get_by_text("Python 3 (ipykernel) | Idle").wait_for()  # run-all before this is a no-op
             page.evaluate("() => { void window.jupyterapp.commands.execute('notebook:run-all-cells'); }")
             output = page.locator(".jp-Cell").nth(2).locator(".jp-OutputArea")
-            playwright.expect.set_options(timeout=90_000)
-            playwright.expect(output.locator("button.widget-button", has_text="Stop")).to_be_visible()
+            expect = playwright.Expect()  # its own timeout, not the shared default of other tests
+            expect.set_options(timeout=240_000)
+            expect(output.locator("button.widget-button", has_text="Stop")).to_be_visible()
             page.wait_for_function(  # a step in the progress line and a drawn loss curve, while it runs
                 "() => /step [1-9]\\d*\\/5000/.test(document.body.innerText) && "
                 "document.querySelector('.jp-OutputArea svg')?.querySelector('polyline') !== null")
@@ -488,8 +497,8 @@ def test_jupyterlab_shows_the_live_dashboard_stops_the_run_and_keeps_a_picture_a
             output.screenshot(path=artifacts / "dashboard-live.png")
             output.locator("button.widget-button", has_text="Stop").click()  # while the cell is busy
             image = output.locator("img")
-            playwright.expect(image).to_be_visible()  # the live view became the final picture
-            playwright.expect(output.locator("table")).to_contain_text("stopped from the notebook")
+            expect(image).to_be_visible()  # the live view became the final picture
+            expect(output.locator("table")).to_contain_text("stopped from the notebook")
             assert not worker_processes(str(root)), "workers outlived the Stop click"
             assert image.evaluate("img => img.naturalWidth") >= 640, "the final picture did not load"
             assert "bigtrain: run" in output.inner_text(), "the run's line above the dashboard was wiped"

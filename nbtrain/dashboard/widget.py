@@ -78,10 +78,12 @@ class Dashboard:
         ])
 
     # -- ProgressSink ------------------------------------------------------------------------
-    def started(self, run: RunDirectory, plan: RunPlan, stop: Callable[[], Any] | None = None) -> None:
-        for notice in plan.notices:
+    def started(self, run: RunDirectory, plan: RunPlan | None, stop: Callable[[], Any] | None = None) -> None:
+        """Show the dashboard of `run`; `plan` is None when attaching to a run started elsewhere."""
+        for notice in plan.notices if plan is not None else ():
             print(f"bigtrain: {notice}")
-        print(f"bigtrain: run {run.run_id}: {plan.nproc} processes, run directory {run.path}", flush=True)
+        nproc = plan.nproc if plan is not None else run.run_info().get("nproc", "?")
+        print(f"bigtrain: run {run.run_id}: {nproc} processes, run directory {run.path}", flush=True)
         self.metrics = RunMetrics(run)
         self._stop = stop
         self.stop_button.disabled = stop is None
@@ -106,7 +108,9 @@ class Dashboard:
         if state in FINAL_STATES:
             self._finalize()
             return
-        if not self._stopping:
+        if self._stopping:
+            self._show_stopping()
+        else:
             self._set_status(state)
         self._set_progress()
         now = time.monotonic()
@@ -149,13 +153,16 @@ class Dashboard:
 
     # -- parts -----------------------------------------------------------------------------
     def _on_stop(self, _button: Any) -> None:
+        # Runs on the kernel's main thread; widget state is written by the ticks only (one writer).
         if self._stop is None or self._stopping:
             return
         self._stopping = True
+        self._stop()
+
+    def _show_stopping(self) -> None:
         self.stop_button.disabled = True
         self.stop_button.description = "Stopping…"
         self._set_status("stopping")
-        self._stop()
 
     def _set_status(self, state: str) -> None:
         assert self.metrics is not None
