@@ -24,7 +24,6 @@ from nbtrain.render import FROM_DATALOADER, WARMUP_SCHEDULERS, get_path
 NOT_AVAILABLE_YET = {
     "checkpoint_every": "checkpoints",
     "resume": "resuming a run",
-    "qat": "quantization-aware training",
     "hostfile": "multi-node runs",
     "hosts": "multi-node runs",
     "multinode_launcher": "multi-node runs",

@@ -137,7 +137,6 @@ BAD_INPUT: dict[str, Bad] = {
     # -- flags that parse but whose feature comes later ----------------------------------
     "--resume": Bad("--resume", "--resume", NOT_YET),
     "--resume RUN": Bad("--resume 20261125-083705-gpt2-c302", "--resume", NOT_YET),
-    "--qat int8": Bad("--qat int8", "--qat", NOT_YET),
     "--hosts": Bad("--hosts a,b", "--hosts", NOT_YET),
     "--hostfile": Bad("--hostfile hosts.txt", "--hostfile", NOT_YET),
     "--multinode-launcher": Bad("--multinode-launcher slurm", "--multinode-launcher", NOT_YET),

@@ -15,6 +15,7 @@ from nbtrain import config as defaults
 from nbtrain.config import TrainConfig
 from nbtrain.render import FROM_DATALOADER, finalize, get_path
 from nbtrain.rundir import MetricWriter, RunDirectory, write_json_atomic
+from nbtrain.worker import qat
 from nbtrain.worker.data import MicroBatchLoader, batches_per_epoch, is_supported
 
 
@@ -64,6 +65,8 @@ class BigTrain:
         self.config = finalize(self.config, micro_batch=micro_batch, total_steps=total_steps)
         self.max_steps = total_steps
         self.timeline["prepare_called"] = time.time()
+        if qat.is_on(self._cfg):  # fake-quantize before DeepSpeed wraps (and may partition) the weights
+            qat.prepare(model, str(self._cfg.qat))
         self._skeletons[id(model)] = meta_copy(model)
         self.engine = self._build_engine(model, grad_accum)
         self.timeline["engine_built"] = time.time()

@@ -9,6 +9,9 @@ from typing import TYPE_CHECKING, Any
 import torch
 import torch.distributed as dist
 
+from nbtrain.worker import qat
+from nbtrain.worker.context import meta_copy
+
 if TYPE_CHECKING:
     from nbtrain.worker.context import BigTrain
 
@@ -136,13 +139,15 @@ def consolidated_state_dict(engine: Any, keep: bool) -> dict[str, torch.Tensor] 
 
 
 def load_into(bt: BigTrain, model: torch.nn.Module, state_dict: dict[str, torch.Tensor] | None) -> torch.nn.Module:
-    """Return the pre-training copy of `model` holding `state_dict` (a plain CPU module)."""
+    """Return the pre-training copy of `model` holding `state_dict` (a CPU module; quantized under --qat)."""
     skeleton = bt._skeletons[id(model)]
+    if qat.is_on(bt._cfg):  # convert a fresh copy: the skeleton may be loaded again (fit, then --out)
+        skeleton = meta_copy(skeleton)
     skeleton.load_state_dict(state_dict or {}, strict=False, assign=True)
     tie_weights = getattr(skeleton, "tie_weights", None)  # transformers models share embeddings
     if callable(tie_weights):
         tie_weights()
-    return skeleton
+    return qat.convert(skeleton, str(bt._cfg.qat)) if qat.is_on(bt._cfg) else skeleton
 
 
 def consolidated_model(bt: BigTrain, model: torch.nn.Module | None) -> torch.nn.Module | None:
