@@ -38,6 +38,9 @@ DEFAULT_MICRO_BATCH = 8  # used only when no DataLoader tells us its batch size
 DEFAULT_EPOCHS = 1
 DEFAULT_CPU_PROCESSES = 2
 DEFAULT_RUN_ROOT = "bigtrain-runs"
+# A rank that makes no progress this long while its peers wait for it counts as hung.
+# Generous: a legitimate step of a big offloaded model can take minutes.
+DEFAULT_HANG_TIMEOUT_S = 300.0
 # DeepSpeed's own default for warmup_num_steps (deepspeed/runtime/lr_schedules.py).
 DEEPSPEED_DEFAULT_WARMUP_STEPS = 1000
 
@@ -103,6 +106,10 @@ class TrainConfig:
     no_plot: bool = _flag("no live dashboard, only the progress line", default=False)
     checkpoint_every: int | None = _flag("save a DeepSpeed checkpoint every N steps")
     resume: str | None = _flag("resume from a run id, or 'latest'")
+    hang_timeout: float | None = _flag(
+        f"seconds a rank may make no progress while the others wait for it before the run is "
+        f"stopped as hung (default {DEFAULT_HANG_TIMEOUT_S:.0f})"
+    )
     dry_run: bool = _flag("print the resolved DeepSpeed JSON and memory estimate; start nothing", default=False)
 
     def replace(self, **changes: Any) -> TrainConfig:

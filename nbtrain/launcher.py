@@ -25,6 +25,10 @@ from nbtrain.rundir import RunDirectory
 
 STOP_GRACE_S = 5.0
 ALIVE_FD_ENV = "NBTRAIN_ALIVE_FD"
+# Room kept in the run directory while workers run: a worker that finds the disk full deletes
+# it, so that its error report and the run's final status can still be written.
+SPACE_RESERVE = ".space-reserve"
+SPACE_RESERVE_BYTES = 256 * 1024
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -42,6 +46,7 @@ class WorkerGroup:
     port: int
     alive_fd: int  # the kernel's write end of the liveness pipe
     started: float = field(default_factory=time.time)
+    reserve: Path | None = None  # the run's SPACE_RESERVE file
 
     @property
     def pids(self) -> list[int]:
@@ -80,11 +85,13 @@ class WorkerGroup:
             pass
 
     def close(self) -> None:
-        """Release the liveness pipe (after the workers are gone)."""
+        """Release the liveness pipe and the space reserve (after the workers are gone)."""
         try:
             os.close(self.alive_fd)
         except OSError:
             pass
+        if self.reserve is not None:
+            self.reserve.unlink(missing_ok=True)
 
 
 def worker_environment(rank: int, nproc: int, port: int, alive_fd: int, threads: int) -> dict[str, str]:
@@ -115,6 +122,9 @@ def default_threads(nproc: int) -> int:
 def launch_workers(run: RunDirectory, nproc: int, threads: int | None = None) -> WorkerGroup:
     """Start `nproc` workers for `run`, each writing its output to its log file."""
     port = free_port()
+    reserve = run.path / SPACE_RESERVE
+    with open(reserve, "wb") as f:  # real blocks, not a sparse file: it must hold space
+        f.write(b"\0" * SPACE_RESERVE_BYTES)
     read_fd, write_fd = os.pipe()  # both ends are not inherited unless passed explicitly
     threads = threads or default_threads(nproc)
     processes: list[subprocess.Popen[bytes]] = []
@@ -134,11 +144,11 @@ def launch_workers(run: RunDirectory, nproc: int, threads: int | None = None) ->
             finally:
                 log.close()
     except BaseException:
-        group = WorkerGroup(processes, port, write_fd)
+        group = WorkerGroup(processes, port, write_fd, reserve=reserve)
         if processes:
             group.stop(grace=0)
         group.close()
         raise
     finally:
         os.close(read_fd)
-    return WorkerGroup(processes, port, write_fd)
+    return WorkerGroup(processes, port, write_fd, reserve=reserve)

@@ -17,7 +17,7 @@ from nbtrain.config import DEFAULT_CPU_PROCESSES, TrainConfig
 from nbtrain.errors import ConfigError, Problem
 from nbtrain.machine import MachineFacts
 from nbtrain.render import FROM_DATALOADER, render_collecting, unresolved
-from nbtrain.validate import check
+from nbtrain.validate import check, check_resume
 
 
 @dataclass(frozen=True)
@@ -29,6 +29,8 @@ class RunPlan:
     nproc: int
     notices: tuple[str, ...]
     machine: MachineFacts
+    # The checkpoint `--resume` continues: {"run", "tag", "step"}; None for a fresh run.
+    resume_from: dict[str, Any] | None = None
 
     def describe(self) -> str:
         """Return the `--dry-run` text: launch shape, DeepSpeed JSON and memory estimate."""
@@ -80,6 +82,11 @@ def plan_run(cfg: TrainConfig, machine: MachineFacts, base: Mapping[str, Any] | 
             notices.append(notice)
     rendered, problems = render_collecting(cfg, base)
     problems += check(cfg, rendered.deepspeed, machine, nproc)
+    resume_from, resume_problems = check_resume(cfg, rendered.deepspeed, nproc)
+    problems += resume_problems
     if problems:
         raise ConfigError(problems)
-    return RunPlan(cfg, rendered.deepspeed, nproc, tuple(notices) + rendered.notices, machine)
+    if resume_from is not None:
+        notices.append(f"resuming run {Path(resume_from['run']).name} from its checkpoint at step "
+                       f"{resume_from['step']} ({resume_from['tag']})")
+    return RunPlan(cfg, rendered.deepspeed, nproc, tuple(notices) + rendered.notices, machine, resume_from)

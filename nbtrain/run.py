@@ -22,12 +22,13 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from nbtrain import shipping
-from nbtrain.config import DEFAULT_RUN_ROOT
+from nbtrain.config import DEFAULT_HANG_TIMEOUT_S, DEFAULT_RUN_ROOT
 from nbtrain.errors import RunFailed
 from nbtrain.launcher import WorkerGroup, launch_workers
 from nbtrain.plan import RunPlan
 from nbtrain.result import RunResult
 from nbtrain.rundir import RunDirectory, new_run_id, read_records, write_json_atomic
+from nbtrain.worker.heartbeat import find_hang, read_heartbeats
 
 POLL_S = 0.2
 # After one rank fails, the others get this long to write their own error before the stop.
@@ -149,7 +150,7 @@ def create_run_directory(plan: RunPlan, cell: str, inputs: bytes) -> RunDirector
     run = RunDirectory.create(root, new_run_id(cfg.name), {
         "name": cfg.name, "created": time.time(), "nproc": plan.nproc, "hosts": ["localhost"],
         "config": dataclasses.asdict(cfg), "kernel_pid": os.getpid(), "cwd": os.getcwd(),
-        "python": sys.executable,
+        "python": sys.executable, "resume_from": plan.resume_from,
     })
     write_json_atomic(run.deepspeed_file, plan.deepspeed)
     run.cell_file.write_text(cell)
@@ -308,6 +309,10 @@ def _supervise(active: ActiveRun) -> tuple[str, str, int | None]:
         codes = group.exit_codes()
         if all(code == 0 for code in codes):
             return "succeeded", "", None
+        hang = _hang(active)
+        if hang is not None:
+            group.stop()
+            return "failed", hang[1], hang[0]
         failed = [rank for rank, code in enumerate(codes) if code not in (None, 0)]
         if failed:
             deadline = time.monotonic() + FAILURE_GRACE_S
@@ -317,6 +322,12 @@ def _supervise(active: ActiveRun) -> tuple[str, str, int | None]:
             group.stop()
             return ("failed", *_failure_reason(watcher.run, codes))
         time.sleep(POLL_S)
+
+
+def _hang(active: ActiveRun) -> tuple[int, str] | None:
+    """Return the hung rank and why, once a rank waited for a silent one past --hang-timeout."""
+    timeout = active.plan.config.hang_timeout or DEFAULT_HANG_TIMEOUT_S
+    return find_hang(read_heartbeats(active.run.path, active.plan.nproc), timeout, time.time())
 
 
 def _failure_reason(run: RunDirectory, codes: list[int | None]) -> tuple[str, int]:
@@ -335,6 +346,9 @@ def _failure_reason(run: RunDirectory, codes: list[int | None]) -> tuple[str, in
         rank = min(errors, key=lambda r: errors[r].get("time", 0))
         report = errors[rank]
         where = f" (cell line {report['cell_line']})" if report.get("cell_line") else ""
+        if report.get("disk_full"):
+            return (f"{report['disk_full']}: rank {rank} could not write{where} and training stopped; "
+                    "the metrics and checkpoints written before are intact"), rank
         return f"rank {rank} raised {report['type']}: {report['message']}{where}", rank
     rank = next(r for r, code in enumerate(codes) if code not in (None, 0))
     return f"rank {rank} exited with code {codes[rank]} without a Python error (see logs/rank-{rank}.log)", rank

@@ -12,9 +12,10 @@ import keyword
 import os
 import re
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
-from nbtrain.config import DEEPSPEED_DEFAULT_WARMUP_STEPS, TrainConfig
+from nbtrain.config import DEEPSPEED_DEFAULT_WARMUP_STEPS, DEFAULT_RUN_ROOT, TrainConfig
 from nbtrain.deepspeed_schema import DeepSpeedSchema, load_schema
 from nbtrain.errors import Problem
 from nbtrain.machine import MachineFacts
@@ -22,8 +23,6 @@ from nbtrain.render import FROM_DATALOADER, WARMUP_SCHEDULERS, get_path
 
 # Flags that parse and show in --dry-run but whose effect is not built yet.
 NOT_AVAILABLE_YET = {
-    "checkpoint_every": "checkpoints",
-    "resume": "resuming a run",
     "hostfile": "multi-node runs",
     "hosts": "multi-node runs",
     "multinode_launcher": "multi-node runs",
@@ -62,6 +61,7 @@ def _check_numbers(cfg: TrainConfig, ds: Mapping[str, Any]) -> list[Problem]:
                         ("--checkpoint-every", cfg.checkpoint_every), ("--hpz", cfg.hpz)):
         found += _positive(flag, value)
     found += _positive("--warmup-steps", cfg.warmup_steps, allow_zero=True)
+    found += _positive("--hang-timeout", cfg.hang_timeout, whole=False)
     found += _positive("--seed", cfg.seed, allow_zero=True)
     found += _positive(_where(cfg.micro_batch, "--micro-batch", "train_micro_batch_size_per_gpu"),
                        ds.get("train_micro_batch_size_per_gpu"))
@@ -226,6 +226,38 @@ def _check_libaio(ds: Mapping[str, Any], machine: MachineFacts) -> list[Problem]
                         "NVMe offload needs DeepSpeed's async_io op, which needs libaio",
                         "install it: apt-get install libaio-dev")]
     return []
+
+
+def check_resume(cfg: TrainConfig, ds: Mapping[str, Any], nproc: int) -> tuple[dict[str, Any] | None, list[Problem]]:
+    """Find the checkpoint `--resume` continues; refuse one that is missing or cannot be loaded here."""
+    from nbtrain.worker.checkpoint import find_run, published
+
+    if cfg.resume is None:
+        return None, []
+    root = Path(cfg.run_dir or DEFAULT_RUN_ROOT).resolve()
+    run, why = find_run(root, cfg.resume)
+    if run is None:
+        return None, [Problem("--resume", cfg.resume, why,
+                              "give a run id that `%bigtrain runs` lists, or 'latest'; check --run-dir")]
+    saved = published(run)
+    if saved is None:
+        return None, [Problem("--resume", cfg.resume, f"run {run.name} has no published checkpoint (it ran without "
+                              "--checkpoint-every, or ended before its first one)",
+                              "resume a run that saved checkpoints, or drop --resume to start afresh")]
+    problems = []
+    stage = get_path(ds, "zero_optimization.stage", 0)
+    if stage != saved.zero_stage:
+        problems.append(Problem(_where(cfg.zero, "--zero", "zero_optimization.stage"), stage,
+                                f"the checkpoint of run {run.name} was saved at ZeRO stage {saved.zero_stage}; "
+                                "DeepSpeed loads optimizer state only into the stage that saved it",
+                                f"use --zero {saved.zero_stage}"))
+    if nproc != saved.world_size:
+        why = ("DeepSpeed cannot load optimizer state partitioned over another number of ranks" if saved.zero_stage
+               else "each rank resumes its own data position and RNG state")
+        problems.append(Problem("--nproc", nproc, f"the checkpoint of run {run.name} was saved by "
+                                f"{saved.world_size} processes; {why}", f"use --nproc {saved.world_size}"))
+    target = {"run": str(run), "tag": saved.tag, "step": saved.step}
+    return (None if problems else target), problems
 
 
 def _check_bookkeeping(cfg: TrainConfig) -> list[Problem]:

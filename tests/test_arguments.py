@@ -17,7 +17,7 @@ CONTRACT_FLAGS = {
     "--micro-batch", "--grad-accum", "--grad-clip", "--optimizer", "--lr", "--weight-decay",
     "--scheduler", "--warmup-steps", "--steps", "--epochs", "--quant", "--hpz", "--qat", "--config",
     "--set", "--name", "--run-dir", "--out", "--background", "--no-plot", "--checkpoint-every",
-    "--resume", "--seed", "--dry-run", "--hostfile", "--hosts", "--multinode-launcher",
+    "--resume", "--hang-timeout", "--seed", "--dry-run", "--hostfile", "--hosts", "--multinode-launcher",
 }
 CONTRACT_CHOICES = {
     "--zero": [0, 1, 2, 3],

@@ -135,12 +135,15 @@ BAD_INPUT: dict[str, Bad] = {
     "--name with a space": Bad("--name 'my run'", "--name", "letters, digits"),
     "unclosed quote": Bad("--name 'my run", "%%bigtrain", "close the quote"),
     # -- flags that parse but whose feature comes later ----------------------------------
-    "--resume": Bad("--resume", "--resume", NOT_YET),
-    "--resume RUN": Bad("--resume 20261125-083705-gpt2-c302", "--resume", NOT_YET),
+    "--hang-timeout 0": Bad("--hang-timeout 0", "--hang-timeout", "greater than 0"),
+    "--resume a run that does not exist": Bad("--resume 20261125-083705-gpt2-c302 --run-dir /no/such/root",
+                                              "--resume", "no run '20261125-083705-gpt2-c302' under /no/such/root"),
+    "--resume latest without any run": Bad("--resume --run-dir /no/such/root", "--resume",
+                                           "no run under /no/such/root has a published checkpoint"),
     "--hosts": Bad("--hosts a,b", "--hosts", NOT_YET),
     "--hostfile": Bad("--hostfile hosts.txt", "--hostfile", NOT_YET),
     "--multinode-launcher": Bad("--multinode-launcher slurm", "--multinode-launcher", NOT_YET),
-    "--checkpoint-every": Bad("--checkpoint-every 10", "--checkpoint-every", NOT_YET),
+    "--checkpoint-every 0": Bad("--checkpoint-every 0", "--checkpoint-every", "greater than 0"),
 }
 
 

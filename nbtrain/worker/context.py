@@ -7,6 +7,8 @@ import json
 import os
 import time
 from collections.abc import Callable
+from datetime import timedelta
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -15,7 +17,7 @@ from nbtrain import config as defaults
 from nbtrain.config import TrainConfig
 from nbtrain.render import FROM_DATALOADER, finalize, get_path
 from nbtrain.rundir import MetricWriter, RunDirectory, write_json_atomic
-from nbtrain.worker import qat
+from nbtrain.worker import checkpoint, qat
 from nbtrain.worker.data import MicroBatchLoader, batches_per_epoch, is_supported
 
 
@@ -45,6 +47,8 @@ class BigTrain:
         self.accelerator: Any = None
         self._skeletons: dict[int, torch.nn.Module] = {}
         self._prepared_model: torch.nn.Module | None = None
+        self._loader: MicroBatchLoader | None = None
+        self._saved_step: int | None = None  # the step of the last checkpoint saved or loaded
         self._last_step_time = 0.0
         self.samples_per_step = 0
         self.tokens_in_step = 0
@@ -70,6 +74,7 @@ class BigTrain:
         self._skeletons[id(model)] = meta_copy(model)
         self.engine = self._build_engine(model, grad_accum)
         self.timeline["engine_built"] = time.time()
+        resumed = self._load_resume_checkpoint()
         self._prepared_model = model
         self.samples_per_step = micro_batch * grad_accum * self.world_size
         if self.is_main:
@@ -78,7 +83,12 @@ class BigTrain:
         loader = MicroBatchLoader(
             data, rank=self.rank, world_size=self.world_size, micro_batch=micro_batch,
             grad_accum=grad_accum, max_steps=total_steps, seed=self.seed, collate_fn=collate_fn,
-            cast_to=torch.bfloat16 if get_path(self.config, "bf16.enabled") is True else None)
+            cast_to=torch.bfloat16 if get_path(self.config, "bf16.enabled") is True else None,
+            start=resumed.get("micro_batches", 0), epoch_rng=resumed.get("epoch_rng"))
+        self._loader = loader
+        if resumed:
+            # Last, so that the RNG continues exactly where the checkpointed run's was.
+            checkpoint.restore_rng(resumed["rng"])
         self._last_step_time = time.time()
         return self.engine, loader
 
@@ -97,18 +107,53 @@ class BigTrain:
         self._metrics.write(step, **values)
 
     def save_checkpoint(self, tag: str | None = None) -> str:
-        """Save a DeepSpeed checkpoint of the engine into the run's checkpoints folder."""
+        """Save a DeepSpeed checkpoint into the run's checkpoints folder; every rank must call it.
+
+        It is published (`checkpoints/latest.json`) only once every rank has written it, so a
+        crash during the save leaves the previous checkpoint as the one `--resume` uses.
+        """
         if self.engine is None:
             raise RuntimeError("call bigtrain.prepare (or fit) before save_checkpoint")
-        tag = tag or f"step-{int(self.engine.global_steps)}"
-        self.engine.save_checkpoint(str(self._run.checkpoints), tag=tag)
-        return str(self._run.checkpoints / tag)
+        step = int(self.engine.global_steps)
+        tag = tag or f"step-{step}"
+        if tag.startswith(".") or "/" in tag:
+            raise ValueError(f"checkpoint tag {tag!r}: use a plain folder name (no '/', not starting with '.')")
+        loader = self._loader
+        state = {"rng": checkpoint.capture_rng(), "step": step,
+                 "micro_batches": loader.position if loader is not None else 0,
+                 "epoch_rng": loader.epoch_rng if loader is not None else None}
+        path = checkpoint.save(self.engine, self._run.checkpoints, tag, self.rank, state)
+        self._saved_step = step
+        return str(path)
+
+    def final_checkpoint(self) -> None:
+        """Save the last step with --checkpoint-every, unless it was just saved (all ranks call it)."""
+        if self._cfg.checkpoint_every and self.engine is not None \
+                and self._saved_step != int(self.engine.global_steps):
+            self.save_checkpoint()
 
     def __repr__(self) -> str:
         return (f"<bigtrain rank {self.rank}/{self.world_size} on {self.device}, "
                 f"max_steps={self.max_steps}, run {self._run.run_id}>")
 
     # -- internals -------------------------------------------------------------------------
+    def _load_resume_checkpoint(self) -> dict[str, Any]:
+        """Load the `--resume` checkpoint into the new engine; return this rank's saved state."""
+        target = self._run.run_info().get("resume_from")
+        if not target:
+            return {}
+        found = checkpoint.published(Path(target["run"]))
+        if found is None or found.tag != target["tag"]:
+            raise RuntimeError(f"the checkpoint to resume from is gone: {target['run']}/checkpoints/{target['tag']}")
+        state = checkpoint.load(self.engine, found, self.rank)
+        self._saved_step = int(self.engine.global_steps)
+        return state
+
+    def _checkpoint_due(self) -> None:
+        every = self._cfg.checkpoint_every
+        if every and int(self.engine.global_steps) % every == 0:
+            self.save_checkpoint()
+
     def _plan_length(self, data: Any) -> tuple[int, int, int, int]:
         micro: Any = self.config.get("train_micro_batch_size_per_gpu")
         if micro == FROM_DATALOADER:
@@ -139,8 +184,12 @@ class BigTrain:
         # accelerate overwrites steps_per_print with inf; a value the user set must hold.
         if "steps_per_print" in self.config:
             plugin.deepspeed_config["steps_per_print"] = self.config["steps_per_print"]
+        # The collective timeout is a backstop: the kernel names a hung rank after
+        # --hang-timeout (from heartbeats); this ends collectives it could not attribute.
+        hang = self._cfg.hang_timeout or defaults.DEFAULT_HANG_TIMEOUT_S
+        timeout = timedelta(seconds=hang + max(60.0, hang))
         self.accelerator = Accelerator(deepspeed_plugin=plugin, gradient_accumulation_steps=grad_accum,
-                                       kwargs_handlers=[InitProcessGroupKwargs(backend=backend)])
+                                       kwargs_handlers=[InitProcessGroupKwargs(backend=backend, timeout=timeout)])
         self.timeline["accelerator_ready"] = time.time()
         optimizer = DummyOptim(model.parameters())
         if "scheduler" in self.config:
@@ -185,6 +234,8 @@ class BigTrain:
                 if "first_step" not in self.timeline:
                     self.timeline["first_step"] = now
                     write_json_atomic(self._run.path / "logs" / "rank-0.timeline.json", self.timeline)
+            if boundary:
+                self._checkpoint_due()
             return result
 
         engine.step = step

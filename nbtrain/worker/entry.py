@@ -8,8 +8,10 @@ exit 1 = the cell raised (errors/rank-N.json says where); any other end = killed
 
 from __future__ import annotations
 
+import errno
 import os
 import pickle
+import shutil
 import sys
 import threading
 import time
@@ -18,6 +20,11 @@ from pathlib import Path
 from typing import Any
 
 CELL_FILENAME = "<bigtrain cell>"
+# What a full disk looks like from a write; the kernel shows these words as the reason.
+_DISK_FULL = {errno.ENOSPC: "no space left on device", errno.EDQUOT: "disk quota exceeded",
+              errno.EFBIG: "file size limit exceeded"}
+# Below this many free bytes, a failed write (torch.save loses the errno) counts as a full disk.
+_NEARLY_FULL_BYTES = 1 << 20
 
 
 # Library chatter printed during the cell ("op built successfully", logger lines) goes to
@@ -74,11 +81,28 @@ def error_report(exc: BaseException, rank: int, cell_source: str) -> dict[str, A
             "cell_line": cell_lines[-1] if cell_lines else None, "time": time.time()}
 
 
+def disk_full(exc: BaseException, run_path: Path) -> str | None:
+    """Return "no space left on device in PATH" when `exc` came from a full disk, else None."""
+    seen: BaseException | None = exc
+    while seen is not None:
+        if isinstance(seen, OSError) and seen.errno in _DISK_FULL:
+            return f"{_DISK_FULL[seen.errno]} in {seen.filename or run_path}"
+        seen = seen.__cause__ or seen.__context__
+    try:
+        free = shutil.disk_usage(run_path).free
+    except OSError:
+        return None
+    return f"no space left on device in {run_path}" if free < _NEARLY_FULL_BYTES else None
+
+
 def main(run_path: Path, rank: int) -> int:
-    from nbtrain.launcher import ALIVE_FD_ENV
+    from nbtrain.launcher import ALIVE_FD_ENV, SPACE_RESERVE
+    from nbtrain.worker.heartbeat import Heartbeat
 
     timeline = {"launched": float(os.environ.get("NBTRAIN_LAUNCHED_AT", "nan")), "python_started": time.time()}
     watch_kernel(int(os.environ[ALIVE_FD_ENV]), run_path, rank)
+    heartbeat = Heartbeat(run_path, rank)
+    heartbeat.start()
 
     import linecache
 
@@ -109,6 +133,7 @@ def main(run_path: Path, rank: int) -> int:
         timeline["imports_done"] = time.time()
         cfg = TrainConfig(**_tupled(info["config"]))
         bt = BigTrain(run, cfg, read_json(run.deepspeed_file), timeline)
+        heartbeat.context = bt
         with open(run.inputs_file, "rb") as f:
             inputs = pickle.load(f)
         namespace = shipping.install(inputs)
@@ -121,6 +146,7 @@ def main(run_path: Path, rank: int) -> int:
             exec(code, namespace)
         finally:
             sys.stdout = sys.__stdout__
+        bt.final_checkpoint()
         outputs = {name: bt.consolidated_out(namespace[name]) for name in cfg.out if name in namespace}
         missing = [name for name in cfg.out if name not in namespace]
         if rank == 0:
@@ -128,6 +154,11 @@ def main(run_path: Path, rank: int) -> int:
     except BaseException as exc:  # noqa: BLE001 - every failure is reported, then the process ends
         sys.stdout = sys.__stdout__
         report = error_report(exc, rank, cell)
+        full = disk_full(exc, run_path)
+        if full:
+            report["disk_full"] = full
+            # Free the room the launcher kept for this report and the run's final status.
+            (run_path / SPACE_RESERVE).unlink(missing_ok=True)
         write_json_atomic(run.error_file(rank), report)
         print(report["traceback"], file=sys.stderr, flush=True)
         # Peers may be dead or stuck in a collective: skip every teardown that could wait on them.
