@@ -456,6 +456,33 @@ def test_the_stop_button_ends_the_run_while_the_cell_is_busy(kernel: Kernel, tmp
     assert png_of(messages).startswith(b"\x89PNG")
 
 
+@pytest.mark.integration
+def test_a_background_run_keeps_its_dashboard_live_and_ends_it_without_wait(kernel: Kernel, tmp_path: Path) -> None:
+    kernel.execute(SLOW_LOSS)
+    client = kernel.client
+    started = client.execute("%%bigtrain --nproc 2 --steps 150 --micro-batch 4 --background\n"
+                             "bigtrain.fit(make_model(), ToyData(), loss_fn=slow_loss)\n")
+    other_cells: set[str] = set()
+    updates, finals = 0, []
+    deadline = time.time() + 240
+    while time.time() < deadline and len(finals) < 2:
+        if len(other_cells) < 400:
+            other_cells.add(client.execute("1 + 1"))  # the user goes on working in the notebook
+        try:
+            msg = client.get_iopub_msg(timeout=0.3)
+        except queue.Empty:
+            continue
+        data = msg["content"].get("data", {})
+        if msg["msg_type"] == "comm_msg" and msg["parent_header"].get("msg_id") in other_cells:
+            updates += "&nbsp;step " in str(data.get("state", {}).get("value", ""))
+        if msg["msg_type"] == "update_display_data":
+            finals.append(data)
+    assert started and updates >= 2, f"only {updates} progress updates arrived while other cells ran"
+    assert len(finals) == 2, "the picture and the table did not replace the live view when the run ended"
+    assert "image/png" in finals[0] and "150 of 150" in finals[1]["text/plain"], finals[1].get("text/plain")
+    assert status_of(only_run(tmp_path))["state"] == "succeeded"
+
+
 # -- in a real JupyterLab, as a user sees it -----------------------------------------------------
 def notebook(*sources: str) -> str:
     cells = [{"cell_type": "code", "execution_count": None, "metadata": {}, "outputs": [], "source": s}
