@@ -86,7 +86,8 @@ for i in range(3):
     time.sleep(1.0)
 result = bigtrain.fit(make_model(), ToyData(), loss_fn=loss_fn)
 """
-    out = kernel.execute(f"%%bigtrain --nproc 2 --steps 200 --micro-batch 4\n{cell}")
+    # The text progress line (--no-plot); the dashboard's live updates are tested in test_dashboard.py.
+    out = kernel.execute(f"%%bigtrain --nproc 2 --steps 200 --micro-batch 4 --no-plot\n{cell}")
     ticks = [m for m in out.messages if m.kind == "stream" and "tick" in m.text]
     updates = [m for m in out.messages if m.kind == "update_display_data" and "step" in m.text]
     end = out.messages[-1].time
@@ -122,6 +123,6 @@ os.environ.update(MASTER_ADDR='127.0.0.1', MASTER_PORT=str(free_port()), RANK='0
 dist.init_process_group('gloo')
 torch.ones(3) @ torch.ones(3)
 """)
-    out = run_cell(kernel, "--nproc 2 --steps 5 --micro-batch 8")
+    out = run_cell(kernel, "--nproc 2 --steps 5 --micro-batch 8 --no-plot")
     assert "[succeeded] step 5/5" in out
     assert kernel.execute("print(dist.get_world_size(), spinner.is_alive())").text.strip() == "1 True"
