@@ -17,7 +17,7 @@ from nbtrain.result import RunResult
 
 __version__ = "0.1.0"
 __all__ = ["ConfigError", "ConfigPanel", "Problem", "RunFailed", "RunResult", "ShippingError", "TrainConfig",
-           "load_ipython_extension"]
+           "load_ipython_extension", "quantize"]
 
 
 def __getattr__(name: str) -> Any:
@@ -26,6 +26,10 @@ def __getattr__(name: str) -> Any:
         from nbtrain.panel import ConfigPanel
 
         return ConfigPanel
+    if name == "quantize":  # needs torch and torchao
+        from nbtrain.quantization import quantize
+
+        return quantize
     raise AttributeError(f"module 'nbtrain' has no attribute {name!r}")
 
 

@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from nbtrain.quantize import import_torchao, linear_from_conv1d, untied_linear_filter
+from nbtrain.quantization import import_torchao, linear_from_conv1d, untied_linear_filter
 
 GROUP_SIZE = 32  # int4 weights share a scale per 32 input features
 
