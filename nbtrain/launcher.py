@@ -70,6 +70,7 @@ class WorkerGroup:
         """
         begun = time.monotonic()
         self._signal(signal.SIGTERM)
+        self._signal(signal.SIGCONT)  # a stopped (frozen) worker acts on the SIGTERM only once continued
         deadline = begun + grace
         while self.running() and time.monotonic() < deadline:
             time.sleep(0.05)

@@ -15,6 +15,7 @@ it to check `--resume` before anything starts.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import random
@@ -26,6 +27,7 @@ from typing import Any
 POINTER = "latest.json"
 PARTIAL_PREFIX = ".partial-"
 RANK_STATE = "nbtrain-rank-{rank}.pt"
+NEARLY_FULL_BYTES = 1 << 20
 
 
 @dataclass(frozen=True)
@@ -108,10 +110,19 @@ def save(engine: Any, checkpoints: Path, tag: str, rank: int, rank_state: dict[s
         for leftover in checkpoints.glob(f"{PARTIAL_PREFIX}*"):  # from a save that crashed
             shutil.rmtree(leftover, ignore_errors=True)
     _barrier(dist)
-    partial.mkdir(parents=True, exist_ok=True)
-    torch.save(rank_state, partial / RANK_STATE.format(rank=rank))
-    # DeepSpeed's own save ends with a barrier: after it, every rank's files are written.
-    engine.save_checkpoint(str(checkpoints), tag=partial.name, save_latest=False)
+    try:
+        partial.mkdir(parents=True, exist_ok=True)
+        torch.save(rank_state, partial / RANK_STATE.format(rank=rank))
+        # DeepSpeed's own save ends with a barrier: after it, every rank's files are written.
+        engine.save_checkpoint(str(checkpoints), tag=partial.name, save_latest=False)
+    except BaseException as e:
+        # torch.save reports a full disk without its errno: look before freeing the room.
+        full = shutil.disk_usage(checkpoints).free < NEARLY_FULL_BYTES
+        shutil.rmtree(partial, ignore_errors=True)  # never published; give the space back
+        if full:
+            raise OSError(errno.ENOSPC, f"No space left on device while saving checkpoint {tag}",
+                          str(checkpoints)) from e
+        raise
     final = checkpoints / tag
     if rank == 0:
         _publish(partial, final, engine, tag)

@@ -103,12 +103,12 @@ def find_hang(beats: dict[int, dict[str, Any]], timeout: float, now: float) -> t
     for rank in silent + stuck:
         beat = beats[rank]
         others = ", ".join(str(r) for r in waiting)
-        if rank in silent:
-            what = f"sent no heartbeat for {now - beat['time']:.0f} s (frozen or stopped)"
+        if rank in silent:  # its last beat may be up to a second older than its last step
+            what = f"sent no heartbeat for {now - beat['time']:.0f} s (frozen or stopped; last heard of at step"
         else:
-            what = f"hung for {now - beat['since']:.0f} s at {beat['where']}"
-        return rank, (f"rank {rank} {what}, no progress since step {beat['step']}, while rank(s) {others} "
-                      f"waited for it (--hang-timeout {timeout:g} s)")
+            what = f"hung for {now - beat['since']:.0f} s at {beat['where']} (no progress since step"
+        return rank, (f"rank {rank} {what} {beat['step']}) while rank(s) {others} waited for it "
+                      f"(--hang-timeout {timeout:g} s)")
     if len(waiting) == len(beats):
         where = "; ".join(f"rank {r} at {beats[r]['where']}" for r in waiting)
         return waiting[0], (f"every rank waited in a collective for over {timeout:g} s (a deadlock: the ranks "
