@@ -169,7 +169,7 @@ class QuantizationReport:
 
 
 def quantize(model: torch.nn.Module, mode: PtqMode = "int8_weight_only",
-             eval_fn: Callable[[torch.nn.Module], float] | None = None, example_batch: Any = None,
+             eval_fn: Callable[[torch.nn.Module], float | torch.Tensor] | None = None, example_batch: Any = None,
              repeats: int = 10) -> QuantizationReport:
     """Quantize a copy of `model` with torchao and report size, eval loss and speed before and after.
 
@@ -206,7 +206,7 @@ def quantize(model: torch.nn.Module, mode: PtqMode = "int8_weight_only",
         model.train(was_training)
 
 
-def _evaluate(eval_fn: Callable[[torch.nn.Module], float] | None, model: torch.nn.Module) -> float | None:
+def _evaluate(eval_fn: Callable[[torch.nn.Module], float | torch.Tensor] | None, model: torch.nn.Module) -> float | None:
     if eval_fn is None:
         return None
     with torch.no_grad():

@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import json
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -14,14 +15,14 @@ from tests.conftest import losses
 from tests.kernel import Kernel
 
 
-def small_gpt2() -> torch.nn.Module:
+def small_gpt2() -> Any:
     from transformers import GPT2Config, GPT2LMHeadModel
 
     torch.manual_seed(0)
     return GPT2LMHeadModel(GPT2Config(vocab_size=96, n_positions=32, n_embd=64, n_layer=2, n_head=4))
 
 
-def mlp(width: int = 64) -> torch.nn.Module:
+def mlp(width: int = 64) -> torch.nn.Sequential:
     torch.manual_seed(0)
     return torch.nn.Sequential(torch.nn.Linear(16, width), torch.nn.Tanh(), torch.nn.Linear(width, 4))
 
@@ -54,7 +55,7 @@ def test_the_converted_model_computes_what_the_fake_quantized_one_trained() -> N
             model(x).square().mean().backward()
             optimizer.step()
         fake_out = model(x).detach()
-        converted = qat.convert(copy.deepcopy(model), mode)
+        converted: Any = qat.convert(copy.deepcopy(model), mode)
         assert all(type(m) is torch.nn.Linear for m in (converted[0], converted[2])), converted
         weight = converted[2].weight
         assert type(weight).__name__ == "IntxUnpackedToInt8Tensor", type(weight)
@@ -68,7 +69,7 @@ def test_the_converted_model_computes_what_the_fake_quantized_one_trained() -> N
 def test_int4_uses_groups_of_32_where_the_width_allows_and_channels_elsewhere() -> None:
     model = mlp(width=64)
     qat.prepare(model, "int4")
-    converted = qat.convert(model, "int4")
+    converted: Any = qat.convert(model, "int4")
     assert converted[0].weight.block_size == (1, 16), "16 inputs: one scale per output channel"
     assert converted[2].weight.block_size == (1, qat.GROUP_SIZE), "64 inputs: groups of 32"
 

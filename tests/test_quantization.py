@@ -4,15 +4,16 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from typing import Any
 
 import pytest
 import torch
 
 import nbtrain
-from nbtrain.quantization import linear_from_conv1d, quantize
+from nbtrain.quantization import PtqMode, linear_from_conv1d, quantize
 
 
-def small_gpt2() -> torch.nn.Module:
+def small_gpt2() -> Any:
     from transformers import GPT2Config, GPT2LMHeadModel
 
     torch.manual_seed(0)
@@ -27,7 +28,7 @@ def lm_loss(model: torch.nn.Module) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("mode", ["int8_weight_only", "int8_dynamic"])
-def test_ptq_shrinks_a_gpt2_and_keeps_its_eval_loss(mode: str) -> None:
+def test_ptq_shrinks_a_gpt2_and_keeps_its_eval_loss(mode: PtqMode) -> None:
     model = small_gpt2()
     report = quantize(model, mode, eval_fn=lm_loss, example_batch={"input_ids": IDS}, repeats=3)
     # 8 projection layers become int8; the tied embedding/LM head stays float.
@@ -35,8 +36,9 @@ def test_ptq_shrinks_a_gpt2_and_keeps_its_eval_loss(mode: str) -> None:
     assert report.size_after < 0.45 * report.size_before, f"{mode}: {report.size_before} -> {report.size_after} bytes"
     assert report.eval_after == pytest.approx(report.eval_before, abs=0.01), report.table
     assert report.forward_before_s and report.forward_after_s, "no forward timing with an example batch"
-    assert report.model.lm_head.weight is report.model.transformer.wte.weight, "quantizing untied the LM head"
-    assert type(report.model.transformer.h[0].mlp.c_fc.weight).__name__ == "Int8Tensor"
+    quantized: Any = report.model
+    assert quantized.lm_head.weight is quantized.transformer.wte.weight, "quantizing untied the LM head"
+    assert type(quantized.transformer.h[0].mlp.c_fc.weight).__name__ == "Int8Tensor"
 
 
 def test_the_original_model_is_left_as_it_was() -> None:
