@@ -4,14 +4,17 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import pytest
+import torch
 
 from nbtrain.arguments import parse_line
 from nbtrain.errors import ConfigError
 from nbtrain.machine import MachineFacts
 from nbtrain.plan import plan_run
 from nbtrain.worker.checkpoint import find_run, published
+from nbtrain.worker.data import MicroBatchLoader
 from tests.conftest import status_of, worker_processes
 from tests.kernel import Kernel
 
@@ -66,6 +69,36 @@ def test_resume_of_a_run_without_checkpoints_is_refused(tmp_path: Path) -> None:
     fake_run(tmp_path, "20261125-080000-a-0001", tag=None)
     shown = refusal(f"--resume 20261125-080000-a-0001 --run-dir {tmp_path}")
     assert "has no published checkpoint" in shown and "drop --resume" in shown, shown
+
+
+def trace(loader: MicroBatchLoader, stop_after: int | None = None) -> tuple[list[Any], dict[str, Any]]:
+    """Return the batches and per-batch RNG draws (like dropout) of `loader`, and its state when stopped."""
+    seen: list[Any] = []
+    for i, batch in enumerate(loader):
+        seen.append((batch, torch.rand(1).item()))
+        if stop_after is not None and i + 1 == stop_after:
+            return seen, {"micro_batches": loader.position, "epoch_rng": loader.epoch_rng,
+                          "rng": torch.get_rng_state()}
+    return seen, {}
+
+
+@pytest.mark.parametrize("kind", ["dataset", "shuffling-dataloader"])
+def test_a_resumed_loader_yields_exactly_the_rest_of_the_run(kind: str) -> None:
+    data = torch.utils.data.TensorDataset(torch.arange(40.0))
+
+    def make(**resume: Any) -> MicroBatchLoader:
+        source = data if kind == "dataset" else torch.utils.data.DataLoader(data, batch_size=2, shuffle=True)
+        return MicroBatchLoader(source, rank=1, world_size=2, micro_batch=2, grad_accum=3, max_steps=9, seed=5,
+                                **resume)
+
+    torch.manual_seed(0)
+    whole, _ = trace(make())
+    torch.manual_seed(0)
+    first, state = trace(make(), stop_after=12)  # 12 of 27 micro-batches: mid-epoch 1 (10 per epoch)
+    torch.set_rng_state(state["rng"])  # what the checkpoint restores last
+    rest, _ = trace(make(start=state["micro_batches"], epoch_rng=state["epoch_rng"]))
+    assert len(whole) == 27 and len(rest) == 15
+    assert repr(first + rest) == repr(whole), "the resumed loader must continue the same batches and RNG draws"
 
 
 # -- real runs -------------------------------------------------------------------------------
