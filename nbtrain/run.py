@@ -359,6 +359,11 @@ def _bind_outputs(run: RunDirectory, names: tuple[str, ...],
     """Bind rank 0's `--out` values; bind nothing if any of them is missing."""
     if not names:
         return (), None
+    if run.run_info().get("config", {}).get("qat") not in (None, "none"):
+        # A QAT model unpickles torchao, whose import prints noise about CUDA-only kernels.
+        from nbtrain.quantization import import_torchao
+
+        import_torchao()
     with open(run.outputs_file, "rb") as f:
         sent = pickle.load(f)
     if sent["problems"]:
