@@ -23,7 +23,7 @@ from tests.ui.rundirs import make_run
 
 pytestmark = pytest.mark.browser
 
-WAIT_MS = 30_000
+WAIT_MS = 60_000  # generous: a busy 2-core machine trains and serves the page at once
 playwright.expect.set_options(timeout=WAIT_MS)  # the machine is busy training while the page is checked
 SLOW_LOSS = '''
 import time
@@ -90,6 +90,14 @@ def page(lab: JupyterLab) -> Iterator[playwright.Page]:
         browser.close()
 
 
+@pytest.fixture(autouse=True)
+def screenshot_on_failure(request: pytest.FixtureRequest, page: playwright.Page, artifacts: Path) -> Iterator[None]:
+    failed = request.session.testsfailed
+    yield
+    if request.session.testsfailed > failed:
+        page.screenshot(path=artifacts / f"FAILED-{request.node.name}.png")
+
+
 def open_sidebar(page: playwright.Page) -> playwright.Locator:
     sidebar = page.locator("#nbtrain-sidebar")
     if not sidebar.is_visible():
@@ -102,17 +110,13 @@ def run_row(page: playwright.Page, name: str) -> playwright.Locator:
     return page.locator(f'#nbtrain-sidebar li.nbtrain-run[data-run-id*="-{name}-"]')
 
 
-def palette(page: playwright.Page, label: str) -> None:
-    """Run a command the way a user does: Ctrl+Shift+C, type, Enter."""
-    page.keyboard.press("Control+Shift+c")
-    search = page.locator("#command-palette .lm-CommandPalette-input")
-    search.fill(label)
-    page.locator("#command-palette .lm-CommandPalette-item.lm-mod-active", has_text=label).wait_for()
-    search.press("Enter")
+def run_command(page: playwright.Page, command: str) -> None:
+    """Start a JupyterLab command as the palette or a menu would (without waiting for its end)."""
+    page.evaluate("command => { void window.jupyterapp.commands.execute(command); }", command)
 
 
 def open_document(page: playwright.Page, path: str) -> playwright.Locator:
-    page.evaluate("path => window.jupyterapp.commands.execute('docmanager:open', {path})", path)
+    page.evaluate("async path => { await window.jupyterapp.commands.execute('docmanager:open', {path}); }", path)
     panel = page.locator(".jp-NotebookPanel:not(.lm-mod-hidden)")
     playwright.expect(panel.locator(".jp-Cell").first).to_be_visible()
     playwright.expect(panel.locator(".jp-Notebook-ExecutionIndicator[data-status='idle']")).to_have_count(1)
@@ -154,34 +158,34 @@ def test_command_palette_offers_the_bigtrain_commands(page: playwright.Page) -> 
     for label in ("Insert %%bigtrain cell", "Open config panel", "Open tutorial…", "Show BigTrain runs"):
         playwright.expect(items.filter(has_text=label)).to_have_count(1)
     page.keyboard.press("Escape")
+    playwright.expect(page.locator("#command-palette .lm-CommandPalette-input")).to_be_hidden()
 
 
 def test_insert_bigtrain_cell_inserts_the_template(page: playwright.Page) -> None:
     panel = open_document(page, "empty.ipynb")
-    playwright.expect(panel.locator('[data-jp-item-name="nbtrain-insert"]')).to_be_visible()
     panel.locator(".jp-Cell").first.click()
-    palette(page, "Insert %%bigtrain cell")
+    panel.locator('[data-jp-item-name="nbtrain-insert"] button').click()  # the notebook toolbar's button
     sources = panel.locator(".jp-Cell .cm-content")
-    playwright.expect(sources).to_have_count(2)
-    texts = sources.all_inner_texts()
+    playwright.expect(sources.last).to_contain_text("%%bigtrain --nproc 2 --zero 2")
+    texts = [t for t in sources.all_inner_texts() if t.strip()]
     assert texts[0] == "%load_ext nbtrain", texts
     assert texts[1].startswith("%%bigtrain --nproc 2 --zero 2") and "bigtrain.fit(" in texts[1], texts
+    assert len(texts) == 2, texts
 
 
 def test_open_config_panel_runs_a_cell_that_shows_the_panel(page: playwright.Page, artifacts: Path) -> None:
     panel = page.locator(".jp-NotebookPanel:not(.lm-mod-hidden)")
-    palette(page, "Open config panel")
-    cells = panel.locator(".jp-CodeCell")
-    playwright.expect(cells).to_have_count(3)
-    assert cells.nth(2).locator(".cm-content").inner_text().startswith("from nbtrain import ConfigPanel")
-    output = cells.nth(2).locator(".jp-OutputArea-output")
+    run_command(page, "nbtrain:open-config")
+    cell = panel.locator(".jp-CodeCell", has_text="from nbtrain import ConfigPanel")
+    playwright.expect(cell).to_have_count(1)
+    output = cell.locator(".jp-OutputArea-output")
     playwright.expect(output.locator(".jupyter-widgets").first).to_be_visible(timeout=60_000)
     playwright.expect(output).to_contain_text("ZeRO")
     page.screenshot(path=artifacts / "config-panel.png")
 
 
 def test_open_tutorial_copies_it_into_the_workspace_and_opens_it(page: playwright.Page, workspace: Path) -> None:
-    palette(page, "Open tutorial…")
+    run_command(page, "nbtrain:open-tutorial")
     dialog = page.locator(".jp-Dialog")
     playwright.expect(dialog.locator("select")).to_contain_text("Quick start (01_quickstart.ipynb)")
     dialog.locator(".jp-mod-accept").click()
@@ -201,13 +205,21 @@ def step_of(row: playwright.Locator) -> int:
 def test_a_run_started_in_the_page_shows_live_and_stops_from_the_sidebar(
         page: playwright.Page, workspace: Path, artifacts: Path) -> None:
     open_document(page, "live.ipynb")
-    page.evaluate("() => { void window.jupyterapp.commands.execute('notebook:run-all-cells'); }")
+    # Run All only once the notebook's kernel is up: cells queued on a kernel still starting are dropped.
+    page.evaluate("""async () => {
+        const notebook = window.jupyterapp.shell.currentWidget;
+        await notebook.sessionContext.ready;
+        await notebook.sessionContext.session.kernel.info;
+        void window.jupyterapp.commands.execute('notebook:run-all-cells');
+    }""")
+    prompts = page.locator(".jp-NotebookPanel:not(.lm-mod-hidden) .jp-CodeCell .jp-InputPrompt")
+    playwright.expect(prompts.nth(2)).to_have_text(re.compile(r"\[\*\]"), timeout=120_000)
     open_sidebar(page)
     row = run_row(page, "ui-live")
-    playwright.expect(row.locator(".nbtrain-badge")).to_have_text("running", timeout=90_000)
+    playwright.expect(row.locator(".nbtrain-badge")).to_have_text("running", timeout=180_000)
     page.wait_for_function(
         "() => /step ([1-9]\\d*)\\/3000/.test(document.querySelector('li.nbtrain-run[data-run-id*=\"-ui-live-\"] "
-        ".nbtrain-run-step')?.textContent || '')", timeout=90_000)
+        ".nbtrain-run-step')?.textContent || '')", timeout=180_000)
     first = step_of(row)
     page.wait_for_function(
         f"() => Number((document.querySelector('li.nbtrain-run[data-run-id*=\"-ui-live-\"] .nbtrain-run-step')"

@@ -35,6 +35,12 @@ class JupyterLab:
         # No "get notified about Jupyter news?" toast over the page, no fetching from outside.
         (settings / "notification.jupyterlab-settings").write_text(
             json.dumps({"fetchNews": "false", "checkForUpdates": False}))
+        # Start a notebook's own kernel without asking, even when the kernel specs load late, and
+        # keep every cell in the page (no windowing), so that what a test reads is what is there.
+        notebooks = home / "settings" / "@jupyterlab" / "notebook-extension"
+        notebooks.mkdir(parents=True)
+        (notebooks / "tracker.jupyterlab-settings").write_text(
+            json.dumps({"autoStartDefaultKernel": True, "windowingMode": "none"}))
         self.log = home / "jupyter-lab.log"
         args = [sys.executable, "-m", "jupyter", "lab", "--no-browser", "--ServerApp.ip=127.0.0.1",
                 f"--ServerApp.port={self.port}", "--ServerApp.port_retries=0", f"--IdentityProvider.token={self.token}",
