@@ -161,6 +161,14 @@ def test_command_palette_offers_the_bigtrain_commands(page: playwright.Page) -> 
     playwright.expect(page.locator("#command-palette .lm-CommandPalette-input")).to_be_hidden()
 
 
+def test_launcher_has_the_bigtrain_cards(page: playwright.Page) -> None:
+    run_command(page, "launcher:create")
+    launcher = page.locator(".jp-Launcher:visible")
+    for label in ("BigTrain notebook", "Open tutorial…"):
+        playwright.expect(launcher.locator(".jp-LauncherCard", has_text=label)).to_have_count(1)
+    page.locator(".lm-DockPanel-tabBar .lm-TabBar-tab.lm-mod-current .lm-TabBar-tabCloseIcon").click()
+
+
 def test_insert_bigtrain_cell_inserts_the_template(page: playwright.Page) -> None:
     panel = open_document(page, "empty.ipynb")
     panel.locator(".jp-Cell").first.click()
