@@ -320,6 +320,9 @@ def _supervise(active: ActiveRun) -> tuple[str, str, int | None]:
                 time.sleep(0.05)
             codes = group.exit_codes()  # before our own stop signals muddy them
             group.stop()
+            status = watcher.run.status()
+            if status.get("state") == "stopped":  # stopped from outside, e.g. JupyterLab's Stop
+                return "stopped", str(status.get("reason", "stopped")), None
             return ("failed", *_failure_reason(watcher.run, codes))
         time.sleep(POLL_S)
 
