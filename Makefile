@@ -16,7 +16,7 @@ $(STAMP): pyproject.toml .ci/setup-env
 setup: $(STAMP)
 
 demo: setup
-	$(PY) .ci/run_notebook.py notebooks/01_quickstart.ipynb
+	$(PY) .ci/run_notebook.py --html build/demo/01_quickstart.html notebooks/01_quickstart.ipynb
 
 lint: setup
 	$(PY) -m ruff check nbtrain tests benchmarks .ci
@@ -53,8 +53,10 @@ test:
 bench: setup
 	$(PY) benchmarks/launch_overhead.py
 
-# Re-execute the tutorials in place (their saved outputs are what nbval compares).
+# Re-execute the tutorials in place (their saved outputs are what nbval compares), from an
+# empty run folder so that `%bigtrain runs` lists only their own runs.
 notebooks: setup
+	rm -rf notebooks/bigtrain-runs
 	for nb in notebooks/*.ipynb; do $(PY) .ci/run_notebook.py --save $$nb || exit 1; done
 
 clean:
