@@ -129,7 +129,10 @@ def static_view_problems(nb: Any) -> list[str]:
 def run(path: Path, save: bool, html: Path | None) -> int:
     """Execute the notebook at `path`; return the process exit code."""
     nb = nbformat.read(path, as_version=4)
+    # No widget state in the saved file: the config panel alone is ~700 KB of it, and every
+    # widget output also carries a text/plain form (the panel's summary, the run's PNG).
     client = StreamingClient(nb, timeout=CELL_TIMEOUT_S, kernel_name="python3", record_timing=False,
+                             store_widget_state=False,
                              resources={"metadata": {"path": str(path.parent.resolve())}})
     started = time.monotonic()
     code_cells = [c for c in nb.cells if c.cell_type == "code"]
