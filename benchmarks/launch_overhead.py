@@ -26,6 +26,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 
+from nbtrain.launcher import ops_cache_dir  # noqa: E402
 from tests.kernel import Kernel  # noqa: E402 - the same real-kernel driver the tests use
 
 STEPS = 60
@@ -39,7 +40,8 @@ def run_plain(config: dict, workdir: Path) -> dict:
     """Run the plain script under torchrun; return step times (from the command's start) and losses."""
     (workdir / "ds.json").write_text(json.dumps(config))
     out = workdir / "plain.json"
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(HERE)}
+    # The same prebuilt DeepSpeed ops as nbtrain's workers use, so neither side compiles.
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(HERE), "TORCH_EXTENSIONS_DIR": ops_cache_dir()}
     began = time.time()
     proc = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
                              str(HERE / "plain_deepspeed.py"), str(workdir / "ds.json"), str(STEPS), str(out)],

@@ -112,7 +112,18 @@ def worker_environment(rank: int, nproc: int, port: int, alive_fd: int, threads:
         **{ALIVE_FD_ENV: str(alive_fd)},
     )
     env.setdefault("OMP_NUM_THREADS", str(threads))
+    env.setdefault("TORCH_EXTENSIONS_DIR", ops_cache_dir())
     return env
+
+
+def ops_cache_dir() -> str:
+    """Return where DeepSpeed's JIT-built ops live: inside this Python environment.
+
+    torch's default (~/.cache/torch_extensions) is shared by every environment of the same
+    Python and torch; two environments then rebuild each other's ops (their source paths
+    differ), and a run waits minutes on the build lock of another environment's run.
+    """
+    return os.path.join(sys.prefix, "var", "torch_extensions")
 
 
 def default_threads(nproc: int) -> int:

@@ -27,6 +27,11 @@ def build_cpu_ops() -> list[str]:
 
 if __name__ == "__main__":
     import logging
+    import os
+
+    from nbtrain.launcher import ops_cache_dir
+
+    os.environ.setdefault("TORCH_EXTENSIONS_DIR", ops_cache_dir())  # where the workers look
 
     logging.disable(logging.WARNING)
     print("DeepSpeed CPU ops ready:", ", ".join(build_cpu_ops()))

@@ -5,7 +5,6 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-import psutil
 import pytest
 
 from tests.conftest import only_run, status_of, wait_until_gone, worker_processes
@@ -94,25 +93,6 @@ def test_workers_end_themselves_when_the_kernel_is_killed(tmp_path: Path, mode: 
     status = status_of(only_run(tmp_path))
     assert status["state"] == "stopped" and "kernel died" in status["reason"], status
     print(f"workers gone {took:.1f} s after kill -9 of the kernel")
-
-
-def test_many_runs_in_one_kernel_leave_nothing_behind(kernel: Kernel, tmp_path: Path) -> None:
-    kernel_process = psutil.Process(kernel.pid)
-
-    def footprint() -> tuple[int, int, int]:
-        return (len(kernel_process.children(recursive=True)), kernel_process.num_threads(),
-                kernel_process.num_fds())
-
-    kernel.execute("%%bigtrain --nproc 2 --steps 2 --micro-batch 8\n"
-                   "bigtrain.fit(make_model(), ToyData(), loss_fn=loss_fn)")
-    after_one = footprint()
-    for _ in range(3):
-        kernel.execute("%%bigtrain --nproc 2 --steps 2 --micro-batch 8\n"
-                       "bigtrain.fit(make_model(), ToyData(), loss_fn=loss_fn)")
-    after_four = footprint()
-    assert after_four == after_one, f"children/threads/fds after 1 run {after_one}, after 4 runs {after_four}"
-    assert after_one[0] == 0, "a worker is still a child of the kernel"
-    assert len(list((tmp_path / "bigtrain-runs").iterdir())) == 4
 
 
 def test_a_background_run_returns_at_once_and_keeps_the_kernel_usable(kernel: Kernel, tmp_path: Path) -> None:

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from nbtrain.launcher import ops_cache_dir
 from tests.conftest import NOTEBOOK_SETUP, losses, only_run
 from tests.kernel import Kernel
 
@@ -115,7 +116,7 @@ torch.distributed.destroy_process_group()
 
 def torchrun(script: Path, *args: Path, cwd: Path, timeout: float = 300) -> None:
     """Run `script` on 2 processes under torchrun; kill its whole process group on timeout."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TORCH_EXTENSIONS_DIR": ops_cache_dir()}
     proc = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
                              str(script), *map(str, args)], cwd=cwd, env=env, start_new_session=True,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
