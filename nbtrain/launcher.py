@@ -18,6 +18,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -126,6 +127,31 @@ def ops_cache_dir() -> str:
     return os.path.join(sys.prefix, "var", "torch_extensions")
 
 
+STALE_LOCK_S = 60.0
+
+
+def _ninja_running() -> bool:
+    import psutil
+
+    return any(proc.info["name"] == "ninja" for proc in psutil.process_iter(["name"]))
+
+
+def clear_stale_op_locks(ops_dir: Path, building: Callable[[], bool] = _ninja_running) -> list[Path]:
+    """Remove DeepSpeed op build locks that a killed process left behind; return them.
+
+    torch takes `<op>/lock` even to load an op that is already built, and a process killed
+    while holding it leaves it: every later run then waits on it forever. A lock older than
+    a minute while no ninja build runs on this machine is such a leftover.
+    """
+    now = time.time()
+    locks = [p for p in ops_dir.glob("*/lock") if now - p.stat().st_mtime > STALE_LOCK_S]
+    if not locks or building():
+        return []
+    for lock in locks:
+        lock.unlink(missing_ok=True)
+    return locks
+
+
 def default_threads(nproc: int) -> int:
     """Return the intra-op threads per worker: the cores shared out, at least one."""
     return max(1, (os.cpu_count() or 1) // nproc)
@@ -133,6 +159,9 @@ def default_threads(nproc: int) -> int:
 
 def launch_workers(run: RunDirectory, nproc: int, threads: int | None = None) -> WorkerGroup:
     """Start `nproc` workers for `run`, each writing its output to its log file."""
+    for lock in clear_stale_op_locks(Path(ops_cache_dir())):
+        print(f"bigtrain: removed a stale DeepSpeed op build lock left by a killed process: {lock}",
+              file=sys.stderr)
     port = free_port()
     reserve = run.path / SPACE_RESERVE
     with open(reserve, "wb") as f:  # real blocks, not a sparse file: it must hold space
