@@ -484,19 +484,11 @@ def test_a_background_run_keeps_its_dashboard_live_and_ends_it_without_wait(kern
 
 
 # -- in a real JupyterLab, as a user sees it -----------------------------------------------------
-def notebook(*sources: str) -> str:
-    cells = [{"cell_type": "code", "execution_count": None, "metadata": {}, "outputs": [], "source": s}
-             for s in sources]
-    return json.dumps({"cells": cells, "metadata": {"kernelspec": {"name": "python3", "display_name": "Python 3",
-                                                                   "language": "python"}},
-                       "nbformat": 4, "nbformat_minor": 5})
-
-
 @pytest.mark.browser
 def test_jupyterlab_shows_the_live_dashboard_stops_the_run_and_keeps_a_picture_and_table(tmp_path: Path) -> None:
     from playwright import sync_api as playwright
 
-    from tests.ui.lab import CHROMIUM, CHROMIUM_ARGS, JupyterLab
+    from tests.ui.lab import CHROMIUM, CHROMIUM_ARGS, JupyterLab, notebook
 
     root, home = tmp_path / "root", tmp_path / "home"
     root.mkdir()

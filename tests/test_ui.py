@@ -18,7 +18,7 @@ import pytest
 from playwright import sync_api as playwright
 
 from tests.conftest import NOTEBOOK_SETUP, wait_until_gone, worker_processes
-from tests.ui.lab import CHROMIUM, CHROMIUM_ARGS, JupyterLab
+from tests.ui.lab import CHROMIUM, CHROMIUM_ARGS, JupyterLab, notebook
 from tests.ui.rundirs import make_run
 
 pytestmark = pytest.mark.browser
@@ -33,14 +33,6 @@ def slow_loss(model, batch):
     return loss_fn(model, batch)
 '''
 LIVE_CELL = "%%bigtrain --nproc 2 --steps 3000 --name ui-live --no-plot\nresult = bigtrain.fit(make_model(), ToyData(), loss_fn=slow_loss)"
-
-
-def notebook(*sources: str) -> str:
-    cells = [{"cell_type": "code", "execution_count": None, "metadata": {}, "outputs": [], "source": s}
-             for s in sources]
-    return json.dumps({"cells": cells, "metadata": {"kernelspec": {"name": "python3", "display_name": "Python 3",
-                                                                   "language": "python"}},
-                       "nbformat": 4, "nbformat_minor": 5})
 
 
 @pytest.fixture(scope="module")
