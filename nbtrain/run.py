@@ -31,6 +31,8 @@ from nbtrain.rundir import RunDirectory, new_run_id, read_records, write_json_at
 from nbtrain.worker.heartbeat import find_hang, read_heartbeats
 
 POLL_S = 0.2
+RELAY_EVERY_S = 0.5
+HANG_CHECK_EVERY_S = 1.0
 # After one rank fails, the others get this long to write their own error before the stop.
 FAILURE_GRACE_S = 1.0
 
@@ -299,8 +301,15 @@ def _supervise(active: ActiveRun) -> tuple[str, str, int | None]:
     """Relay output and progress until every rank succeeded, one failed, or a stop was asked."""
     group, watcher, sink = active.group, active.watcher, active.sink
     poll_ui = getattr(sink, "poll_ui", None) if threading.current_thread() is threading.main_thread() else None
+    last_relay = last_hang_check = 0.0
     while True:
-        _relay(watcher, sink)
+        # The kernel shares the machine's cores with the workers: it reads the run directory
+        # and redraws only as often as a user can see (twice a second), and checks
+        # heartbeats as often as they are written; exits and Stop are looked at every tick.
+        now = time.monotonic()
+        if now - last_relay >= RELAY_EVERY_S:
+            _relay(watcher, sink)
+            last_relay = now
         if poll_ui is not None:
             poll_ui()  # a Stop click reaches us only if the busy kernel is asked to look
         if active.stop_requested.is_set():
@@ -309,7 +318,9 @@ def _supervise(active: ActiveRun) -> tuple[str, str, int | None]:
         codes = group.exit_codes()
         if all(code == 0 for code in codes):
             return "succeeded", "", None
-        hang = _hang(active)
+        hang = None
+        if now - last_hang_check >= HANG_CHECK_EVERY_S:
+            hang, last_hang_check = _hang(active), now
         if hang is not None:
             group.stop()
             return "failed", hang[1], hang[0]
