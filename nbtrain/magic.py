@@ -6,6 +6,7 @@ import html
 import sys
 import time
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 from IPython.core.error import UsageError
@@ -120,7 +121,7 @@ class BigTrainMagics(Magics):
     def _line_command(self, line: str) -> Any:
         words = line.split()
         command = words[0] if words else "runs"
-        root = RunDirectory(__import__("pathlib").Path(DEFAULT_RUN_ROOT)).path
+        root = Path(DEFAULT_RUN_ROOT)
         if command == "runs":
             runs = list(list_runs(root))
             if not runs:

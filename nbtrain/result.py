@@ -86,14 +86,12 @@ class RunResult:
         metrics = self.metrics
         if len(metrics):
             main = metrics[metrics["rank"] == 0]
-            last = main.iloc[-1]
             parts = [f"steps {int(main['step'].max())}"]
             for column, label in (("loss", "final loss"), ("eval_loss", "eval loss")):
                 if column in main and main[column].notna().any():
                     parts.append(f"{label} {main[column].dropna().iloc[-1]:.4f}")
             if "samples_per_s" in main and main["samples_per_s"].notna().any():
                 parts.append(f"{main['samples_per_s'].dropna().tail(20).median():.1f} samples/s")
-            del last
             lines.append("  " + ", ".join(parts))
         timings = status.get("timings", {})
         if timings:
