@@ -283,6 +283,7 @@ class RunHandle(RunResult):
 
 
 def _timings(timings: dict[str, float], watcher: _RunWatcher, started: float) -> dict[str, float]:
+    watcher.new_progress()  # read the last records: a short run can end between two relays
     done = dict(timings)
     if watcher.first_step_time is not None:
         done["first_step_s"] = watcher.first_step_time - started
