@@ -41,6 +41,8 @@ DEFAULT_RUN_ROOT = "bigtrain-runs"
 # A rank that makes no progress this long while its peers wait for it counts as hung.
 # Generous: a legitimate step of a big offloaded model can take minutes.
 DEFAULT_HANG_TIMEOUT_S = 300.0
+# Workers of a successful run stay this long for the next compatible run (`--keep-warm`).
+DEFAULT_KEEP_WARM_S = 900.0
 # DeepSpeed's own default for warmup_num_steps (deepspeed/runtime/lr_schedules.py).
 DEEPSPEED_DEFAULT_WARMUP_STEPS = 1000
 
@@ -109,6 +111,12 @@ class TrainConfig:
     hang_timeout: float | None = _flag(
         f"seconds a rank may make no progress while the others wait for it before the run is "
         f"stopped as hung (default {DEFAULT_HANG_TIMEOUT_S:.0f})"
+    )
+    cold: bool = _flag("start this run on fresh worker processes, not the warm ones of an earlier run",
+                       default=False)
+    keep_warm: float | None = _flag(
+        f"seconds the workers stay warm for the next compatible run once this one succeeds "
+        f"(default {DEFAULT_KEEP_WARM_S:.0f}; 0 ends them with the run)"
     )
     dry_run: bool = _flag("print the resolved DeepSpeed JSON and memory estimate; start nothing", default=False)
 

@@ -8,10 +8,16 @@ does not reach them by accident; a stop reaches all of them and their children).
 Kernel death: each worker holds the read end of a pipe whose only write end stays in the
 kernel. When the kernel dies in any way (kill -9 included) the pipe reads EOF and the
 workers end themselves (see `nbtrain.worker.entry`), so no worker outlives its kernel.
+
+Runs reach the workers as jobs: one JSON line on each worker's stdin per run. A worker
+answers on its own report pipe: `done` when the cell succeeded on its rank, then `ready`
+once it is clean for another run (`nbtrain.pool` keeps such groups warm). A failed rank
+exits instead, so a group that failed is never reused.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -26,6 +32,8 @@ from nbtrain.rundir import RunDirectory
 
 STOP_GRACE_S = 5.0
 ALIVE_FD_ENV = "NBTRAIN_ALIVE_FD"
+REPORT_FD_ENV = "NBTRAIN_REPORT_FD"
+COLLECTIVE_TIMEOUT_ENV = "NBTRAIN_COLLECTIVE_TIMEOUT_S"
 # Room kept in the run directory while workers run: a worker that finds the disk full deletes
 # it, so that its error report and the run's final status can still be written.
 SPACE_RESERVE = ".space-reserve"
@@ -41,13 +49,19 @@ def free_port(host: str = "127.0.0.1") -> int:
 
 @dataclass
 class WorkerGroup:
-    """The running workers of one run."""
+    """The worker processes of one launch, which may serve several runs one after another."""
 
     processes: list[subprocess.Popen[bytes]]
     port: int
     alive_fd: int  # the kernel's write end of the liveness pipe
+    report_fds: list[int]  # the kernel's read ends of each worker's report pipe
     started: float = field(default_factory=time.time)
-    reserve: Path | None = None  # the run's SPACE_RESERVE file
+    reserve: Path | None = None  # the current run's SPACE_RESERVE file
+    runs_served: int = 0
+    _reports: list[list[str]] = field(default_factory=list)  # per rank, since the last job
+
+    def __post_init__(self) -> None:
+        self._reports = [[] for _ in self.processes]
 
     @property
     def pids(self) -> list[int]:
@@ -57,12 +71,59 @@ class WorkerGroup:
     def pgid(self) -> int:
         return self.processes[0].pid
 
+    def submit(self, run: RunDirectory, last: bool = False) -> None:
+        """Send `run` to every worker; `last` tells them to end after it instead of staying warm."""
+        self.reserve = run.path / SPACE_RESERVE
+        with open(self.reserve, "wb") as f:  # real blocks, not a sparse file: it must hold space
+            f.write(b"\0" * SPACE_RESERVE_BYTES)
+        self._reports = [[] for _ in self.processes]
+        job = json.dumps({"run": str(run.path), "launched_at": time.time(), "last": last}) + "\n"
+        for p in self.processes:
+            assert p.stdin is not None
+            try:
+                p.stdin.write(job.encode())
+                p.stdin.flush()
+            except BrokenPipeError:
+                pass  # that worker is gone: its exit code tells the supervisor
+        self.runs_served += 1
+
     def exit_codes(self) -> list[int | None]:
-        """Return each rank's exit code, None for ranks still running."""
-        return [p.poll() for p in self.processes]
+        """Return each rank's result for the current run: 0 once it reported `done`, its exit
+        code if it ended without, None while it works."""
+        self._read_reports()
+        return [0 if "done" in reports else p.poll() for p, reports in zip(self.processes, self._reports, strict=True)]
+
+    def alive(self) -> bool:
+        return all(p.poll() is None for p in self.processes)
 
     def running(self) -> bool:
-        return any(code is None for code in self.exit_codes())
+        return any(p.poll() is None for p in self.processes)
+
+    def wait_ready(self, timeout: float) -> str | None:
+        """Wait until every worker is clean for another run; return why the group cannot serve, or None."""
+        deadline = time.monotonic() + timeout
+        while True:
+            self._read_reports()
+            for rank, reports in enumerate(self._reports):
+                retired = [r for r in reports if r.startswith("retire")]
+                if retired:
+                    return f"rank {rank} retired: {retired[0].removeprefix('retire ')}"
+            for rank, p in enumerate(self.processes):
+                if p.poll() is not None:
+                    return f"worker rank {rank} (pid {p.pid}) ended with code {p.returncode}"
+            if all("ready" in reports for reports in self._reports):
+                return None
+            if time.monotonic() > deadline:
+                return f"the workers were not clean again within {timeout:.0f} s of the last run"
+            time.sleep(0.02)
+
+    def _read_reports(self) -> None:
+        for fd, reports in zip(self.report_fds, self._reports, strict=True):
+            try:
+                chunk = os.read(fd, 4096)
+            except OSError:  # nothing new (BlockingIOError), or already closed
+                continue
+            reports += chunk.decode().splitlines()
 
     def stop(self, grace: float = STOP_GRACE_S) -> float:
         """End every worker and its children: SIGTERM, then SIGKILL after `grace` s.
@@ -80,20 +141,57 @@ class WorkerGroup:
             p.wait()
         return time.monotonic() - begun
 
+    def shutdown(self, grace: float = STOP_GRACE_S) -> float:
+        """End idle workers the polite way (their stdin closes; they leave the process group), then stop."""
+        begun = time.monotonic()
+        for p in self.processes:
+            if p.stdin is not None:
+                try:
+                    p.stdin.close()
+                except BrokenPipeError:
+                    pass
+        deadline = begun + grace
+        while self.running() and time.monotonic() < deadline:
+            time.sleep(0.02)
+        self.stop(grace=0)
+        self.close()
+        return time.monotonic() - begun
+
     def _signal(self, sig: int) -> None:
         try:
             os.killpg(self.pgid, sig)
         except (ProcessLookupError, PermissionError):
             pass
 
-    def close(self) -> None:
-        """Release the liveness pipe and the space reserve (after the workers are gone)."""
-        try:
-            os.close(self.alive_fd)
-        except OSError:
-            pass
+    def release_reserve(self) -> None:
+        """Remove the current run's space reserve (the run has ended)."""
         if self.reserve is not None:
             self.reserve.unlink(missing_ok=True)
+            self.reserve = None
+
+    def close(self) -> None:
+        """Release the pipes and the space reserve (after the workers are gone)."""
+        for fd in (self.alive_fd, *self.report_fds):
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+        for p in self.processes:
+            if p.stdin is not None:
+                try:
+                    p.stdin.close()
+                except OSError:
+                    pass
+        self.release_reserve()
+
+
+def collective_timeout_s(hang_timeout: float) -> float:
+    """Return the process group's collective timeout: a backstop behind --hang-timeout.
+
+    The kernel names a hung rank after --hang-timeout (from heartbeats); this ends the
+    collectives it could not attribute.
+    """
+    return hang_timeout + max(60.0, hang_timeout)
 
 
 def worker_environment(rank: int, nproc: int, port: int, alive_fd: int, threads: int) -> dict[str, str]:
@@ -157,39 +255,42 @@ def default_threads(nproc: int) -> int:
     return max(1, (os.cpu_count() or 1) // nproc)
 
 
-def launch_workers(run: RunDirectory, nproc: int, threads: int | None = None) -> WorkerGroup:
-    """Start `nproc` workers for `run`, each writing its output to its log file."""
+def launch_workers(run: RunDirectory, nproc: int, hang_timeout: float, threads: int | None = None) -> WorkerGroup:
+    """Start `nproc` workers for `run` (not yet submitted), each writing its output to the run's log."""
     for lock in clear_stale_op_locks(Path(ops_cache_dir())):
         print(f"bigtrain: removed a stale DeepSpeed op build lock left by a killed process: {lock}",
               file=sys.stderr)
     port = free_port()
-    reserve = run.path / SPACE_RESERVE
-    with open(reserve, "wb") as f:  # real blocks, not a sparse file: it must hold space
-        f.write(b"\0" * SPACE_RESERVE_BYTES)
-    read_fd, write_fd = os.pipe()  # both ends are not inherited unless passed explicitly
+    alive_read, alive_write = os.pipe()  # both ends are not inherited unless passed explicitly
     threads = threads or default_threads(nproc)
     processes: list[subprocess.Popen[bytes]] = []
+    report_fds: list[int] = []
     try:
         for rank in range(nproc):
+            report_read, report_write = os.pipe()
+            os.set_blocking(report_read, False)
+            report_fds.append(report_read)
+            env = worker_environment(rank, nproc, port, alive_read, threads)
+            env.update({REPORT_FD_ENV: str(report_write), COLLECTIVE_TIMEOUT_ENV: str(collective_timeout_s(hang_timeout))})
             log = open(run.log_file(rank), "ab")
             try:
                 processes.append(subprocess.Popen(
                     [sys.executable, "-m", "nbtrain.worker", str(run.path), str(rank)],
-                    env=worker_environment(rank, nproc, port, read_fd, threads),
-                    stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-                    pass_fds=(read_fd,),
+                    env=env, stdin=subprocess.PIPE, stdout=log, stderr=subprocess.STDOUT,
+                    pass_fds=(alive_read, report_write),
                     # The first worker leads a new process group and the others join it, so
                     # that the kernel's interrupt (sent to its own group) never reaches them.
                     process_group=0 if rank == 0 else processes[0].pid,
                 ))
             finally:
                 log.close()
+                os.close(report_write)
     except BaseException:
-        group = WorkerGroup(processes, port, write_fd, reserve=reserve)
+        group = WorkerGroup(processes, port, alive_write, report_fds)
         if processes:
             group.stop(grace=0)
         group.close()
         raise
     finally:
-        os.close(read_fd)
-    return WorkerGroup(processes, port, write_fd, reserve=reserve)
+        os.close(alive_read)
+    return WorkerGroup(processes, port, alive_write, report_fds)

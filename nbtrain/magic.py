@@ -72,7 +72,9 @@ def _help() -> str:
         "Inside the cell, `bigtrain` is the run: bigtrain.prepare(model, data) -> (engine, loader),\n"
         "bigtrain.fit(model, data, loss_fn=None, eval_data=None), bigtrain.log(**scalars),\n"
         "bigtrain.rank / .world_size / .is_main / .device / .config / .max_steps.\n\n"
-        "Line commands: %bigtrain runs (list runs), %bigtrain show RUN_ID (a run's result).\n\n"
+        "Line commands: %bigtrain runs (list runs), %bigtrain show RUN_ID (a run's result),\n"
+        "%bigtrain workers (the warm workers kept for the next run), %bigtrain shutdown (end them),\n"
+        "%bigtrain restart (end them; the next run starts on fresh workers).\n\n"
         + build_parser().format_help()
     )
 
@@ -132,7 +134,30 @@ class BigTrainMagics(Magics):
             return None
         if command == "show" and len(words) == 2:
             return RunResult(root.resolve() / words[1])
-        raise UsageError("usage: %bigtrain runs | %bigtrain show RUN_ID (cells: %%bigtrain FLAGS)")
+        if command in ("workers", "shutdown", "restart") and len(words) == 1:
+            from nbtrain.pool import POOL
+
+            if command == "workers":
+                print(describe_workers(POOL.describe()))
+            else:
+                print(POOL.shutdown() + ("; the next run starts on fresh workers" if command == "restart" else ""))
+            return None
+        raise UsageError("usage: %bigtrain runs | show RUN_ID | workers | shutdown | restart "
+                         "(cells: %%bigtrain FLAGS)")
+
+
+def describe_workers(rows: list[dict[str, Any]]) -> str:
+    """Return the `%bigtrain workers` table of the warm workers."""
+    if not rows:
+        return "no warm workers: the next run starts fresh ones"
+    first = rows[0]
+    lines = [f"warm workers: {first['nproc']} processes ({first['backend']}), {first['runs_served']} run(s) "
+             f"served, idle {first['idle_s']:.0f} s, ended after {first['ends_in_s']:.0f} s more without a run",
+             "rank  pid      memory     age"]
+    for row in rows:
+        memory = "gone" if row["rss_mib"] is None else f"{row['rss_mib']:.0f} MiB"
+        lines.append(f"{row['rank']:<5} {row['pid']:<8} {memory:<10} {row['age_s']:.0f} s")
+    return "\n".join(lines)
 
 
 def _config_type_problem(name: str, value: Any) -> Any:

@@ -97,6 +97,9 @@ class RunResult:
         if timings:
             lines.append("  " + ", ".join(f"{k.removesuffix('_s')} {v:.1f} s" for k, v in timings.items()
                                           if isinstance(v, (int, float))))
+        workers = status.get("workers")
+        if workers:
+            lines.append(f"  on {workers['note']}")
         if self.outputs:
             lines.append(f"  bound in the notebook: {', '.join(self.outputs)}")
         lines.append(f"  run directory: {self.run_dir}")

@@ -22,10 +22,10 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from nbtrain import shipping
-from nbtrain.config import DEFAULT_HANG_TIMEOUT_S, DEFAULT_RUN_ROOT
+from nbtrain.config import DEFAULT_HANG_TIMEOUT_S, DEFAULT_KEEP_WARM_S, DEFAULT_RUN_ROOT
 from nbtrain.errors import RunFailed
-from nbtrain.launcher import WorkerGroup, launch_workers
 from nbtrain.plan import RunPlan
+from nbtrain.pool import POOL, Workers
 from nbtrain.result import RunResult
 from nbtrain.rundir import RunDirectory, new_run_id, read_records, write_json_atomic
 from nbtrain.worker.heartbeat import find_hang, read_heartbeats
@@ -163,8 +163,9 @@ def create_run_directory(plan: RunPlan, cell: str, inputs: bytes) -> RunDirector
 class ActiveRun:
     """A launched run and its supervision: the same code for foreground and background."""
 
-    def __init__(self, plan: RunPlan, run: RunDirectory, group: WorkerGroup, sink: ProgressSink, started: float):
-        self.plan, self.run, self.group, self.sink, self.started = plan, run, group, sink, started
+    def __init__(self, plan: RunPlan, run: RunDirectory, workers: Workers, sink: ProgressSink, started: float):
+        self.plan, self.run, self.workers, self.sink, self.started = plan, run, workers, sink, started
+        self.group = workers.group
         self.timings = {"launch_s": time.time() - started}
         self.watcher = _RunWatcher(run, started)
         self.stop_requested = threading.Event()
@@ -175,7 +176,12 @@ class ActiveRun:
         self.stop_requested.set()
 
     def supervise(self) -> tuple[str, str, int | None]:
-        """Relay output and progress until the run ends; stop every worker however it ends."""
+        """Relay output and progress until the run ends; stop every worker unless it succeeded.
+
+        The workers of a succeeded run stay warm for the next one (`nbtrain.pool`), unless
+        `--keep-warm 0`; a failed, stopped or interrupted run's workers are all ended.
+        """
+        state = "failed"
         try:
             state, reason, failed_rank = _supervise(self)
         except KeyboardInterrupt:
@@ -184,8 +190,13 @@ class ActiveRun:
                             timings=_timings(self.timings, self.watcher, self.started))
             raise
         finally:
-            self.group.stop()
-            self.group.close()
+            if state == "succeeded":
+                self.group.release_reserve()
+                keep = self.plan.config.keep_warm
+                POOL.keep(self.workers, DEFAULT_KEEP_WARM_S if keep is None else keep)
+            else:
+                self.group.stop()
+                self.group.close()
         self.outcome = (state, reason, failed_rank)
         self.run.finish(state, reason, failed_rank=failed_rank,
                         timings=_timings(self.timings, self.watcher, self.started))
@@ -215,15 +226,18 @@ def launch(plan: RunPlan, cell: str, namespace: MutableMapping[str, Any], sink: 
     started = time.time()
     inputs = shipping.dumps(shipping.collect(cell, namespace))
     run = create_run_directory(plan, cell, inputs)
-    group = launch_workers(run, plan.nproc)
-    run.write_status(state="running", started=started, pids=group.pids, port=group.port)
-    active = ActiveRun(plan, run, group, sink, started)
+    workers = POOL.workers_for(run, plan)
+    workers.group.submit(run, last=plan.config.keep_warm == 0)
+    run.write_status(state="running", started=started, pids=workers.group.pids, port=workers.group.port,
+                     workers={"warm": workers.warm, "note": workers.note,
+                              "runs_served": workers.group.runs_served})
+    active = ActiveRun(plan, run, workers, sink, started)
     sink.started(run, plan, active.request_stop)
     return active
 
 
 def start_run(plan: RunPlan, cell: str, namespace: MutableMapping[str, Any], sink: ProgressSink) -> RunResult:
-    """Run `cell` as planned on fresh workers; bind `--out` names in `namespace` on success.
+    """Run `cell` as planned (on warm workers when they fit); bind `--out` names in `namespace` on success.
 
     With `--background` it returns a RunHandle at once; the run is supervised by a thread.
     Raises RunFailed when a rank fails (every worker is stopped first) and
@@ -328,7 +342,7 @@ def _supervise(active: ActiveRun) -> tuple[str, str, int | None]:
         failed = [rank for rank, code in enumerate(codes) if code not in (None, 0)]
         if failed:
             deadline = time.monotonic() + FAILURE_GRACE_S
-            while group.running() and time.monotonic() < deadline:
+            while None in group.exit_codes() and time.monotonic() < deadline:
                 time.sleep(0.05)
             codes = group.exit_codes()  # before our own stop signals muddy them
             group.stop()

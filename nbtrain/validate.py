@@ -62,6 +62,7 @@ def _check_numbers(cfg: TrainConfig, ds: Mapping[str, Any]) -> list[Problem]:
         found += _positive(flag, value)
     found += _positive("--warmup-steps", cfg.warmup_steps, allow_zero=True)
     found += _positive("--hang-timeout", cfg.hang_timeout, whole=False)
+    found += _positive("--keep-warm", cfg.keep_warm, allow_zero=True, whole=False)
     found += _positive("--seed", cfg.seed, allow_zero=True)
     found += _positive(_where(cfg.micro_batch, "--micro-batch", "train_micro_batch_size_per_gpu"),
                        ds.get("train_micro_batch_size_per_gpu"))

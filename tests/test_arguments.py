@@ -18,6 +18,7 @@ CONTRACT_FLAGS = {
     "--scheduler", "--warmup-steps", "--steps", "--epochs", "--quant", "--hpz", "--qat", "--config",
     "--set", "--name", "--run-dir", "--out", "--background", "--no-plot", "--checkpoint-every",
     "--resume", "--hang-timeout", "--seed", "--dry-run", "--hostfile", "--hosts", "--multinode-launcher",
+    "--cold", "--keep-warm",
 }
 CONTRACT_CHOICES = {
     "--zero": [0, 1, 2, 3],

@@ -197,4 +197,5 @@ def test_a_crash_during_a_save_leaves_the_last_good_checkpoint_resumable(kernel:
     log = (after / "logs" / "rank-0.out").read_text()
     assert "starts at 2 with 4 micro-batches" in log and "ends at 6" in log, log
     assert status_of(after)["state"] == "succeeded"
+    kernel.execute("%bigtrain shutdown")  # the succeeded run's workers were kept warm
     assert not worker_processes(str(tmp_path))

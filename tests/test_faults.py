@@ -131,6 +131,7 @@ def test_a_full_checkpoint_disk_keeps_the_last_good_checkpoint(kernel: Kernel, t
 
 
 def test_twenty_runs_in_one_kernel_leave_nothing_behind(kernel: Kernel, tmp_path: Path) -> None:
+    # Runs whose workers end with them (--keep-warm 0); test_pool covers twenty warm runs.
     kernel_process = psutil.Process(kernel.pid)
 
     def footprint() -> dict[str, int]:
@@ -138,7 +139,7 @@ def test_twenty_runs_in_one_kernel_leave_nothing_behind(kernel: Kernel, tmp_path
                 "threads": kernel_process.num_threads(), "fds": kernel_process.num_fds(),
                 "sockets": len(kernel_process.net_connections(kind="all"))}
 
-    cell = "%%bigtrain --nproc 2 --steps 1 --micro-batch 8 --no-plot\nbigtrain.fit(make_model(), ToyData(), loss_fn=loss_fn)"
+    cell = "%%bigtrain --nproc 2 --steps 1 --micro-batch 8 --no-plot --keep-warm 0\nbigtrain.fit(make_model(), ToyData(), loss_fn=loss_fn)"
     kernel.execute(cell)
     after_one = footprint()
     for _ in range(19):

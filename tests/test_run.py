@@ -111,6 +111,9 @@ def test_a_background_run_returns_at_once_and_keeps_the_kernel_usable(kernel: Ke
     kernel.execute("result = handle.wait()")
     assert kernel.execute("print(result.status, round(final, 4) == round(result.metrics['loss'].dropna().iloc[-1], 4))"
                           ).text.strip() == "succeeded True"
+    # The run's workers are kept warm for the next run, idle, until asked to end.
+    assert "2 processes (gloo), 1 run(s) served" in kernel.execute("%bigtrain workers").text
+    kernel.execute("%bigtrain shutdown")
     assert not worker_processes(str(tmp_path))
 
 

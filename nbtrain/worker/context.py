@@ -7,7 +7,6 @@ import json
 import os
 import time
 from collections.abc import Callable
-from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -184,12 +183,10 @@ class BigTrain:
         # accelerate overwrites steps_per_print with inf; a value the user set must hold.
         if "steps_per_print" in self.config:
             plugin.deepspeed_config["steps_per_print"] = self.config["steps_per_print"]
-        # The collective timeout is a backstop: the kernel names a hung rank after
-        # --hang-timeout (from heartbeats); this ends collectives it could not attribute.
-        hang = self._cfg.hang_timeout or defaults.DEFAULT_HANG_TIMEOUT_S
-        timeout = timedelta(seconds=hang + max(60.0, hang))
+        # The worker joined the process group before the cell (with the collective timeout
+        # that backs up --hang-timeout); accelerate finds it up and keeps it.
         self.accelerator = Accelerator(deepspeed_plugin=plugin, gradient_accumulation_steps=grad_accum,
-                                       kwargs_handlers=[InitProcessGroupKwargs(backend=backend, timeout=timeout)])
+                                       kwargs_handlers=[InitProcessGroupKwargs(backend=backend)])
         self.timeline["accelerator_ready"] = time.time()
         optimizer = DummyOptim(model.parameters())
         if "scheduler" in self.config:

@@ -1,14 +1,18 @@
-"""One worker process: run the cell on this rank, report, and leave nothing behind.
+"""One worker process: run cells on this rank, report, and leave nothing behind.
 
-Started by `nbtrain.launcher` as `python -m nbtrain.worker RUN_DIR RANK`. The order of
-events is the contract with the kernel side (`nbtrain.run`):
-exit 0 = the cell succeeded on this rank (rank 0 has written the `--out` values);
-exit 1 = the cell raised (errors/rank-N.json says where); any other end = killed.
+Started by `nbtrain.launcher` as `python -m nbtrain.worker FIRST_RUN_DIR RANK`; each run's
+directory then arrives as one JSON line on stdin. What the kernel side (`nbtrain.run`,
+`nbtrain.launcher`) relies on:
+`done` on the report pipe = the cell succeeded on this rank (rank 0 has written the `--out` values);
+exit 1 = the cell raised (errors/rank-N.json says where); any other exit = killed;
+`ready` = warm again for the next run; `retire REASON` = ending instead; exit 0 = stdin closed.
 """
 
 from __future__ import annotations
 
 import errno
+import json
+import linecache
 import os
 import pickle
 import shutil
@@ -16,8 +20,9 @@ import sys
 import threading
 import time
 import traceback
+from datetime import timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 CELL_FILENAME = "<bigtrain cell>"
 # What a full disk looks like from a write; the kernel shows these words as the reason.
@@ -53,16 +58,22 @@ class _Tee:
         return False
 
 
-def watch_kernel(alive_fd: int, run_path: Path, rank: int) -> None:
+class CurrentRun:
+    """The run this worker is working on, if any (the kernel watcher marks it stopped)."""
+
+    path: Path | None = None
+
+
+def watch_kernel(alive_fd: int, rank: int, current: type[CurrentRun]) -> None:
     """End this process when the kernel dies (its end of the liveness pipe closes)."""
 
     def wait_for_eof() -> None:
         while os.read(alive_fd, 1):
             pass
-        if rank == 0:
+        if rank == 0 and current.path is not None:
             from nbtrain.rundir import RunDirectory
 
-            RunDirectory(run_path).finish("stopped", "the kernel died or restarted; the workers ended themselves")
+            RunDirectory(current.path).finish("stopped", "the kernel died or restarted; the workers ended themselves")
         os._exit(3)
 
     threading.Thread(target=wait_for_eof, name="nbtrain-kernel-watch", daemon=True).start()
@@ -95,42 +106,94 @@ def disk_full(exc: BaseException, run_path: Path) -> str | None:
     return f"no space left on device in {run_path}" if free < _NEARLY_FULL_BYTES else None
 
 
-def main(run_path: Path, rank: int) -> int:
-    from nbtrain.launcher import ALIVE_FD_ENV, SPACE_RESERVE
-    from nbtrain.worker.heartbeat import Heartbeat
+def main(first_run: Path, rank: int) -> int:
+    """Warm up, then run each job the kernel sends (one line on stdin per run) until stdin closes.
 
-    timeline = {"launched": float(os.environ.get("NBTRAIN_LAUNCHED_AT", "nan")), "python_started": time.time()}
-    watch_kernel(int(os.environ[ALIVE_FD_ENV]), run_path, rank)
-    heartbeat = Heartbeat(run_path, rank)
-    heartbeat.start()
+    The first job is the run the workers were started for; later ones reuse this warm
+    process (issue: warm workers). After a job this worker reports `done` on its report pipe
+    (the run succeeded on this rank), puts the process back as it was before the run, and
+    reports `ready` (or `retire REASON` and ends, when it cannot).
+    """
+    from nbtrain.launcher import ALIVE_FD_ENV, REPORT_FD_ENV
 
-    import linecache
+    python_started = time.time()
+    watch_kernel(int(os.environ[ALIVE_FD_ENV]), rank, CurrentRun)
+    report = os.fdopen(int(os.environ[REPORT_FD_ENV]), "w", buffering=1)
+    CurrentRun.path = first_run
+    try:
+        imports_done = warm_up()
+    except BaseException as exc:  # noqa: BLE001 - reported like a failure of the first run's cell
+        _fail(exc, first_run, rank, "")
+    from nbtrain.worker.isolation import ProcessState
 
-    import cloudpickle
+    clean = ProcessState.capture()
+    timeline = {"python_started": python_started, "imports_done": imports_done}
+    for line in sys.stdin:  # blocks while idle: no busy loop
+        job = json.loads(line)
+        CurrentRun.path = Path(job["run"])
+        timeline = {"launched": job["launched_at"], "job_received": time.time(), **timeline}
+        context = run_job(CurrentRun.path, rank, timeline)
+        report.write("done\n")
+        CurrentRun.path = None
+        timeline = {}
+        if job.get("last"):
+            break
+        why_not = clean_up(context, clean)
+        del context
+        report.write(f"retire {why_not}\n" if why_not else "ready\n")
+        if why_not:
+            break
+    _teardown(None)
+    # Skip interpreter finalisation: C++ threads of the comm backends abort the process
+    # ("terminate called without an active exception") when destroyed at exit.
+    sys.__stdout__.flush()  # type: ignore[union-attr]
+    sys.__stderr__.flush()  # type: ignore[union-attr]
+    os._exit(0)
 
+
+def warm_up() -> float:
+    """Import the libraries and join the process group once for every run; return when imports were done."""
+    # Imported before any cell: their loggers must bind the real stdout, not the tee.
+    import accelerate  # noqa: F401
+    import deepspeed  # noqa: F401
+    import torch
+    from accelerate.state import PartialState
+
+    from nbtrain.launcher import COLLECTIVE_TIMEOUT_ENV
+
+    imports_done = time.time()
+    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    # What accelerate's Accelerator would do in the cell (through deepspeed.comm); it then
+    # finds the group up. Without an explicit backend accelerate leaves it unset on CPU.
+    PartialState(backend=backend, timeout=timedelta(seconds=float(os.environ[COLLECTIVE_TIMEOUT_ENV])))
+    return imports_done
+
+
+def run_job(run_path: Path, rank: int, timeline: dict[str, float]) -> Any:
+    """Run the cell of `run_path` on this rank; return its BigTrain context. A failure ends the process."""
     from nbtrain import shipping
-    from nbtrain.rundir import RunDirectory, read_json, write_json_atomic
-
-    run = RunDirectory(run_path)
+    from nbtrain.rundir import RunDirectory, read_json
+    from nbtrain.worker.heartbeat import Heartbeat
     from nbtrain.worker.utilization import start_sampler
 
-    start_sampler(run, rank)
+    run = RunDirectory(run_path)
+    _output_to(run.log_file(rank))
+    heartbeat = Heartbeat(run_path, rank)
+    heartbeat.start()
+    sampler_stop = threading.Event()
+    start_sampler(run, rank, stop=sampler_stop)
     info = run.run_info()
+    os.chdir(info["cwd"])
     cell = run.cell_file.read_text()
     linecache.cache[CELL_FILENAME] = (len(cell), None, cell.splitlines(True), CELL_FILENAME)
     user_stream = open(run.path / "logs" / f"rank-{rank}.out", "a", buffering=1)
     bt = None
     try:
-        # Imported before the cell: their loggers must bind the real stdout, not the tee.
-        import accelerate  # noqa: F401
-        import deepspeed  # noqa: F401
-        import torch  # noqa: F401
         from accelerate.utils import set_seed
 
         from nbtrain.config import TrainConfig
         from nbtrain.worker.context import BigTrain
 
-        timeline["imports_done"] = time.time()
         cfg = TrainConfig(**_tupled(info["config"]))
         bt = BigTrain(run, cfg, read_json(run.deepspeed_file), timeline)
         heartbeat.context = bt
@@ -150,31 +213,75 @@ def main(run_path: Path, rank: int) -> int:
         outputs = {name: bt.consolidated_out(namespace[name]) for name in cfg.out if name in namespace}
         missing = [name for name in cfg.out if name not in namespace]
         if rank == 0:
-            _write_outputs(run, outputs, missing, cloudpickle)
+            _write_outputs(run, outputs, missing)
     except BaseException as exc:  # noqa: BLE001 - every failure is reported, then the process ends
         sys.stdout = sys.__stdout__
-        report = error_report(exc, rank, cell)
-        full = disk_full(exc, run_path)
-        if full:
-            report["disk_full"] = full
-            # Free the room the launcher kept for this report and the run's final status.
-            (run_path / SPACE_RESERVE).unlink(missing_ok=True)
-        write_json_atomic(run.error_file(rank), report)
-        print(report["traceback"], file=sys.stderr, flush=True)
-        # Peers may be dead or stuck in a collective: skip every teardown that could wait on them.
-        os._exit(1)
+        _fail(exc, run_path, rank, cell)
     finally:
-        user_stream.flush()
-    _teardown(bt)
-    # Skip interpreter finalisation: C++ threads of the comm backends abort the process
-    # ("terminate called without an active exception") when destroyed at exit.
+        user_stream.close()
+    heartbeat.stop()
+    sampler_stop.set()
+    sys.__stdout__.flush()  # type: ignore[union-attr]
+    return bt
+
+
+def clean_up(bt: Any, clean: Any) -> str | None:
+    """Put this warm process back as `clean` recorded it; return why it cannot serve again, or None."""
+    from accelerate.state import AcceleratorState, GradientState
+
+    from nbtrain.worker.isolation import kill_children, release_memory
+
+    _teardown(bt, keep_process_group=True)
+    # accelerate's singletons keep the finished run's plugin and settings in class-level dicts
+    # (changed in place, so `restore` cannot see them); the process group (PartialState) stays.
+    AcceleratorState._reset_state(reset_partial_state=False)
+    GradientState._reset_state()
+    clean.destroy_new_process_groups()
+    changed = clean.restore()
+    if changed:
+        print(f"nbtrain: put back after the run: {', '.join(changed[:200])}"
+              + (f" and {len(changed) - 20} more" if len(changed) > 200 else ""), flush=True)
+    children = kill_children()
+    if children:
+        print(f"nbtrain: ended {len(children)} process(es) the run left running: {children}", flush=True)
+    release_memory()
+    threads = clean.leftover_threads()
+    if threads:
+        return f"the run left threads running ({', '.join(threads[:5])}); they cannot be stopped from outside"
+    return None
+
+
+def _output_to(log_file: Path) -> None:
+    """Send this process's stdout and stderr (C-level writes too) to `log_file`."""
     sys.__stdout__.flush()  # type: ignore[union-attr]
     sys.__stderr__.flush()  # type: ignore[union-attr]
-    os._exit(0)
+    fd = os.open(log_file, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+    os.dup2(fd, 1)
+    os.dup2(fd, 2)
+    os.close(fd)
 
 
-def _write_outputs(run: Any, outputs: dict[str, Any], missing: list[str], cloudpickle: Any) -> None:
+def _fail(exc: BaseException, run_path: Path, rank: int, cell: str) -> NoReturn:
+    """Report this rank's error into the run directory and end the process at once."""
+    from nbtrain.launcher import SPACE_RESERVE
+    from nbtrain.rundir import RunDirectory, write_json_atomic
+
+    report = error_report(exc, rank, cell)
+    full = disk_full(exc, run_path)
+    if full:
+        report["disk_full"] = full
+        # Free the room the launcher kept for this report and the run's final status.
+        (run_path / SPACE_RESERVE).unlink(missing_ok=True)
+    write_json_atomic(RunDirectory(run_path).error_file(rank), report)
+    print(report["traceback"], file=sys.stderr, flush=True)
+    # Peers may be dead or stuck in a collective: skip every teardown that could wait on them.
+    os._exit(1)
+
+
+def _write_outputs(run: Any, outputs: dict[str, Any], missing: list[str]) -> None:
     """Send rank 0's `--out` values back; a value that cannot be pickled is named."""
+    import cloudpickle
+
     sendable, problems = {}, dict.fromkeys(missing, "the cell did not define it")
     for name, value in outputs.items():
         try:
@@ -188,7 +295,7 @@ def _write_outputs(run: Any, outputs: dict[str, Any], missing: list[str], cloudp
     os.replace(tmp, run.outputs_file)
 
 
-def _teardown(bt: Any) -> None:
+def _teardown(bt: Any, keep_process_group: bool = False) -> None:
     """Destroy the engine, then the process group (the other order fails; a missed one aborts ZeRO-3)."""
     if bt is not None:
         bt.close()
@@ -196,7 +303,7 @@ def _teardown(bt: Any) -> None:
             bt.engine.destroy()
     import torch.distributed as dist
 
-    if dist.is_available() and dist.is_initialized():
+    if not keep_process_group and dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
 
 

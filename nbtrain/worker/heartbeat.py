@@ -39,18 +39,25 @@ class Heartbeat:
         self._main = threading.main_thread().ident
         self._state: tuple[int, bool] | None = None
         self._since = time.time()
+        self._stopped = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="nbtrain-heartbeat", daemon=True)
 
     def start(self) -> None:
         self._path.parent.mkdir(parents=True, exist_ok=True)
-        threading.Thread(target=self._run, name="nbtrain-heartbeat", daemon=True).start()
+        self._thread.start()
+
+    def stop(self) -> None:
+        """End the heartbeat (a warm worker between runs beats for no run)."""
+        self._stopped.set()
+        self._thread.join()
 
     def _run(self) -> None:
-        while True:
+        while not self._stopped.is_set():
             try:
                 self._beat()
             except OSError:
                 pass  # a full disk must not end the worker from here; training reports it
-            time.sleep(BEAT_S)
+            self._stopped.wait(BEAT_S)
 
     def _beat(self) -> None:
         frame = sys._current_frames().get(self._main or 0)

@@ -1,0 +1,175 @@
+"""Warm workers: the next run of a cell starts in the processes of the last one.
+
+A cold run spends seconds before its first step: starting Python, importing torch,
+DeepSpeed and accelerate, joining the process group. After a run succeeds its workers put
+themselves back as they were before it (`nbtrain.worker.isolation`) and wait, idle, for the
+next run with the same launch shape (`LaunchShape`). Anything else gets fresh workers, and
+the run says why. At most one idle group is kept per kernel; it ends after `--keep-warm`
+seconds without a run, on `%bigtrain shutdown`, and with the kernel (the liveness pipe).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import sys
+import threading
+import time
+from dataclasses import dataclass, fields
+from typing import Any
+
+from nbtrain.config import DEFAULT_HANG_TIMEOUT_S, DEFAULT_KEEP_WARM_S
+from nbtrain.launcher import WorkerGroup, collective_timeout_s, default_threads, launch_workers
+from nbtrain.plan import RunPlan
+from nbtrain.rundir import RunDirectory
+
+# A warm worker cleans up right after its run; the next run waits for that at most this long.
+READY_TIMEOUT_S = 60.0
+# Variables that differ on every launch by design; any other change of the environment the
+# workers were started with means fresh workers (they would not see it).
+_PER_LAUNCH = {"NBTRAIN_LAUNCHED_AT"}
+
+
+@dataclass(frozen=True)
+class LaunchShape:
+    """What must be equal for a run to start in already-running workers."""
+
+    nproc: int
+    hosts: tuple[str, ...]
+    backend: str
+    threads: int
+    collective_timeout_s: float
+    python: str
+    environment: str  # a digest of the workers' environment, see `environment_digest`
+
+    def difference(self, wanted: LaunchShape) -> str | None:
+        """Return why workers of this shape cannot run `wanted`, or None if they can."""
+        labels = {"nproc": "--nproc", "hosts": "the hosts", "backend": "the backend",
+                  "threads": "threads per worker", "collective_timeout_s": "the collective timeout (from --hang-timeout)",
+                  "python": "the Python executable", "environment": "the environment"}
+        for f in fields(self):
+            have, want = getattr(self, f.name), getattr(wanted, f.name)
+            if have != want:
+                if f.name == "environment":
+                    return "the kernel's environment variables or sys.path changed since the workers started"
+                return f"{labels[f.name]} changed from {have} to {want}"
+        return None
+
+
+def environment_digest(environ: dict[str, str] | None = None) -> str:
+    """Digest the environment workers inherit (plus the kernel's sys.path and working directory)."""
+    environ = dict(os.environ if environ is None else environ)
+    items = sorted((k, v) for k, v in environ.items() if k not in _PER_LAUNCH)
+    text = repr((items, sys.path, os.getcwd()))
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def shape_for(plan: RunPlan) -> LaunchShape:
+    """Return the launch shape `plan` needs."""
+    hang = plan.config.hang_timeout or DEFAULT_HANG_TIMEOUT_S
+    return LaunchShape(nproc=plan.nproc, hosts=("localhost",), backend="nccl" if plan.machine.cuda else "gloo",
+                       threads=default_threads(plan.nproc), collective_timeout_s=collective_timeout_s(hang),
+                       python=sys.executable, environment=environment_digest())
+
+
+@dataclass
+class Workers:
+    """The workers a run got, and how: warm (an earlier run's) or fresh, and why fresh."""
+
+    group: WorkerGroup
+    shape: LaunchShape
+    warm: bool
+    note: str
+
+
+class WorkerPool:
+    """The kernel's warm workers: at most one idle group."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._idle: Workers | None = None
+        self._idle_since = 0.0
+        self._keep_s = DEFAULT_KEEP_WARM_S
+        self._timer: threading.Timer | None = None
+
+    def workers_for(self, run: RunDirectory, plan: RunPlan) -> Workers:
+        """Return workers for `run`: the idle group if its shape fits, else a fresh group."""
+        shape = shape_for(plan)
+        with self._lock:
+            idle, self._idle = self._idle, None
+            self._cancel_timer()
+        why_fresh = "no warm workers"
+        if idle is not None:
+            why_fresh = ("--cold" if plan.config.cold else idle.shape.difference(shape)
+                         or idle.group.wait_ready(READY_TIMEOUT_S) or "")
+            if not why_fresh:
+                served = idle.group.runs_served + 1
+                return Workers(idle.group, shape, warm=True,
+                               note=f"warm workers (pids {', '.join(map(str, idle.group.pids))}; run {served} in them)")
+            idle.group.shutdown()
+        group = launch_workers(run, plan.nproc, hang_timeout=plan.config.hang_timeout or DEFAULT_HANG_TIMEOUT_S,
+                               threads=shape.threads)
+        return Workers(group, shape, warm=False, note=f"fresh workers ({why_fresh})")
+
+    def keep(self, workers: Workers, keep_s: float) -> None:
+        """Keep the workers of a succeeded run warm for `keep_s` seconds (0: end them now)."""
+        if keep_s <= 0 or not workers.group.alive():
+            workers.group.shutdown()
+            return
+        with self._lock:
+            previous, self._idle = self._idle, workers
+            self._idle_since, self._keep_s = time.time(), keep_s
+            self._cancel_timer()
+            self._timer = threading.Timer(keep_s, self._expire, args=(workers,))
+            self._timer.daemon = True
+            self._timer.start()
+        if previous is not None:  # a background run's group and this one: keep the newest
+            previous.group.shutdown()
+
+    def shutdown(self) -> str:
+        """End the idle workers; return what happened, for the user."""
+        with self._lock:
+            idle, self._idle = self._idle, None
+            self._cancel_timer()
+        if idle is None:
+            return "no warm workers to end"
+        took = idle.group.shutdown()
+        return f"ended {len(idle.group.pids)} warm workers (pids {', '.join(map(str, idle.group.pids))}) in {took:.1f} s"
+
+    def describe(self) -> list[dict[str, Any]]:
+        """Return one row per idle worker: rank, pid, memory, age, runs served, idle time left."""
+        import psutil
+
+        with self._lock:
+            idle, since, keep_s = self._idle, self._idle_since, self._keep_s
+        if idle is None:
+            return []
+        rows = []
+        now = time.time()
+        for rank, pid in enumerate(idle.group.pids):
+            try:
+                rss = psutil.Process(pid).memory_info().rss
+            except psutil.NoSuchProcess:
+                rss = None
+            rows.append({"rank": rank, "pid": pid, "rss_mib": None if rss is None else rss / 2**20,
+                         "age_s": now - idle.group.started, "runs_served": idle.group.runs_served,
+                         "idle_s": now - since, "ends_in_s": max(0.0, keep_s - (now - since)),
+                         "nproc": idle.shape.nproc, "backend": idle.shape.backend})
+        return rows
+
+    def _expire(self, workers: Workers) -> None:
+        with self._lock:
+            if self._idle is not workers:
+                return
+            self._idle, self._timer = None, None
+        workers.group.shutdown()
+
+    def _cancel_timer(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+
+# The kernel's one pool (module state: the kernel is one process, and its magics, panels and
+# background runs must all see the same warm workers).
+POOL = WorkerPool()
