@@ -382,8 +382,8 @@ class RemoteRelay:
 
     def _finish(self) -> int:
         killed = self.workers.end(self.grace_s)
-        if killed:
-            print(f"nbtrain.relay: {self._end_reason}; ended workers {killed}", file=sys.stderr, flush=True)
+        ended = f"; ended workers {killed}" if killed else "; no worker was left"
+        print(f"nbtrain.relay: {self._end_reason}{ended}", file=sys.stderr, flush=True)
         if not self._channel_open:
             return 3
         # The head is listening: let it have the workers' last words, then say goodbye.
@@ -494,13 +494,18 @@ class RemoteRelay:
         last_beat = 0.0
         try:
             while not self._ending.is_set():
+                # Only requests that came before this scan began are answered after it: a byte
+                # written before the head asked is then surely out.
+                asked = [self._syncs.get() for _ in range(self._syncs.qsize())]
                 with self._scan_lock:
                     if not self.shared:
                         self._send_all(self.watcher.changes())
-                    while not self._syncs.empty():  # every byte written before the request is out
-                        self._write(encode("synced", id=self._syncs.get()))
+                    for sync_id in asked:
+                        self._write(encode("synced", id=sync_id))
                 if time.monotonic() - last_beat >= BEAT_S:
-                    self._write(encode("beat", time=time.time()))
+                    # The workers' pids go with each beat (a /proc scan: about 8 µs a process).
+                    exited = {str(p.pid): p.returncode for p in self.workers.started if p.poll() is not None}
+                    self._write(encode("beat", time=time.time(), workers=self.workers.alive(), exited=exited))
                     last_beat = time.monotonic()
                 try:  # a sync request wakes us at once; it is answered after the next scan
                     self._syncs.put(self._syncs.get(timeout=self.poll_s))
@@ -611,12 +616,14 @@ class Relay:
                  tag: str | None = None, timeout_s: float = DEFAULT_TIMEOUT_S, poll_s: float = DEFAULT_POLL_S,
                  connect_timeout: float = 5.0, environ: Mapping[str, str] | None = None,
                  command: Sequence[str] | None = None):
-        self.host, self.run_path, self.ranks = host, Path(run_path), list(ranks)
+        self.host, self.run_path, self.ranks, self.python = host, Path(run_path), list(ranks), python
         self.timeout_s = timeout_s
         self.allowed = relayed_files(self.ranks, host)
         self.problems: list[str] = []  # what could not be applied here (e.g. the head's disk is full)
         self.handshake_info: Handshake | None = None
         self.bye: dict[str, Any] | None = None
+        self.remote_workers: list[int] | None = None  # the host's live worker pids at its last beat
+        self.exit_codes: dict[int, int] = {}  # of the commands start_workers started, once they ended
         self._token = ensure_head_token(self.run_path)
         self._answers: dict[str, dict[str, Any]] = {}
         self._answered = threading.Condition()
@@ -656,9 +663,13 @@ class Relay:
                 self.close()
                 raise RelayError(f"host {self.host}: the relay did not answer within {timeout:g} s"
                                  + (f" ({said})" if said else "") + f"; check that `ssh {self.host} true` is quick")
-            raise RelayError(f"host {self.host}: the relay could not start (ssh exit code {self.process.returncode})"
-                             + (f": {said}" if said else "") + f"; check `ssh {self.host} python -m nbtrain.relay "
-                             "--help` with the kernel's Python")
+            if self.process.returncode == 255:  # ssh's own failure
+                fix = f"check that `ssh -o BatchMode=yes {self.host} true` succeeds from here"
+            else:
+                fix = (f"check that `ssh {self.host} {self.python} -m nbtrain.relay --help` works: the kernel's "
+                       "Python and nbtrain must be at the same path on every host")
+            raise RelayError(f"host {self.host}: the relay could not start (exit code {self.process.returncode}"
+                             + (f": {said}" if said else "") + f"); {fix}")
         if ready.get("error"):
             self.close()
             raise RelayError(f"host {self.host}: {ready['error']}; make that path writable there, or run from "
@@ -724,7 +735,8 @@ class Relay:
             if self.bye is not None:
                 return f"the relay on {self.host} ended: {self.bye.get('reason')}"
             said = self._stderr_tail()
-            return f"the ssh connection to {self.host} ended (exit code {code}" + (f": {said})" if said else ")")
+            how = f"was killed by {signal.Signals(-code).name}" if code < 0 else f"ended (exit code {code}"
+            return f"the ssh connection to {self.host} {how}" + (f": {said})" if said else ")" if code >= 0 else "")
         if self.handshake_info is None:
             return None  # still connecting: handshake() has its own deadline
         silent = time.monotonic() - self._last_heard
@@ -814,9 +826,12 @@ class Relay:
                 return
             if resend is not None:
                 self._send(encode("want", path=header["path"], offset=resend))
+        elif kind == "beat":
+            self.remote_workers = list(header.get("workers", []))
+            self.exit_codes.update({int(pid): code for pid, code in header.get("exited", {}).items()})
         elif kind == "bye":
             self.bye = header
-        elif kind != "beat":
+        else:
             with self._answered:
                 self._answers[kind] = header
                 self._answered.notify_all()

@@ -267,6 +267,22 @@ def test_a_relay_that_sees_the_head_s_run_directory_says_it_is_shared(tmp_path: 
         relay.stop()
 
 
+def test_the_head_learns_the_host_s_live_workers_and_the_exit_codes_of_what_the_relay_started(
+        two_machines: tuple[Path, Path]) -> None:
+    head, remote = two_machines
+    relay = local_relay(head, remote, [1])
+    try:
+        relay.handshake(timeout=20)
+        failing = relay.start_workers([sys.executable, "-c", "import time, sys; time.sleep(2); sys.exit(7)"])
+        sleeping = relay.start_workers([sys.executable, "-c", SLEEPER])
+        wait_for(lambda: relay.remote_workers == sorted([failing, sleeping]), 5, "both workers in a beat")
+        wait_for(lambda: relay.exit_codes.get(failing) == 7, 5, f"exit code 7 of {failing} ({relay.exit_codes})")
+        assert relay.remote_workers == [sleeping]
+    finally:
+        bye = relay.stop()
+    assert bye is not None and bye["killed"] == [sleeping]
+
+
 def test_the_head_token_is_written_once(tmp_path: Path) -> None:
     token = ensure_head_token(tmp_path)
     assert len(token) == 32 and ensure_head_token(tmp_path) == token
@@ -406,9 +422,11 @@ def test_a_cut_link_ends_the_host_s_workers_and_the_head_names_the_host_lost(
     c, head = private_cluster, make_run(runs_root)
     tag, timeout = head.name, 2.0
     relay = Relay("node1", head, [1], environ=c.env, timeout_s=timeout)
-    # Started the way DeepSpeed's pdsh runner starts them: by their own ssh, tagged through the environment.
-    pdsh_like = subprocess.Popen(["ssh", "node1", f"{TAG_VARIABLE}={tag} {sys.executable} -c '{SLEEPER}'"],
-                                 env=c.env, stdin=subprocess.DEVNULL)
+    # Started as DeepSpeed's pdsh runner starts them (PDSHRunner.get_cmd): the DS_ENV_FILE's variables
+    # exported on pdsh's command line, the launcher's directory, the kernel's Python.
+    pdsh = subprocess.Popen(["pdsh", "-S", "-f", "1024", "-w", "node1",
+                             f"export {TAG_VARIABLE}={tag}; cd {os.getcwd()}; {sys.executable} -u -c '{SLEEPER}'"],
+                            env=c.env, stdin=subprocess.DEVNULL, start_new_session=True)
     try:
         relay.handshake(timeout=20)
         wait_for(lambda: remote_tagged(c, "node1", tag), 20, "the worker started on node1")
@@ -416,6 +434,7 @@ def test_a_cut_link_ends_the_host_s_workers_and_the_head_names_the_host_lost(
         cut = time.monotonic()
         gone = wait_for(lambda: not remote_tagged(c, "node1", tag), timeout + 8, "node1's workers ended after the cut")
         wait_for(lambda: relay.lost is not None, timeout + 3, "the head reports node1 lost")
+        assert pdsh.poll() is None, "pdsh ended by itself: the test proves nothing about a cut link"
         lost_after = time.monotonic() - cut
         assert "node1 sent nothing" in str(relay.lost), relay.lost
         # The last beat came up to a second before the cut: silence began then.
@@ -426,8 +445,8 @@ def test_a_cut_link_ends_the_host_s_workers_and_the_head_names_the_host_lost(
             Relay("node1", head, [1], environ=c.env, connect_timeout=1).handshake(timeout=10)
     finally:
         relay.close()
-        pdsh_like.kill()
-        pdsh_like.wait()
+        os.killpg(pdsh.pid, signal.SIGKILL)  # pdsh and its ssh, which wait for the cut link
+        pdsh.wait()
         c.restore("node1")
     # sshd's sessions learn that their clients are gone once the link is back (their retransmission is refused).
     wait_for(lambda: c.strays() == {}, 30, f"nothing left on the hosts (left: {c.strays()})")
@@ -439,12 +458,13 @@ def test_killing_the_head_side_ssh_ends_the_host_s_workers(private_cluster: Clus
     relay = Relay("node1", head, [1], environ=c.env, timeout_s=5)
     try:
         relay.handshake(timeout=20)
-        relay.start_workers([sys.executable, "-c", SLEEPER])
-        wait_for(lambda: remote_tagged(c, "node1", head.name), 10, "the worker started on node1")
+        pid = relay.start_workers([sys.executable, "-c", SLEEPER])
+        wait_for(lambda: relay.remote_workers == [pid], 5, "node1's beat names its worker")
+        assert remote_tagged(c, "node1", head.name) == [pid]
         relay.process.kill()
         gone = wait_for(lambda: not remote_tagged(c, "node1", head.name), 10, "node1's worker ended")
         assert gone < 4, f"the worker outlived its head's ssh by {gone:.1f} s"
-        assert "the ssh connection to node1 ended" in str(relay.lost), relay.lost
+        assert relay.lost == "the ssh connection to node1 was killed by SIGKILL", relay.lost
     finally:
         relay.close()
     wait_for(lambda: c.strays() == {}, 10, f"nothing left on the hosts (left: {c.strays()})")
@@ -486,4 +506,8 @@ def test_a_host_that_sees_the_head_s_run_directory_is_told_apart(tmp_path: Path)
             assert relay.send_files() == []
         finally:
             relay.stop()
+        without = Relay("node0", head, [1], environ=c.env, python="/usr/bin/python3")  # ssh starts in $HOME
+        with pytest.raises(RelayError, match=r"host node0: the relay could not start \(exit code 1: .*No module "
+                           r"named 'nbtrain'\)\); check that `ssh node0 /usr/bin/python3 -m nbtrain.relay --help` works"):
+            without.handshake(timeout=20)
         wait_for(lambda: c.strays() == {}, 10, f"nothing left on the host (left: {c.strays()})")
