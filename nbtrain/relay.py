@@ -419,7 +419,7 @@ class RemoteRelay:
                     break
             else:
                 self.request_end("the head closed the channel (its ssh or its kernel ended)", channel_open=False)
-        except (ProtocolError, OSError) as e:
+        except (ProtocolError, OSError, ValueError, KeyError, TypeError) as e:
             self.request_end(f"the channel broke: {e}", channel_open=False)
 
     def _handle(self, header: dict[str, Any], reader: FrameReader) -> bool:
@@ -631,6 +631,8 @@ class Relay:
         self._write_lock = threading.Lock()
         self._closed = threading.Event()
         self._deliberate = False  # stop() or close() was asked: no loss to report
+        self._broken: str | None = None  # why the stream from the host could not be read on
+        self._synced = 0  # the highest sync id answered
         self._last_heard = time.monotonic()
         self._sync_ids = iter(range(1, 1 << 62))
         env = dict(os.environ if environ is None else environ)
@@ -657,7 +659,18 @@ class Relay:
     def handshake(self, timeout: float = 30.0) -> Handshake:
         """Wait for the relay's `ready`; raise RelayError naming the host, what went wrong and the fix."""
         ready = self._wait_for("ready", timeout)
+        if ready is None and self._broken is not None:
+            self.close()
+            raise RelayError(f"host {self.host}: {self._broken.split(': ', 1)[1]} before the relay spoke; "
+                             "something prints at login there (a shell startup file): keep it quiet when the "
+                             "shell is not interactive, as for scp and rsync")
         if ready is None:
+            if not self._threads[0].is_alive():  # the stream ended: ssh ends too, in a moment
+                try:
+                    self.process.wait(5)
+                except subprocess.TimeoutExpired:
+                    pass
+            self._threads[2].join(1.0)  # ssh's last stderr line says why
             said = self._stderr_tail()
             if self.process.poll() is None:
                 self.close()
@@ -717,7 +730,7 @@ class Relay:
         self._send(encode("sync", id=sync_id))
         deadline = time.monotonic() + timeout
         with self._answered:
-            while self._answers.get("synced", {}).get("id", 0) < sync_id:
+            while self._synced < sync_id:
                 left = deadline - time.monotonic()
                 if left <= 0 or self.process.poll() is not None:
                     return False
@@ -735,8 +748,10 @@ class Relay:
             if self.bye is not None:
                 return f"the relay on {self.host} ended: {self.bye.get('reason')}"
             said = self._stderr_tail()
-            how = f"was killed by {signal.Signals(-code).name}" if code < 0 else f"ended (exit code {code}"
-            return f"the ssh connection to {self.host} {how}" + (f": {said})" if said else ")" if code >= 0 else "")
+            how = f"was killed by {signal.Signals(-code).name}" if code < 0 else f"ended with exit code {code}"
+            return f"the ssh connection to {self.host} {how}" + (f" ({said})" if said else "")
+        if self._broken is not None:
+            return self._broken
         if self.handshake_info is None:
             return None  # still connecting: handshake() has its own deadline
         silent = time.monotonic() - self._last_heard
@@ -811,8 +826,9 @@ class Relay:
                 if payload is None:
                     break
                 self._handle(header, payload)
-        except (ProtocolError, OSError, ValueError) as e:
-            self.problems.append(f"host {self.host}: {e}")
+        except (ProtocolError, OSError, ValueError, KeyError, TypeError) as e:
+            self._broken = f"the relay on {self.host} sent something unreadable: {e}"
+            self.process.kill()  # the stream cannot be trusted any more; the host's relay sees EOF
         with self._answered:
             self._answered.notify_all()
 
@@ -831,6 +847,10 @@ class Relay:
             self.exit_codes.update({int(pid): code for pid, code in header.get("exited", {}).items()})
         elif kind == "bye":
             self.bye = header
+        elif kind == "synced":
+            with self._answered:
+                self._synced = max(self._synced, int(header["id"]))
+                self._answered.notify_all()
         else:
             with self._answered:
                 self._answers[kind] = header
@@ -841,7 +861,7 @@ class Relay:
         with self._answered:
             while kind not in self._answers:
                 left = deadline - time.monotonic()
-                if left <= 0 or (self.process.poll() is not None and not self._threads[0].is_alive()):
+                if left <= 0 or not self._threads[0].is_alive():  # nothing more will come
                     return None
                 self._answered.wait(min(left, 0.1))
             return self._answers.pop(kind)

@@ -297,6 +297,15 @@ def test_a_remote_run_directory_that_cannot_be_made_is_named(tmp_path: Path) -> 
         relay.handshake(timeout=20)
 
 
+def test_a_host_whose_login_prints_text_is_named_with_the_fix(tmp_path: Path) -> None:
+    head = make_run(tmp_path)
+    chatty = Relay("here", head, [1], command=["sh", "-c", "echo 'Welcome to node1!'; sleep 30"])
+    with pytest.raises(RelayError, match=r"host here: not a relay header: b'Welcome to node1!\\n' before the "
+                       r"relay spoke; something prints at login there"):
+        chatty.handshake(timeout=20)
+    assert chatty.process.poll() is not None
+
+
 def test_a_relay_whose_head_closes_the_channel_ends_its_workers(two_machines: tuple[Path, Path]) -> None:
     head, remote = two_machines
     relay = local_relay(head, remote, [1])
