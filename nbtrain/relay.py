@@ -242,9 +242,11 @@ class FileWatcher:
                 yield from self._replaced(relative, path)
 
     def _appended(self, relative: str, path: Path, st: os.stat_result) -> Iterable[bytes]:
-        inode, sent = self._offsets.get(relative, (st.st_ino, 0))
+        inode, sent = self._offsets.get(relative, (-1, 0))
         truncate = False
-        if inode != st.st_ino or st.st_size < sent:  # the file was made anew: start over on the head too
+        if inode != st.st_ino or st.st_size < sent:
+            # First sight, or the file was made anew: the head's copy starts over, so that it
+            # is this file byte for byte whatever the head held before (an earlier relay's copy).
             sent, truncate = 0, True
         if st.st_size == sent:
             return

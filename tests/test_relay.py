@@ -190,6 +190,10 @@ def test_the_watcher_sends_new_bytes_partial_lines_included_and_nothing_when_not
     metrics.write_text('{"step": 9}\n')
     deliver()
     assert (head / "metrics" / "rank-1.jsonl").read_text() == '{"step": 9}\n'
+    (head / "metrics" / "rank-1.jsonl").write_text('{"step": 1}\n{"step": 2}\n{"step": 3}\n')
+    watcher = FileWatcher(tmp_path, relayed_files([1]))  # a new relay, and the head holds more than the host
+    deliver()
+    assert (head / "metrics" / "rank-1.jsonl").read_text() == '{"step": 9}\n', "the head's copy must be the host's file"
 
 
 def test_the_ssh_command_has_no_terminal_and_keeps_the_user_s_ssh_options_first() -> None:
