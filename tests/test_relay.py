@@ -466,6 +466,24 @@ def test_a_cut_link_ends_the_host_s_workers_and_the_head_names_the_host_lost(
 
 
 @pytest.mark.integration
+def test_sending_inputs_over_a_cut_link_fails_instead_of_hanging(private_cluster: Cluster, runs_root: Path) -> None:
+    c, head = private_cluster, make_run(runs_root)
+    (head / "inputs.pkl").write_bytes(os.urandom(16 << 20))  # more than ssh's window and the pipe hold
+    relay = Relay("node1", head, [1], environ=c.env, timeout_s=2)
+    try:
+        relay.handshake(timeout=20)
+        c.cut("node1")
+        begun = time.monotonic()
+        with pytest.raises(RelayError, match="host node1: the relay closed while inputs.pkl was being sent"):
+            relay.send_files()
+        assert time.monotonic() - begun < 10, "ssh's keep-alive should have ended the blocked transfer"
+    finally:
+        relay.close()
+        c.restore("node1")
+    wait_for(lambda: c.strays() == {}, 30, f"nothing left on the hosts (left: {c.strays()})")
+
+
+@pytest.mark.integration
 def test_killing_the_head_side_ssh_ends_the_host_s_workers(private_cluster: Cluster, runs_root: Path) -> None:
     c, head = private_cluster, make_run(runs_root)
     relay = Relay("node1", head, [1], environ=c.env, timeout_s=5)
