@@ -796,6 +796,9 @@ class Relay:
         self.process.wait()
         for thread in self._threads:
             thread.join(2.0)
+        for stream in (self.process.stdout, self.process.stderr):
+            if stream is not None and not any(t.is_alive() for t in self._threads):
+                stream.close()
 
     # -- threads
     def _send(self, message: bytes, wait: float = 2.0) -> bool:

@@ -342,7 +342,10 @@ def test_a_relay_that_hears_nothing_ends_the_tagged_workers_and_itself(two_machi
         for p in (worker, silent_head):
             if p.poll() is None:
                 p.kill()
-                p.wait()
+            p.wait()
+        for stream in (silent_head.stdin, silent_head.stdout, silent_head.stderr):
+            if stream is not None:
+                stream.close()
 
 
 def _alive(pid: int) -> bool:
@@ -522,6 +525,7 @@ def test_the_kernel_dying_ends_the_host_s_workers(private_cluster: Cluster, runs
     assert remote_tagged(c, "node1", head.name)
     kernel.send_signal(signal.SIGKILL)
     kernel.wait()
+    kernel.stdout.close()
     gone = wait_for(lambda: not remote_tagged(c, "node1", head.name), 10, "node1's worker ended with the kernel")
     assert gone < 4, f"the worker outlived the kernel by {gone:.1f} s (its relay's timeout is 30 s)"
     wait_for(lambda: c.strays() == {}, 10, f"nothing left on the hosts (left: {c.strays()})")
