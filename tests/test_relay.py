@@ -37,7 +37,7 @@ from nbtrain.relay import (
     relayed_files,
     tagged_processes,
 )
-from nbtrain.rundir import read_json, read_records
+from nbtrain.rundir import new_run_id, read_json, read_records
 from tests.netns import Cluster, cluster
 
 # A stand-in for a worker of rank R (argv[1]) in the current directory (the run directory):
@@ -81,8 +81,13 @@ def wait_for(condition: Callable[[], object], timeout: float, what: str) -> floa
     return time.monotonic() - begun
 
 
-def make_run(root: Path, name: str = "20260101-000000-relay-abcd") -> Path:
-    """Make a head-side run directory with the files the workers need before a run."""
+def make_run(root: Path) -> Path:
+    """Make a head-side run directory with the files the workers need before a run.
+
+    Its name is a fresh run id, as in real runs: relays end every process carrying it as their
+    tag, so a fixed name would let a test run end the workers of another run of these tests.
+    """
+    name = new_run_id("relay-test")
     run = root / name
     for folder in ("metrics", "logs", "errors", "results", "checkpoints"):
         (run / folder).mkdir(parents=True)
