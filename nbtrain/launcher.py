@@ -58,6 +58,10 @@ class WorkerGroup:
     started: float = field(default_factory=time.time)
     reserve: Path | None = None  # the current run's SPACE_RESERVE file
     runs_served: int = 0
+    # Why the run failed when no rank's own error says it (a lost host of a multi-node run,
+    # see nbtrain.cluster); a local group's ranks always speak for themselves.
+    failure: str | None = None
+    failed_rank: int | None = None
     _reports: list[list[str]] = field(default_factory=list)  # per rank, since the last job
 
     def __post_init__(self) -> None:

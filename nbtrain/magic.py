@@ -40,7 +40,7 @@ class NotebookSink:
     def started(self, run: RunDirectory, plan: RunPlan, stop: Any = None) -> None:
         for notice in plan.notices:
             print(f"bigtrain: {notice}")
-        print(f"bigtrain: run {run.run_id}: {plan.nproc} processes, run directory {run.path}", flush=True)
+        print(f"bigtrain: run {run.run_id}: {plan.world_size} processes, run directory {run.path}", flush=True)
         self._handle = display(self._bundle(Progress(), "starting"), raw=True, display_id=True)
 
     def output(self, text: str) -> None:
@@ -98,7 +98,7 @@ class BigTrainMagics(Magics):
         try:
             sink = NotebookSink() if cfg.no_plot else Dashboard()
             return start_run(plan, cell, self._user_namespace(), sink)
-        except ShippingError as e:
+        except (ShippingError, ConfigError) as e:  # ConfigError: a host of a multi-node run is unreachable
             raise UsageError(str(e)) from None
 
     bigtrain.__doc__ = _help()

@@ -15,6 +15,7 @@ from typing import Any
 from nbtrain import estimate
 from nbtrain.config import DEFAULT_CPU_PROCESSES, TrainConfig
 from nbtrain.errors import ConfigError, Problem
+from nbtrain.hosts import Host, resolve_hosts
 from nbtrain.machine import MachineFacts
 from nbtrain.render import FROM_DATALOADER, render_collecting, unresolved
 from nbtrain.validate import check, check_resume
@@ -31,11 +32,22 @@ class RunPlan:
     machine: MachineFacts
     # The checkpoint `--resume` continues: {"run", "tag", "step"}; None for a fresh run.
     resume_from: dict[str, Any] | None = None
+    # The hosts of a multi-node run (--hostfile/--hosts), in node-rank order; () on one machine.
+    hosts: tuple[Host, ...] = ()
+    launcher: str = "pdsh"
+
+    @property
+    def world_size(self) -> int:
+        return self.nproc * max(1, len(self.hosts))
 
     def describe(self) -> str:
         """Return the `--dry-run` text: launch shape, DeepSpeed JSON and memory estimate."""
         device = f"{self.machine.gpu_count} GPU(s)" if self.machine.cuda else "CPU (gloo backend)"
         lines = [f"%%bigtrain dry run: {self.nproc} processes on {device}; nothing was started."]
+        if self.hosts:
+            lines[0] = (f"%%bigtrain dry run: {self.nproc} processes on each of {len(self.hosts)} hosts "
+                        f"({', '.join(h.name for h in self.hosts)}; {self.world_size} in all) through the "
+                        f"{self.launcher} launcher; nothing was started.")
         lines += [f"note: {n}" for n in self.notices]
         pending = unresolved(self.deepspeed)
         if pending:
@@ -82,6 +94,16 @@ def plan_run(cfg: TrainConfig, machine: MachineFacts, base: Mapping[str, Any] | 
             notices.append(notice)
     rendered, problems = render_collecting(cfg, base)
     problems += check(cfg, rendered.deepspeed, machine, nproc)
+    hosts: list[Host] = []
+    if cfg.hostfile is not None or cfg.hosts is not None or cfg.multinode_launcher is not None:
+        try:
+            hosts = resolve_hosts(cfg.hostfile, cfg.hosts, nproc, cfg.multinode_launcher)
+        except ConfigError as e:
+            problems += e.problems
+        if hosts:
+            from nbtrain.cluster import check_launcher  # noqa: PLC0415 - only multi-node runs need it
+
+            problems += check_launcher(cfg.multinode_launcher or "pdsh")
     resume_from, resume_problems = check_resume(cfg, rendered.deepspeed, nproc)
     problems += resume_problems
     if problems:
@@ -89,4 +111,5 @@ def plan_run(cfg: TrainConfig, machine: MachineFacts, base: Mapping[str, Any] | 
     if resume_from is not None:
         notices.append(f"resuming run {Path(resume_from['run']).name} from its checkpoint at step "
                        f"{resume_from['step']} ({resume_from['tag']})")
-    return RunPlan(cfg, rendered.deepspeed, nproc, tuple(notices) + rendered.notices, machine, resume_from)
+    return RunPlan(cfg, rendered.deepspeed, nproc, tuple(notices) + rendered.notices, machine, resume_from,
+                   hosts=tuple(hosts), launcher=cfg.multinode_launcher or "pdsh")

@@ -67,7 +67,7 @@ def environment_digest(environ: dict[str, str] | None = None) -> str:
 def shape_for(plan: RunPlan) -> LaunchShape:
     """Return the launch shape `plan` needs."""
     hang = plan.config.hang_timeout or DEFAULT_HANG_TIMEOUT_S
-    return LaunchShape(nproc=plan.nproc, hosts=("localhost",), backend="nccl" if plan.machine.cuda else "gloo",
+    return LaunchShape(nproc=plan.nproc, hosts=tuple(h.name for h in plan.hosts) or ("localhost",), backend="nccl" if plan.machine.cuda else "gloo",
                        threads=default_threads(plan.nproc), collective_timeout_s=collective_timeout_s(hang),
                        python=sys.executable, environment=environment_digest())
 
@@ -107,8 +107,14 @@ class WorkerPool:
                 return Workers(idle.group, shape, warm=True,
                                note=f"warm workers (pids {', '.join(map(str, idle.group.pids))}; run {served} in them)")
             idle.group.shutdown()
-        group = launch_workers(run, plan.nproc, hang_timeout=plan.config.hang_timeout or DEFAULT_HANG_TIMEOUT_S,
-                               threads=shape.threads)
+        hang = plan.config.hang_timeout or DEFAULT_HANG_TIMEOUT_S
+        if plan.hosts:
+            from nbtrain.cluster import launch_cluster
+
+            cluster = launch_cluster(run, plan.hosts, plan.nproc, plan.launcher, hang)
+            return Workers(cluster, shape, warm=False,  # type: ignore[arg-type]
+                           note=f"fresh workers on {len(plan.hosts)} hosts (multi-node runs start fresh workers)")
+        group = launch_workers(run, plan.nproc, hang_timeout=hang, threads=shape.threads)
         return Workers(group, shape, warm=False, note=f"fresh workers ({why_fresh})")
 
     def keep(self, workers: Workers, keep_s: float) -> None:

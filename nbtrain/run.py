@@ -90,7 +90,7 @@ class PrintSink:
         self.every_s, self._last = every_s, 0.0
 
     def started(self, run: RunDirectory, plan: RunPlan, stop: Callable[[], None]) -> None:
-        print(f"bigtrain: run {run.run_id} on {plan.nproc} processes ({run.path})", flush=True)
+        print(f"bigtrain: run {run.run_id} on {plan.world_size} processes ({run.path})", flush=True)
 
     def output(self, text: str) -> None:
         print(text, end="", flush=True)
@@ -150,7 +150,8 @@ def create_run_directory(plan: RunPlan, cell: str, inputs: bytes) -> RunDirector
     cfg = plan.config
     root = Path(cfg.run_dir or DEFAULT_RUN_ROOT)
     run = RunDirectory.create(root, new_run_id(cfg.name), {
-        "name": cfg.name, "created": time.time(), "nproc": plan.nproc, "hosts": ["localhost"],
+        "name": cfg.name, "created": time.time(), "nproc": plan.world_size,
+        "nproc_per_host": plan.nproc, "hosts": [h.name for h in plan.hosts] or ["localhost"],
         "config": dataclasses.asdict(cfg), "kernel_pid": os.getpid(), "cwd": os.getcwd(),
         "python": sys.executable, "resume_from": plan.resume_from,
     })
@@ -193,7 +194,7 @@ class ActiveRun:
             if state == "succeeded":
                 self.group.release_reserve()
                 keep = self.plan.config.keep_warm
-                POOL.keep(self.workers, DEFAULT_KEEP_WARM_S if keep is None else keep)
+                POOL.keep(self.workers, 0 if self.plan.hosts else DEFAULT_KEEP_WARM_S if keep is None else keep)
             else:
                 self.group.stop()
                 self.group.close()
@@ -225,9 +226,13 @@ def launch(plan: RunPlan, cell: str, namespace: MutableMapping[str, Any], sink: 
     """Write the run directory and start the workers of `cell`."""
     started = time.time()
     inputs = shipping.dumps(shipping.collect(cell, namespace))
+    if plan.hosts:
+        from nbtrain.cluster import preflight
+
+        preflight(plan.hosts, plan.launcher)
     run = create_run_directory(plan, cell, inputs)
     workers = POOL.workers_for(run, plan)
-    workers.group.submit(run, last=plan.config.keep_warm == 0)
+    workers.group.submit(run, last=plan.config.keep_warm == 0 or bool(plan.hosts))
     run.write_status(state="running", started=started, pids=workers.group.pids, port=workers.group.port,
                      workers={"warm": workers.warm, "note": workers.note,
                               "runs_served": workers.group.runs_served})
@@ -340,6 +345,9 @@ def _supervise(active: ActiveRun) -> tuple[str, str, int | None]:
             group.stop()
             return "failed", hang[1], hang[0]
         failed = [rank for rank, code in enumerate(codes) if code not in (None, 0)]
+        if failed and group.failure:  # a lost host: the other ranks' errors follow from it
+            group.stop()
+            return "failed", group.failure, group.failed_rank
         if failed:
             deadline = time.monotonic() + FAILURE_GRACE_S
             while None in group.exit_codes() and time.monotonic() < deadline:
@@ -356,7 +364,7 @@ def _supervise(active: ActiveRun) -> tuple[str, str, int | None]:
 def _hang(active: ActiveRun) -> tuple[int, str] | None:
     """Return the hung rank and why, once a rank waited for a silent one past --hang-timeout."""
     timeout = active.plan.config.hang_timeout or DEFAULT_HANG_TIMEOUT_S
-    return find_hang(read_heartbeats(active.run.path, active.plan.nproc), timeout, time.time())
+    return find_hang(read_heartbeats(active.run.path, active.plan.world_size), timeout, time.time())
 
 
 def _failure_reason(run: RunDirectory, codes: list[int | None]) -> tuple[str, int]:

@@ -126,6 +126,10 @@ class RunDirectory:
     def error_file(self, rank: int) -> Path:
         return self.path / "errors" / f"rank-{rank}.json"
 
+    def done_file(self, rank: int) -> Path:
+        """Where a rank started by a multi-node runner says its part of the cell succeeded."""
+        return self.path / "results" / f"rank-{rank}.done"
+
     # -- writing -----------------------------------------------------------------------
     @classmethod
     def create(cls, root: Path, run_id: str, run_info: dict[str, Any]) -> RunDirectory:

@@ -22,11 +22,7 @@ from nbtrain.machine import MachineFacts
 from nbtrain.render import FROM_DATALOADER, WARMUP_SCHEDULERS, get_path
 
 # Flags that parse and show in --dry-run but whose effect is not built yet.
-NOT_AVAILABLE_YET = {
-    "hostfile": "multi-node runs",
-    "hosts": "multi-node runs",
-    "multinode_launcher": "multi-node runs",
-}
+NOT_AVAILABLE_YET: dict[str, str] = {}
 _NAME_RULE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 
 

@@ -6,6 +6,7 @@ import os
 import queue
 import signal
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -57,9 +58,9 @@ class Execution:
 class Kernel:
     """A kernel started in `cwd`, like the one behind a notebook in that folder."""
 
-    def __init__(self, cwd: Path):
+    def __init__(self, cwd: Path, env: Mapping[str, str] | None = None):
         self.manager = KernelManager(kernel_name="python3")
-        self.manager.start_kernel(cwd=str(cwd), env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        self.manager.start_kernel(cwd=str(cwd), env={**(os.environ if env is None else env), "PYTHONUNBUFFERED": "1"})
         self.client = self.manager.client()
         self.client.start_channels()
         self.client.wait_for_ready(timeout=60)

@@ -140,9 +140,14 @@ BAD_INPUT: dict[str, Bad] = {
                                               "--resume", "no run '20261125-083705-gpt2-c302' under /no/such/root"),
     "--resume latest without any run": Bad("--resume --run-dir /no/such/root", "--resume",
                                            "no run under /no/such/root has a published checkpoint"),
-    "--hosts": Bad("--hosts a,b", "--hosts", NOT_YET),
-    "--hostfile": Bad("--hostfile hosts.txt", "--hostfile", NOT_YET),
-    "--multinode-launcher": Bad("--multinode-launcher slurm", "--multinode-launcher", NOT_YET),
+    # -- multi-node (reachability is checked at launch: tests/test_multinode.py) -----------
+    "--hosts with --hostfile": Bad("--hosts a,b --hostfile hosts.txt", "--hosts", "not both"),
+    "--hostfile missing": Bad("--hostfile /no/such/hosts.txt", "--hostfile", "no such file"),
+    "--hosts with a bad name": Bad("--hosts a,-b", "--hosts", "would be misread by ssh or pdsh"),
+    "--multinode-launcher without hosts": Bad("--multinode-launcher pdsh", "--multinode-launcher",
+                                              "nothing to launch on without hosts"),
+    "--multinode-launcher slurm": Bad("--hosts a,b --multinode-launcher slurm", "--multinode-launcher",
+                                      "only pdsh and standard"),
     "--checkpoint-every 0": Bad("--checkpoint-every 0", "--checkpoint-every", "greater than 0"),
 }
 

@@ -82,7 +82,7 @@ class Dashboard:
         """Show the dashboard of `run`; `plan` is None when attaching to a run started elsewhere."""
         for notice in plan.notices if plan is not None else ():
             print(f"bigtrain: {notice}")
-        nproc = plan.nproc if plan is not None else run.run_info().get("nproc", "?")
+        nproc = plan.world_size if plan is not None else run.run_info().get("nproc", "?")
         print(f"bigtrain: run {run.run_id}: {nproc} processes, run directory {run.path}", flush=True)
         self.metrics = RunMetrics(run)
         self._stop = stop

@@ -20,6 +20,7 @@ import sys
 import threading
 import time
 import traceback
+from collections.abc import Iterable
 from datetime import timedelta
 from pathlib import Path
 from typing import Any, NoReturn
@@ -106,19 +107,27 @@ def disk_full(exc: BaseException, run_path: Path) -> str | None:
     return f"no space left on device in {run_path}" if free < _NEARLY_FULL_BYTES else None
 
 
-def main(first_run: Path, rank: int) -> int:
+def main(first_run: Path, rank: int | None = None) -> int:
     """Warm up, then run each job the kernel sends (one line on stdin per run) until stdin closes.
 
     The first job is the run the workers were started for; later ones reuse this warm
     process (issue: warm workers). After a job this worker reports `done` on its report pipe
     (the run succeeded on this rank), puts the process back as it was before the run, and
     reports `ready` (or `retire REASON` and ends, when it cannot).
+
+    Started by a multi-node runner (DeepSpeed's pdsh runner, mpirun, srun) there is no pipe
+    to the kernel: the worker runs `first_run` only, says `done` with `results/rank-N.done`,
+    and its host's relay (`nbtrain.relay`) carries its files and ends it if the head goes silent.
     """
     from nbtrain.launcher import ALIVE_FD_ENV, REPORT_FD_ENV
 
     python_started = time.time()
-    watch_kernel(int(os.environ[ALIVE_FD_ENV]), rank, CurrentRun)
-    report = os.fdopen(int(os.environ[REPORT_FD_ENV]), "w", buffering=1)
+    rank = int(os.environ["RANK"]) if rank is None else rank
+    if ALIVE_FD_ENV in os.environ:
+        watch_kernel(int(os.environ[ALIVE_FD_ENV]), rank, CurrentRun)
+    report = os.fdopen(int(os.environ[REPORT_FD_ENV]), "w", buffering=1) if REPORT_FD_ENV in os.environ else None
+    jobs: Iterable[str] = sys.stdin if report is not None else [json.dumps(
+        {"run": str(first_run), "launched_at": float(os.environ.get("NBTRAIN_LAUNCHED_AT", "nan")), "last": True})]
     CurrentRun.path = first_run
     try:
         imports_done = warm_up()
@@ -128,18 +137,27 @@ def main(first_run: Path, rank: int) -> int:
 
     clean = ProcessState.capture()
     timeline = {"python_started": python_started, "imports_done": imports_done}
-    for line in sys.stdin:  # blocks while idle: no busy loop
+    for line in jobs:  # blocks while idle: no busy loop
         job = json.loads(line)
         CurrentRun.path = Path(job["run"])
         timeline = {"launched": job["launched_at"], "job_received": time.time(), **timeline}
         context = run_job(CurrentRun.path, rank, timeline)
-        report.write("done\n")
+        if report is not None:
+            report.write("done\n")
+        else:
+            from nbtrain.rundir import RunDirectory, write_json_atomic
+
+            write_json_atomic(RunDirectory(CurrentRun.path).done_file(rank), {"rank": rank, "time": time.time()})
         CurrentRun.path = None
         timeline = {}
         if job.get("last"):
+            # Across hosts a rank that tears down while rank 0 still writes its results can
+            # abort at exit: wait for every rank first.
+            _teardown(context, barrier=True)
             break
         why_not = clean_up(context, clean)
         del context
+        assert report is not None  # only a job channel sends a job that is not the last
         report.write(f"retire {why_not}\n" if why_not else "ready\n")
         if why_not:
             break
@@ -295,14 +313,16 @@ def _write_outputs(run: Any, outputs: dict[str, Any], missing: list[str]) -> Non
     os.replace(tmp, run.outputs_file)
 
 
-def _teardown(bt: Any, keep_process_group: bool = False) -> None:
+def _teardown(bt: Any, keep_process_group: bool = False, barrier: bool = False) -> None:
     """Destroy the engine, then the process group (the other order fails; a missed one aborts ZeRO-3)."""
+    import torch.distributed as dist
+
+    if barrier and dist.is_available() and dist.is_initialized():
+        dist.barrier()
     if bt is not None:
         bt.close()
         if bt.engine is not None:
             bt.engine.destroy()
-    import torch.distributed as dist
-
     if not keep_process_group and dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
 
