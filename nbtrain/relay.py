@@ -63,8 +63,8 @@ MAX_HEADER = 1 << 16
 HEAD_FILES = ("run.json", "deepspeed.json", "cell.py", "inputs.pkl")
 # Each rank's files, as the workers write them (docs/run-directory.md).
 APPENDED = ("metrics/rank-{r}.jsonl", "utilization/rank-{r}.jsonl", "logs/rank-{r}.log", "logs/rank-{r}.out")
-REPLACED = ("heartbeats/rank-{r}.json", "errors/rank-{r}.json")
-RANK0_REPLACED = ("deepspeed.effective.json", "results/outputs.pkl")
+REPLACED = ("heartbeats/rank-{r}.json", "errors/rank-{r}.json", "results/rank-{r}.done")
+RANK0_REPLACED = ("deepspeed.effective.json", "results/outputs.pkl", "logs/rank-0.timeline.json")
 # Folders a worker expects to find in its run directory (RunDirectory.create makes them on the head).
 RUN_FOLDERS = ("metrics", "logs", "errors", "results", "checkpoints", "heartbeats", "utilization")
 _DURABLE = ("errors/", "results/", "deepspeed.effective.json")  # fsync these; heartbeats come again in 1 s
