@@ -59,7 +59,7 @@ def run_plain(config: dict, workdir: Path) -> dict:
     return {"times": [t - began for t in result["step_times"]], "losses": result["losses"]}
 
 
-def run_ours(kernel: Kernel, workdir: Path, cold: bool) -> dict:
+def run_ours(kernel: Kernel, workdir: Path, cold: bool, flags: str = FLAGS) -> dict:
     """Run the %%bigtrain cell; return step times (from the execute request) and losses.
 
     `cold`: no worker exists before (the warm ones of the last run are ended first, untimed).
@@ -67,7 +67,7 @@ def run_ours(kernel: Kernel, workdir: Path, cold: bool) -> dict:
     if cold:
         kernel.execute("%bigtrain shutdown")
     before = set((workdir / "bigtrain-runs").glob("*")) if (workdir / "bigtrain-runs").exists() else set()
-    execution = kernel.execute(f"%%bigtrain {FLAGS}\n{CELL}")
+    execution = kernel.execute(f"%%bigtrain {flags}\n{CELL}", timeout=600)
     (run,) = set((workdir / "bigtrain-runs").glob("*")) - before
     records = [json.loads(line) for line in (run / "metrics" / "rank-0.jsonl").read_text().splitlines()]
     steps: dict[int, dict] = {}

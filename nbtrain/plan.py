@@ -53,7 +53,7 @@ class RunPlan:
         if pending:
             lines.append(f"'{FROM_DATALOADER}' is filled in by the workers: {', '.join(pending)}")
         lines += ["DeepSpeed config:", json.dumps(self.deepspeed, indent=2), "",
-                  estimate.describe(self.deepspeed, self.nproc)]
+                  estimate.describe(self.deepspeed, self.world_size)]
         return "\n".join(lines)
 
 
