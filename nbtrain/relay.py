@@ -328,9 +328,11 @@ class Workers:
         deadline = time.monotonic() + grace
         while time.monotonic() < deadline and self.alive():
             time.sleep(0.05)
-        for _ in range(50):  # a dying worker may still fork: until no tagged process is left
+        empty_looks = 0
+        for _ in range(100):  # a dying worker may still fork: until no tagged process is seen twice
             left = self.alive()
-            if not left:
+            empty_looks = 0 if left else empty_looks + 1
+            if empty_looks == 2:
                 break
             found |= set(left)
             _signal(left, groups, signal.SIGKILL)

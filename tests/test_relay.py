@@ -371,6 +371,17 @@ def remote_tagged(c: Cluster, host: str, tag: str) -> list[int]:
     return sorted(set(tagged_processes(tag)) & set(c.pids(host)[host]))
 
 
+def debug_process(pid: int, c: Cluster) -> str:
+    try:
+        environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+        net = os.readlink(f"/proc/{pid}/ns/net")
+        cmd = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError as e:
+        return f"pid {pid}: {e}"
+    return f"pid {pid} tagged_processes {tagged_processes(TAG_VARIABLE)} {cmd!r} net {net} tags {[e for e in environ if e.startswith(TAG_VARIABLE.encode())]} " \
+           f"node1 pids {c.pids('node1')}"
+
+
 def only_sshd_left(c: Cluster, host: str) -> list[str]:
     """Return what runs on `host` besides sshd (its listener and sessions waiting on a cut link)."""
     return [line for line in c.strays().get(host, []) if not line.split(" ", 1)[1].startswith("sshd")]
@@ -417,6 +428,7 @@ def test_over_ssh_the_inputs_reach_the_host_and_its_rank_s_files_reach_the_head(
             return metrics.is_file() and metrics.read_bytes().endswith(b'"lo')
 
         wait_for(partial_record_arrived, 20, "the partial last record from node1")
+        assert relay.sync()  # the last heartbeat may come in the same scan, just after the metrics
         partial_record_arrived()
         assert [r["step"] for r in read_records(metrics)[0]] == list(range(1, 21))
         assert len(beats_seen) >= 2 and 20 in beats_seen, f"heartbeat replacements did not stream (saw steps {sorted(beats_seen)})"
@@ -515,8 +527,8 @@ from pathlib import Path
 from nbtrain.relay import Relay
 relay = Relay("node1", Path(sys.argv[1]), [1], timeout_s=30)
 relay.handshake(timeout=20)
-relay.start_workers([sys.executable, "-c", "import time\\nwhile True: time.sleep(1)"])
-print("started", flush=True)
+pid = relay.start_workers([sys.executable, "-c", "import time\\nwhile True: time.sleep(1)"])
+print("started", pid, flush=True)
 time.sleep(600)
 '''
 
@@ -526,8 +538,13 @@ def test_the_kernel_dying_ends_the_host_s_workers(private_cluster: Cluster, runs
     c, head = private_cluster, make_run(runs_root)
     kernel = subprocess.Popen([sys.executable, "-c", KERNEL, str(head)], env=c.env, stdout=subprocess.PIPE,
                               cwd=Path(__file__).parents[1])
-    assert kernel.stdout is not None and kernel.stdout.readline() == b"started\n"
-    assert remote_tagged(c, "node1", head.name)
+    assert kernel.stdout is not None
+    said = kernel.stdout.readline().split()
+    assert said[:1] == [b"started"], said
+    pid = int(said[1])
+    # Waited for, not asserted at once: once in about 40 runs the first look right after the
+    # start missed the worker that the next look found, tagged (unexplained; see debug_process).
+    wait_for(lambda: remote_tagged(c, "node1", head.name) == [pid], 5, f"worker seen: {debug_process(pid, c)}")
     kernel.send_signal(signal.SIGKILL)
     kernel.wait()
     kernel.stdout.close()
