@@ -148,12 +148,7 @@ class WorkerGroup:
     def shutdown(self, grace: float = STOP_GRACE_S) -> float:
         """End idle workers the polite way (their stdin closes; they leave the process group), then stop."""
         begun = time.monotonic()
-        for p in self.processes:
-            if p.stdin is not None:
-                try:
-                    p.stdin.close()
-                except BrokenPipeError:
-                    pass
+        self._close_job_channels()
         deadline = begun + grace
         while self.running() and time.monotonic() < deadline:
             time.sleep(0.02)
@@ -180,13 +175,17 @@ class WorkerGroup:
                 os.close(fd)
             except OSError:
                 pass
+        self._close_job_channels()
+        self.release_reserve()
+
+    def _close_job_channels(self) -> None:
+        """Close each worker's stdin: an idle worker reads EOF and ends."""
         for p in self.processes:
             if p.stdin is not None:
                 try:
                     p.stdin.close()
-                except OSError:
+                except OSError:  # BrokenPipeError: that worker is gone already
                     pass
-        self.release_reserve()
 
 
 def collective_timeout_s(hang_timeout: float) -> float:

@@ -36,6 +36,19 @@ def loss_fn(model, batch):
     return torch.nn.functional.cross_entropy(model(x).float(), y)
 '''
 
+# Every rank trains; a test then makes one of them misbehave at step 3 (cell line 11).
+LOOP = """
+import os, signal, time
+engine, loader = bigtrain.prepare(make_model(), ToyData())
+for x, y in loader:
+    loss = loss_fn(engine, (x, y))
+    engine.backward(loss)
+    engine.step()
+    bigtrain.log(loss=loss.item())
+    if engine.global_steps == 3:
+        {misbehave}
+"""
+
 
 def worker_processes(marker: str) -> list[psutil.Process]:
     """Return live nbtrain worker processes whose command line mentions `marker`."""

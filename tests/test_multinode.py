@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import NOTEBOOK_SETUP, losses, status_of
+from tests.conftest import LOOP, NOTEBOOK_SETUP, losses, status_of
 from tests.kernel import Kernel
 from tests.netns import INTERFACE, Cluster, cluster
 
@@ -84,25 +84,15 @@ def test_two_hosts_of_two_processes_under_zero3_match_four_processes_on_one(host
     assert {p.name for p in (two / "heartbeats").iterdir()} == {f"rank-{r}.json" for r in range(4)}
 
 
-FAIL_AT_STEP_3 = """
-engine, loader = bigtrain.prepare(make_model(), ToyData())
-for x, y in loader:
-    engine.backward(loss_fn(engine, (x, y)))
-    engine.step()
-    bigtrain.log(loss=1.0)
-    if engine.global_steps == 3 and bigtrain.rank == 1:
-        raise ValueError('bad batch on the second host')
-"""
-
-
 def test_a_rank_raising_on_a_remote_host_fails_the_run_with_its_traceback(hosts: tuple[Cluster, Kernel],
                                                                            tmp_path: Path) -> None:
     c, kernel = hosts
+    cell = LOOP.format(misbehave="if bigtrain.rank == 1:\n            raise ValueError('bad batch on the second host')")
     out = kernel.execute(f"%%bigtrain --hosts node0,node1 --nproc 1 --steps 40 --micro-batch 4 --no-plot --name bad\n"
-                         f"{FAIL_AT_STEP_3}", allow_error=True, timeout=180)
+                         f"{cell}", allow_error=True, timeout=180)
     assert out.error is not None, out.text
-    assert "rank 1 raised ValueError: bad batch on the second host (cell line 8)" in out.error.text
-    assert 'File "<bigtrain cell>", line 8' in out.error.text
+    assert "rank 1 raised ValueError: bad batch on the second host (cell line 11)" in out.error.text
+    assert 'File "<bigtrain cell>", line 11' in out.error.text
     status = status_of(only(tmp_path, "bad"))
     assert (status["state"], status["failed_rank"]) == ("failed", 1)
     assert leftovers(c) == {}, "a worker outlived the failed run on a host"

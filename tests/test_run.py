@@ -7,24 +7,10 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import only_run, status_of, wait_until_gone, worker_processes
+from tests.conftest import LOOP, only_run, status_of, wait_until_gone, worker_processes
 from tests.kernel import Kernel
 
 pytestmark = pytest.mark.integration
-
-# Every rank trains; the test then makes one of them misbehave at step 3.
-LOOP = """
-import os, signal, time
-engine, loader = bigtrain.prepare(make_model(), ToyData())
-for x, y in loader:
-    loss = loss_fn(engine, (x, y))
-    engine.backward(loss)
-    engine.step()
-    bigtrain.log(loss=loss.item())
-    if engine.global_steps == 3:
-        {misbehave}
-"""
-
 
 def test_a_rank_raising_fails_the_run_with_its_traceback_at_the_cell_line(kernel: Kernel, tmp_path: Path) -> None:
     cell = LOOP.format(misbehave="if bigtrain.rank == 1:\n            raise ValueError('bad batch on rank 1')")
