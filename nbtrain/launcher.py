@@ -121,6 +121,20 @@ class WorkerGroup:
                 return f"the workers were not clean again within {timeout:.0f} s of the last run"
             time.sleep(0.02)
 
+    def wait_started(self, timeout: float) -> str | None:
+        """Wait until every worker took the job just submitted; return why not (one died), or None."""
+        deadline = time.monotonic() + timeout
+        while True:
+            self._read_reports()
+            if all("started" in reports for reports in self._reports):
+                return None
+            for rank, p in enumerate(self.processes):
+                if p.poll() is not None and "started" not in self._reports[rank]:
+                    return f"worker rank {rank} (pid {p.pid}) ended with code {p.returncode} while idle"
+            if time.monotonic() > deadline:
+                return f"the warm workers did not take the run within {timeout:.0f} s"
+            time.sleep(0.005)
+
     def _read_reports(self) -> None:
         for fd, reports in zip(self.report_fds, self._reports, strict=True):
             try:

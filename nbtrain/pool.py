@@ -25,6 +25,8 @@ from nbtrain.rundir import RunDirectory
 
 # A warm worker cleans up right after its run; the next run waits for that at most this long.
 READY_TIMEOUT_S = 60.0
+# An idle warm worker takes a job within milliseconds; one that does not answer is replaced.
+STARTED_TIMEOUT_S = 10.0
 # Variables that differ on every launch by design; any other change of the environment the
 # workers were started with means fresh workers (they would not see it).
 _PER_LAUNCH = {"NBTRAIN_LAUNCHED_AT"}
@@ -107,6 +109,9 @@ class WorkerPool:
                 return Workers(idle.group, shape, warm=True,
                                note=f"warm workers (pids {', '.join(map(str, idle.group.pids))}; run {served} in them)")
             idle.group.shutdown()
+        return self._fresh(run, plan, shape, why_fresh)
+
+    def _fresh(self, run: RunDirectory, plan: RunPlan, shape: LaunchShape, why_fresh: str) -> Workers:
         hang = plan.config.hang_timeout or DEFAULT_HANG_TIMEOUT_S
         if plan.hosts:
             from nbtrain.cluster import launch_cluster
@@ -116,6 +121,21 @@ class WorkerPool:
                            note=f"fresh workers on {len(plan.hosts)} hosts (multi-node runs start fresh workers)")
         group = launch_workers(run, plan.nproc, hang_timeout=hang, threads=shape.threads)
         return Workers(group, shape, warm=False, note=f"fresh workers ({why_fresh})")
+
+    def start(self, run: RunDirectory, plan: RunPlan, last: bool) -> Workers:
+        """Return workers running `run`: warm ones if they fit and take it, else fresh ones."""
+        workers = self.workers_for(run, plan)
+        workers.group.submit(run, last=last)
+        if workers.warm:
+            # A worker can die while idle (killed, out of memory) just before the run: the others
+            # would then wait for it in the first collective. Fresh workers instead, at once.
+            died = workers.group.wait_started(STARTED_TIMEOUT_S)
+            if died:
+                workers.group.stop(grace=0)
+                workers.group.close()
+                workers = self._fresh(run, plan, shape_for(plan), died)
+                workers.group.submit(run, last=last)
+        return workers
 
     def keep(self, workers: Workers, keep_s: float) -> None:
         """Keep the workers of a succeeded run warm for `keep_s` seconds (0: end them now)."""

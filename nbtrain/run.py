@@ -231,8 +231,7 @@ def launch(plan: RunPlan, cell: str, namespace: MutableMapping[str, Any], sink: 
 
         preflight(plan.hosts, plan.launcher)
     run = create_run_directory(plan, cell, inputs)
-    workers = POOL.workers_for(run, plan)
-    workers.group.submit(run, last=plan.config.keep_warm == 0 or bool(plan.hosts))
+    workers = POOL.start(run, plan, last=plan.config.keep_warm == 0 or bool(plan.hosts))
     run.write_status(state="running", started=started, pids=workers.group.pids, port=workers.group.port,
                      workers={"warm": workers.warm, "note": workers.note,
                               "runs_served": workers.group.runs_served})

@@ -225,3 +225,15 @@ def test_warm_workers_idle_quietly_and_end_on_time_on_request_and_with_the_kerne
         kernel.client.stop_channels()
         kernel.shutdown()
     assert json.loads((first / "status.json").read_text())["state"] == "succeeded"
+
+
+def test_a_warm_worker_that_died_while_idle_means_fresh_workers(kernel: Kernel, tmp_path: Path) -> None:
+    first = run(kernel, tmp_path, "")
+    dead = workers_of(first)["pids"][1]
+    psutil.Process(dead).kill()
+    after = run(kernel, tmp_path, "")
+    note = workers_of(after)["note"]
+    assert note.startswith(f"fresh workers (worker rank 1 (pid {dead}) ended with code -9"), note
+    assert losses(after) == losses(first)
+    assert not psutil.pid_exists(workers_of(first)["pids"][0]) or \
+        psutil.Process(workers_of(first)["pids"][0]).status() == psutil.STATUS_ZOMBIE, "its partner was not ended"

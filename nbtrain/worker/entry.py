@@ -139,6 +139,8 @@ def main(first_run: Path, rank: int | None = None) -> int:
     timeline = {"python_started": python_started, "imports_done": imports_done}
     for line in jobs:  # blocks while idle: no busy loop
         job = json.loads(line)
+        if report is not None:
+            report.write("started\n")  # a warm group whose worker died while idle is replaced at once
         CurrentRun.path = Path(job["run"])
         timeline = {"launched": job["launched_at"], "job_received": time.time(), **timeline}
         context = run_job(CurrentRun.path, rank, timeline)
