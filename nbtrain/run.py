@@ -344,18 +344,18 @@ def _supervise(active: ActiveRun) -> tuple[str, str, int | None]:
             group.stop()
             return "failed", hang[1], hang[0]
         failed = [rank for rank, code in enumerate(codes) if code not in (None, 0)]
-        if failed and group.failure:  # a lost host: the other ranks' errors follow from it
-            group.stop()
-            return "failed", group.failure, group.failed_rank
         if failed:
-            deadline = time.monotonic() + FAILURE_GRACE_S
-            while None in group.exit_codes() and time.monotonic() < deadline:
-                time.sleep(0.05)
+            if not group.failure:  # a lost host's rank says nothing: the others' errors follow from it
+                deadline = time.monotonic() + FAILURE_GRACE_S
+                while None in group.exit_codes() and time.monotonic() < deadline:
+                    time.sleep(0.05)
             codes = group.exit_codes()  # before our own stop signals muddy them
             group.stop()
             status = watcher.run.status()
             if status.get("state") == "stopped":  # stopped from outside, e.g. JupyterLab's Stop
                 return "stopped", str(status.get("reason", "stopped")), None
+            if group.failure:
+                return "failed", group.failure, group.failed_rank
             return ("failed", *_failure_reason(watcher.run, codes))
         time.sleep(POLL_S)
 

@@ -136,3 +136,24 @@ def test_interrupting_a_multi_node_run_ends_every_worker_on_every_host(hosts: tu
                    f"--name stopped\n{FIT}", interrupt_after=15, allow_error=True, timeout=120)
     assert leftovers(c) == {}, f"workers survived the interrupt: {leftovers(c)}"
     assert status_of(only(tmp_path, "stopped"))["state"] == "stopped"
+
+
+def test_stopping_a_multi_node_run_from_jupyterlab_ends_every_worker(hosts: tuple[Cluster, Kernel],
+                                                                     tmp_path: Path) -> None:
+    import asyncio
+
+    from nbtrain.rundir import RunDirectory
+    from nbtrain.server.workers import stop_run
+
+    c, kernel = hosts
+    kernel.execute("%%bigtrain --hosts node0,node1 --nproc 1 --steps 100000 --micro-batch 4 --no-plot --background "
+                   f"--name lab\n{FIT}")
+    kernel.execute("handle = _\nimport time\nwhile len(handle.metrics) < 3: time.sleep(0.2)")
+    asyncio.run(stop_run(RunDirectory(only(tmp_path, "lab")), grace_s=5))  # what the sidebar's Stop calls
+    kernel.execute("handle.wait()", allow_error=True, timeout=60)
+    deadline = time.monotonic() + 30
+    while leftovers(c) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert leftovers(c) == {}, f"workers left after Stop: {leftovers(c)}"
+    status = status_of(only(tmp_path, "lab"))
+    assert status["state"] == "stopped" and "stopped from JupyterLab" in status["reason"], status
