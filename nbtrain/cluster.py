@@ -36,11 +36,15 @@ import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from nbtrain.errors import ConfigError, Problem
 from nbtrain.hosts import Host, check_reachable, world_info
 from nbtrain.launcher import COLLECTIVE_TIMEOUT_ENV, STOP_GRACE_S, free_port, ops_cache_dir, worker_environment
 from nbtrain.rundir import RunDirectory
+
+if TYPE_CHECKING:
+    from nbtrain.relay import Relay
 
 # Launchers nbtrain can start today, and what each needs on the head.
 LAUNCHERS = {"pdsh": "pdsh", "standard": "ssh"}
@@ -116,7 +120,7 @@ class ClusterGroup:
     run: RunDirectory
     hosts: tuple[Host, ...]
     nproc: int
-    relays: list[object]
+    relays: list[Relay]
     port: int
     runner: subprocess.Popen[bytes] | None = None
     started: float = field(default_factory=time.time)
@@ -131,7 +135,7 @@ class ClusterGroup:
 
     @property
     def pids(self) -> list[int]:
-        return [self.runner.pid] if self.runner is not None else [r.process.pid for r in self.relays]  # type: ignore[attr-defined]
+        return [self.runner.pid] if self.runner is not None else [r.process.pid for r in self.relays]
 
     @property
     def pgid(self) -> int:
@@ -157,7 +161,7 @@ class ClusterGroup:
 
     def _notice_loss(self, codes: list[int | None]) -> None:
         for index, relay in enumerate(self.relays):
-            lost = relay.lost  # type: ignore[attr-defined]
+            lost = relay.lost
             if lost:
                 self.failure, self.failed_rank = (f"host {self.hosts[index].name} was lost: {lost}; every worker "
                                                   "on the other hosts was stopped"), index * self.nproc
@@ -165,7 +169,7 @@ class ClusterGroup:
         if self.runner is not None and self.runner.poll() not in (None, 0):
             # pdsh ended with an error: let the relays deliver what the ranks said first.
             for relay in self.relays:
-                relay.sync(timeout=5)  # type: ignore[attr-defined]
+                relay.sync(timeout=5)
             if any(self.run.error_file(rank).exists() for rank in range(self.world_size)):
                 return
             if not all(self.run.done_file(rank).exists() for rank in range(self.world_size)):
@@ -182,13 +186,16 @@ class ClusterGroup:
     def wait_ready(self, timeout: float) -> str | None:
         return "multi-node workers serve one run"
 
+    def wait_started(self, timeout: float) -> str | None:
+        return None  # never warm: the launcher started them for this run
+
     def stop(self, grace: float = STOP_GRACE_S) -> float:
         """End every worker on every host (through its relay), then the launcher here."""
         begun = time.monotonic()
         for relay in self.relays:
-            relay.sync(timeout=2)  # type: ignore[attr-defined]  # the last records first
+            relay.sync(timeout=2)  # the last records first
         for relay in self.relays:
-            relay.stop("the run ended", timeout=grace + 5)  # type: ignore[attr-defined]
+            relay.stop("the run ended", timeout=grace + 5)
         if self.runner is not None and self.runner.poll() is None:
             try:
                 os.killpg(self.runner.pid, signal.SIGKILL)  # not SIGTERM: DeepSpeed's handler pkills too widely
@@ -209,7 +216,7 @@ class ClusterGroup:
 
     def close(self) -> None:
         for relay in self.relays:
-            relay.close()  # type: ignore[attr-defined]
+            relay.close()
         self.release_reserve()
 
 
@@ -234,7 +241,7 @@ def launch_cluster(run: RunDirectory, hosts: Sequence[Host], nproc: int, launche
     with open(reserve, "wb") as f:
         f.write(b"\0" * SPACE_RESERVE_BYTES)
     relays: list[Relay] = []
-    group = ClusterGroup(run, tuple(hosts), nproc, relays, port, reserve=reserve)  # type: ignore[arg-type]
+    group = ClusterGroup(run, tuple(hosts), nproc, relays, port, reserve=reserve)
     try:
         for index, host in enumerate(hosts):
             ranks = range(index * nproc, (index + 1) * nproc)

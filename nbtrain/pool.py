@@ -16,12 +16,15 @@ import sys
 import threading
 import time
 from dataclasses import dataclass, fields
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from nbtrain.config import DEFAULT_HANG_TIMEOUT_S, DEFAULT_KEEP_WARM_S
 from nbtrain.launcher import WorkerGroup, collective_timeout_s, default_threads, launch_workers
 from nbtrain.plan import RunPlan
 from nbtrain.rundir import RunDirectory
+
+if TYPE_CHECKING:
+    from nbtrain.cluster import ClusterGroup
 
 # A warm worker cleans up right after its run; the next run waits for that at most this long.
 READY_TIMEOUT_S = 60.0
@@ -78,7 +81,7 @@ def shape_for(plan: RunPlan) -> LaunchShape:
 class Workers:
     """The workers a run got, and how: warm (an earlier run's) or fresh, and why fresh."""
 
-    group: WorkerGroup
+    group: WorkerGroup | ClusterGroup
     shape: LaunchShape
     warm: bool
     note: str
@@ -117,7 +120,7 @@ class WorkerPool:
             from nbtrain.cluster import launch_cluster
 
             cluster = launch_cluster(run, plan.hosts, plan.nproc, plan.launcher, hang)
-            return Workers(cluster, shape, warm=False,  # type: ignore[arg-type]
+            return Workers(cluster, shape, warm=False,
                            note=f"fresh workers on {len(plan.hosts)} hosts (multi-node runs start fresh workers)")
         group = launch_workers(run, plan.nproc, hang_timeout=hang, threads=shape.threads)
         return Workers(group, shape, warm=False, note=f"fresh workers ({why_fresh})")
