@@ -149,7 +149,13 @@ def test_stopping_a_multi_node_run_from_jupyterlab_ends_every_worker(hosts: tupl
     kernel.execute("%%bigtrain --hosts node0,node1 --nproc 1 --steps 100000 --micro-batch 4 --no-plot --background "
                    f"--name lab\n{FIT}")
     kernel.execute("handle = _\nimport time\nwhile len(handle.metrics) < 3: time.sleep(0.2)")
-    asyncio.run(stop_run(RunDirectory(only(tmp_path, "lab")), grace_s=5))  # what the sidebar's Stop calls
+    # What the sidebar's Stop calls. Not asyncio.run: it would leave no current event loop for
+    # the server tests that run later in this process.
+    loop = asyncio.new_event_loop()
+    try:
+        loop.run_until_complete(stop_run(RunDirectory(only(tmp_path, "lab")), grace_s=5))
+    finally:
+        loop.close()
     kernel.execute("handle.wait()", allow_error=True, timeout=60)
     deadline = time.monotonic() + 30
     while leftovers(c) and time.monotonic() < deadline:
