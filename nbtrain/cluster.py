@@ -40,7 +40,15 @@ from typing import TYPE_CHECKING
 
 from nbtrain.errors import ConfigError, Problem
 from nbtrain.hosts import Host, check_reachable, world_info
-from nbtrain.launcher import COLLECTIVE_TIMEOUT_ENV, STOP_GRACE_S, free_port, ops_cache_dir, worker_environment
+from nbtrain.launcher import (
+    COLLECTIVE_TIMEOUT_ENV,
+    STOP_GRACE_S,
+    collective_timeout_s,
+    default_threads,
+    free_port,
+    reserve_space,
+    worker_environment,
+)
 from nbtrain.rundir import RunDirectory
 
 if TYPE_CHECKING:
@@ -52,7 +60,7 @@ LAUNCHERS = {"pdsh": "pdsh", "standard": "ssh"}
 # the kernel's other variables stay on the head (they may hold secrets).
 FORWARDED = ("OMP_NUM_THREADS", "TORCH_EXTENSIONS_DIR", "ACCELERATE_USE_DEEPSPEED", "NBTRAIN_LAUNCHED_AT",
              COLLECTIVE_TIMEOUT_ENV, "PYTHONPATH", "PYTHONUNBUFFERED")
-FORWARDED_PREFIXES = ("GLOO_", "NCCL_", "TP_SOCKET_IFNAME", "MASTER_", "NBTRAIN_SSH_ARGS")
+FORWARDED_PREFIXES = ("GLOO_", "NCCL_", "TP_SOCKET_IFNAME", "NBTRAIN_SSH_ARGS")
 HANDSHAKE_TIMEOUT_S = 30.0
 
 
@@ -90,17 +98,14 @@ def check_launcher(launcher: str) -> list[Problem]:
     return []
 
 
-def worker_exports(run: RunDirectory, nproc: int, hang_timeout_s: float, tag: str) -> dict[str, str]:
+def worker_exports(nproc: int, hang_timeout_s: float, tag: str) -> dict[str, str]:
     """Return the variables every remote worker gets: nbtrain's, the forwarded ones, ~/.deepspeed_env's."""
-    from nbtrain.launcher import collective_timeout_s, default_threads
+    from nbtrain.relay import TAG_VARIABLE
 
     local = worker_environment(0, nproc, 0, -1, default_threads(nproc))
     exports = {k: v for k, v in local.items() if k in FORWARDED or k.startswith(FORWARDED_PREFIXES)}
-    exports.pop("MASTER_ADDR", None)
-    exports.pop("MASTER_PORT", None)
     exports[COLLECTIVE_TIMEOUT_ENV] = str(collective_timeout_s(hang_timeout_s))
-    exports["TORCH_EXTENSIONS_DIR"] = ops_cache_dir()
-    exports["NBTRAIN_WORKER_TAG"] = tag
+    exports[TAG_VARIABLE] = tag
     # DeepSpeed's convention for anything else the workers need: KEY=VALUE lines in
     # ~/.deepspeed_env or ./.deepspeed_env.
     for folder in (Path.home(), Path.cwd()):
@@ -230,16 +235,13 @@ def preflight(hosts: Sequence[Host], launcher: str) -> None:
 def launch_cluster(run: RunDirectory, hosts: Sequence[Host], nproc: int, launcher: str,
                    hang_timeout_s: float) -> ClusterGroup:
     """Check the hosts, start a relay on each and the workers through `launcher`; return the group."""
-    from nbtrain.launcher import SPACE_RESERVE, SPACE_RESERVE_BYTES
     from nbtrain.relay import Relay
 
     addresses = [host_address(h.name) for h in hosts]
     port = free_port()  # a free port here is almost surely free on the first host too; gloo says if not
-    tag = f"{run.run_id}"
-    exports = worker_exports(run, nproc, hang_timeout_s, tag)
-    reserve = run.path / SPACE_RESERVE
-    with open(reserve, "wb") as f:
-        f.write(b"\0" * SPACE_RESERVE_BYTES)
+    tag = run.run_id  # unique per run: a relay ends only this run's workers
+    exports = worker_exports(nproc, hang_timeout_s, tag)
+    reserve = reserve_space(run)
     relays: list[Relay] = []
     group = ClusterGroup(run, tuple(hosts), nproc, relays, port, reserve=reserve)
     try:

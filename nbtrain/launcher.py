@@ -40,6 +40,14 @@ SPACE_RESERVE = ".space-reserve"
 SPACE_RESERVE_BYTES = 256 * 1024
 
 
+def reserve_space(run: RunDirectory) -> Path:
+    """Write the run's SPACE_RESERVE file (real blocks, not a sparse file: it must hold space)."""
+    path = run.path / SPACE_RESERVE
+    with open(path, "wb") as f:
+        f.write(b"\0" * SPACE_RESERVE_BYTES)
+    return path
+
+
 def free_port(host: str = "127.0.0.1") -> int:
     """Return a TCP port that is free right now on `host`."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
@@ -77,9 +85,7 @@ class WorkerGroup:
 
     def submit(self, run: RunDirectory, last: bool = False) -> None:
         """Send `run` to every worker; `last` tells them to end after it instead of staying warm."""
-        self.reserve = run.path / SPACE_RESERVE
-        with open(self.reserve, "wb") as f:  # real blocks, not a sparse file: it must hold space
-            f.write(b"\0" * SPACE_RESERVE_BYTES)
+        self.reserve = reserve_space(run)
         self._reports = [[] for _ in self.processes]
         job = json.dumps({"run": str(run.path), "launched_at": time.time(), "last": last}) + "\n"
         for p in self.processes:

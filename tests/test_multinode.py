@@ -38,9 +38,7 @@ def hosts(tmp_path: Path) -> Iterator[tuple[Cluster, Kernel]]:
             yield c, kernel
         finally:
             kernel.shutdown()
-            deadline = time.monotonic() + 30
-            while leftovers(c) and time.monotonic() < deadline:
-                time.sleep(0.2)
+            without_leftovers(c, timeout=30)
             assert leftovers(c) == {}, f"processes left on the hosts: {leftovers(c)}"
 
 
@@ -49,6 +47,21 @@ def leftovers(c: Cluster) -> dict[str, list[str]]:
     found = {host: [p for p in procs if not p.split(" ", 1)[-1].startswith("sshd")]  # "4462 sshd: root@notty"
              for host, procs in c.strays().items()}
     return {host: procs for host, procs in found.items() if procs}
+
+
+def without_leftovers(c: Cluster, timeout: float) -> float:
+    """Wait until nbtrain left nothing on the hosts; return how long that took."""
+    begun = time.monotonic()
+    while leftovers(c) and time.monotonic() - begun < timeout:
+        time.sleep(0.1)
+    return time.monotonic() - begun
+
+
+def start_training_in_the_background(kernel: Kernel, name: str) -> None:
+    """Start a long 2-host run as `handle` and return once it has logged a few steps."""
+    kernel.execute("%%bigtrain --hosts node0,node1 --nproc 1 --steps 100000 --micro-batch 4 --no-plot --background "
+                   f"--name {name}\n{FIT}")
+    kernel.execute("handle = _\nimport time\nwhile len(handle.metrics) < 3: time.sleep(0.2)")
 
 
 def only(root: Path, name: str) -> Path:
@@ -101,15 +114,11 @@ def test_a_rank_raising_on_a_remote_host_fails_the_run_with_its_traceback(hosts:
 def test_a_host_whose_link_is_cut_is_named_and_every_worker_ends(hosts: tuple[Cluster, Kernel],
                                                                  tmp_path: Path) -> None:
     c, kernel = hosts
-    kernel.execute("%%bigtrain --hosts node0,node1 --nproc 1 --steps 100000 --micro-batch 4 --no-plot --background "
-                   f"--name cut\n{FIT}")
-    kernel.execute("handle = _\nimport time\nwhile len(handle.metrics) < 3: time.sleep(0.2)")
+    start_training_in_the_background(kernel, "cut")
     c.cut("node1")
     cut_at = time.monotonic()
     failed = kernel.execute("handle.wait()", allow_error=True, timeout=120)
-    deadline = time.monotonic() + 60
-    while leftovers(c) and time.monotonic() < deadline:
-        time.sleep(0.1)
+    without_leftovers(c, timeout=60)
     gone_after = time.monotonic() - cut_at
     assert leftovers(c) == {}, f"workers left after the cut: {leftovers(c)}"
     status = status_of(only(tmp_path, "cut"))
@@ -146,9 +155,7 @@ def test_stopping_a_multi_node_run_from_jupyterlab_ends_every_worker(hosts: tupl
     from nbtrain.server.workers import stop_run
 
     c, kernel = hosts
-    kernel.execute("%%bigtrain --hosts node0,node1 --nproc 1 --steps 100000 --micro-batch 4 --no-plot --background "
-                   f"--name lab\n{FIT}")
-    kernel.execute("handle = _\nimport time\nwhile len(handle.metrics) < 3: time.sleep(0.2)")
+    start_training_in_the_background(kernel, "lab")
     # What the sidebar's Stop calls. Not asyncio.run: it would leave no current event loop for
     # the server tests that run later in this process.
     loop = asyncio.new_event_loop()
@@ -157,9 +164,7 @@ def test_stopping_a_multi_node_run_from_jupyterlab_ends_every_worker(hosts: tupl
     finally:
         loop.close()
     kernel.execute("handle.wait()", allow_error=True, timeout=60)
-    deadline = time.monotonic() + 30
-    while leftovers(c) and time.monotonic() < deadline:
-        time.sleep(0.1)
+    without_leftovers(c, timeout=30)
     assert leftovers(c) == {}, f"workers left after Stop: {leftovers(c)}"
     status = status_of(only(tmp_path, "lab"))
     assert status["state"] == "stopped" and "stopped from JupyterLab" in status["reason"], status
