@@ -6,7 +6,6 @@ import html
 import sys
 import time
 from collections.abc import Mapping
-from pathlib import Path
 from typing import Any
 
 from IPython.core.error import UsageError
@@ -14,14 +13,14 @@ from IPython.core.magic import Magics, line_cell_magic, magics_class
 from IPython.display import DisplayHandle, display
 
 from nbtrain.arguments import build_parser, parse_line
-from nbtrain.config import DEFAULT_RUN_ROOT
+from nbtrain.commands import COMMANDS_HELP, LineCommands
 from nbtrain.dashboard.widget import Dashboard
 from nbtrain.errors import ConfigError, ShippingError
 from nbtrain.machine import detect_machine
 from nbtrain.plan import RunPlan, load_base, plan_run
 from nbtrain.result import RunResult
 from nbtrain.run import Progress, start_run
-from nbtrain.rundir import RunDirectory, list_runs
+from nbtrain.rundir import RunDirectory
 
 PROGRESS_EVERY_S = 0.5
 
@@ -72,9 +71,7 @@ def _help() -> str:
         "Inside the cell, `bigtrain` is the run: bigtrain.prepare(model, data) -> (engine, loader),\n"
         "bigtrain.fit(model, data, loss_fn=None, eval_data=None), bigtrain.log(**scalars),\n"
         "bigtrain.rank / .world_size / .is_main / .device / .config / .max_steps.\n\n"
-        "Line commands: %bigtrain runs (list runs), %bigtrain show RUN_ID (a run's result),\n"
-        "%bigtrain workers (the warm workers kept for the next run), %bigtrain shutdown (end them),\n"
-        "%bigtrain restart (end them; the next run starts on fresh workers).\n\n"
+        + COMMANDS_HELP + "\n"
         + build_parser().format_help()
     )
 
@@ -86,7 +83,7 @@ class BigTrainMagics(Magics):
     @line_cell_magic
     def bigtrain(self, line: str, cell: str | None = None) -> Any:
         if cell is None:
-            return self._line_command(line)
+            return self._commands.run(line)
         try:
             cfg = parse_line(line)
             plan = plan_run(cfg, detect_machine(), self._config_source(cfg.config))
@@ -97,11 +94,17 @@ class BigTrainMagics(Magics):
             return None
         try:
             sink = NotebookSink() if cfg.no_plot else Dashboard()
-            return start_run(plan, cell, self._user_namespace(), sink)
+            result = start_run(plan, cell, self._user_namespace(), sink)
         except (ShippingError, ConfigError) as e:  # ConfigError: a host of a multi-node run is unreachable
             raise UsageError(str(e)) from None
+        self._commands.remember(result)  # `%bigtrain stop` stops a background run through its supervisor
+        return result
 
     bigtrain.__doc__ = _help()
+
+    def __init__(self, shell: Any = None, **kwargs: Any):
+        super().__init__(shell=shell, **kwargs)
+        self._commands = LineCommands()
 
     def _user_namespace(self) -> dict[str, Any]:
         assert self.shell is not None, "the magic runs inside an IPython shell"
@@ -120,43 +123,25 @@ class BigTrainMagics(Magics):
             raise ConfigError([_config_type_problem(name, value)])
         return value
 
-    def _line_command(self, line: str) -> Any:
-        words = line.split()
-        command = words[0] if words else "runs"
-        root = Path(DEFAULT_RUN_ROOT)
-        if command == "runs":
-            runs = list(list_runs(root))
-            if not runs:
-                print(f"no runs under {root.resolve()}")
-            for run in runs:
-                status = run.status()
-                print(f"{run.run_id}  {status.get('state', '?'):<9}  {status.get('reason', '')}")
-            return None
-        if command == "show" and len(words) == 2:
-            return RunResult(root.resolve() / words[1])
-        if command in ("workers", "shutdown", "restart") and len(words) == 1:
-            from nbtrain.pool import POOL
-
-            if command == "workers":
-                print(describe_workers(POOL.describe()))
-            else:
-                print(POOL.shutdown() + ("; the next run starts on fresh workers" if command == "restart" else ""))
-            return None
-        raise UsageError("usage: %bigtrain runs | show RUN_ID | workers | shutdown | restart "
-                         "(cells: %%bigtrain FLAGS)")
-
 
 def describe_workers(rows: list[dict[str, Any]]) -> str:
     """Return the `%bigtrain workers` table of the warm workers."""
     if not rows:
         return "no warm workers: the next run starts fresh ones"
+    if "dropped" in rows[0]:  # a worker of the idle group had ended: never shown as warm
+        return f"no warm workers: {rows[0]['dropped']}; the next run starts fresh ones"
+    from nbtrain.pool import gpu_memory_text
+
     first = rows[0]
+    on_gpus = first.get("gpu_memory") is not None  # NVML per process; no column without GPUs
     lines = [f"warm workers: {first['nproc']} processes ({first['backend']}), {first['runs_served']} run(s) "
              f"served, idle {first['idle_s']:.0f} s, ended after {first['ends_in_s']:.0f} s more without a run",
-             "rank  pid      memory     age"]
+             "rank  pid      memory     age" + ("       GPU memory" if on_gpus else "")]
     for row in rows:
         memory = "gone" if row["rss_mib"] is None else f"{row['rss_mib']:.0f} MiB"
-        lines.append(f"{row['rank']:<5} {row['pid']:<8} {memory:<10} {row['age_s']:.0f} s")
+        age = f"{row['age_s']:.0f} s"
+        lines.append(f"{row['rank']:<5} {row['pid']:<8} {memory:<10} "
+                     + (f"{age:<9} {gpu_memory_text(row['gpu_memory'])}" if on_gpus else age))
     return "\n".join(lines)
 
 

@@ -3,7 +3,8 @@
 status.json names the workers' pids; the first leads their process group. A pid in a file
 is only a claim (the run may be long over and the pid reused), so a process counts as the
 run's worker only if it leads its own group and has the run folder on its command line, as
-every worker started by nbtrain's launcher does (`python -m nbtrain.worker RUN_DIR RANK`).
+every worker started by nbtrain's launcher does (`python -m nbtrain.worker RUN_DIR RANK`),
+or, for warm workers started for an earlier run, is a worker child of the run's kernel.
 """
 
 from __future__ import annotations
@@ -30,8 +31,14 @@ def _alive(proc: psutil.Process) -> bool:
 
 
 def _is_worker_of(proc: psutil.Process, run: RunDirectory) -> bool:
+    # A warm worker (nbtrain.pool) was started for an earlier run, whose folder its command
+    # line names: it counts when it is a worker child of the kernel that started this run.
     try:
-        return str(run.path.resolve()) in proc.cmdline()
+        cmdline = proc.cmdline()
+        if str(run.path.resolve()) in cmdline:
+            return True
+        kernel_pid = run.run_info().get("kernel_pid")
+        return "nbtrain.worker" in cmdline and isinstance(kernel_pid, int) and proc.ppid() == kernel_pid
     except psutil.Error:
         return False
 
@@ -99,19 +106,19 @@ class WorkerSampler:
         return rows
 
 
-async def stop_run(run: RunDirectory, grace_s: float) -> dict[str, Any]:
-    """Stop the run's workers (SIGTERM, SIGKILL after `grace_s`) and mark the run stopped."""
+async def stop_run(run: RunDirectory, grace_s: float, reason: str = STOPPED_REASON) -> dict[str, Any]:
+    """Stop the run's workers (SIGTERM, SIGKILL after `grace_s`) and mark the run stopped with `reason`."""
     status = run.status()
     if status.get("state") in FINAL_STATES:
         raise RequestError(409, f"run {run.run_id} has already ended ({status['state']}): there is nothing to stop")
     leader = group_leader(run)
     if leader is None:
         # A 'running' run without workers: its supervisor died without a word.
-        return run.finish("stopped", f"{STOPPED_REASON}; its workers were already gone")
+        return run.finish("stopped", f"{reason}; its workers were already gone")
     begun = time.monotonic()
     _signal_group(leader.pid, signal.SIGTERM)
     # Say so at once: the kernel's supervisor sees ranks exit and must not call it a failure.
-    run.finish("stopped", STOPPED_REASON)
+    run.finish("stopped", reason)
     while group_members(leader.pid) and time.monotonic() - begun < grace_s:
         await asyncio.sleep(0.1)
     if group_members(leader.pid):
@@ -120,9 +127,9 @@ async def stop_run(run: RunDirectory, grace_s: float) -> dict[str, Any]:
             await asyncio.sleep(0.05)
     took = time.monotonic() - begun
     current = run.status()
-    if current.get("reason") != STOPPED_REASON:  # another final word came first: keep it
+    if current.get("reason") != reason:  # another final word came first: keep it
         return current
-    return run.write_status(reason=f"{STOPPED_REASON}; workers stopped in {took:.1f} s")
+    return run.write_status(reason=f"{reason}; workers stopped in {took:.1f} s")
 
 
 def _signal_group(pgid: int, sig: int) -> None:
