@@ -225,9 +225,10 @@ class ClusterGroup:
         self.release_reserve()
 
 
-def preflight(hosts: Sequence[Host], launcher: str) -> None:
-    """Refuse, before anything starts, a launcher that cannot run or a host that cannot be reached."""
-    problems = check_launcher(launcher) or check_reachable(hosts, workdir=os.getcwd())
+def preflight(hosts: Sequence[Host], launcher: str, nproc: int | None = None) -> None:
+    """Refuse, before anything starts, a launcher that cannot run, a host that cannot be reached,
+    or one with fewer GPUs than `nproc` processes."""
+    problems = check_launcher(launcher) or check_reachable(hosts, workdir=os.getcwd(), nproc=nproc)
     if problems:
         raise ConfigError(problems)
 

@@ -11,7 +11,8 @@ Hosts come from DeepSpeed's hostfile (`--hostfile`, lines `node-a slots=8`) or f
 
 `check_reachable` logs in to every host with ssh, as DeepSpeed's pdsh runner will, and
 checks there that the kernel's Python executable exists at the same path and imports
-nbtrain. Extra ssh options (e.g. `-F ssh_config`, `-p 2222`) come from the environment
+nbtrain; the same probe counts the host's GPUs, so that a host with fewer GPUs than
+`--nproc` is named before anything starts. Extra ssh options (e.g. `-F ssh_config`, `-p 2222`) come from the environment
 variable NBTRAIN_SSH_ARGS, split like a shell command line.
 
 Standard library only: this module is imported by the pure validator.
@@ -31,6 +32,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from nbtrain.errors import ConfigError, Problem
+from nbtrain.machine import gpus, too_few_gpus
 
 # DeepSpeed's own rule (deepspeed/launcher/runner.py, _parse_hostfile), applied with
 # re.search to the stripped line: anything after `slots=N` is ignored, so OpenMPI's
@@ -186,7 +188,11 @@ def probe_script(python: str, workdir: str | None = None) -> str:
         # The workers start there (and import from there first), so import from there too.
         wd = shlex.quote(workdir)
         steps.append(f"cd {wd} 2>/dev/null || {{ echo {_PROBE_MARK} no-workdir; exit 0; }}")
-    code = f'import sys, nbtrain; print("{_PROBE_MARK} ok", "%d.%d" % sys.version_info[:2], nbtrain.__version__)'
+    # The GPU count ignores the login shell's CUDA_VISIBLE_DEVICES: DeepSpeed's launch sets it
+    # on each host to the run's local slots (0..nproc-1), so the host's GPUs are what count.
+    code = ('import os, sys, nbtrain; from nbtrain.machine import count_gpus; '
+            'os.environ.pop("CUDA_VISIBLE_DEVICES", None); '
+            f'print("{_PROBE_MARK} ok", "%d.%d" % sys.version_info[:2], nbtrain.__version__, count_gpus())')
     steps.append(f"{py} -c {shlex.quote(code)} 2>&1")
     # Wrapped in `sh -c` so that a login shell other than a Bourne shell runs it the same.
     return "sh -c " + shlex.quote("; ".join(steps))
@@ -202,14 +208,15 @@ class _Answer:
 
 def check_reachable(hosts: Sequence[Host | str], python: str = sys.executable, *, workdir: str | None = None,
                     connect_timeout: float = 5.0, deadline: float = 15.0,
-                    environ: Mapping[str, str] | None = None) -> list[Problem]:
+                    environ: Mapping[str, str] | None = None, nproc: int | None = None) -> list[Problem]:
     """Log in to every host at once with ssh; return one problem per host that cannot run workers.
 
     Each host must take a key login (BatchMode: never a password prompt), have `python` at
     the same path (DeepSpeed's pdsh runner starts `sys.executable` there), import nbtrain
     with it at the same Python and nbtrain versions as here, and have `workdir` if given
-    (the pdsh runner `cd`s into the launcher's directory). The whole check ends within
-    `deadline` seconds, however many hosts hang.
+    (the pdsh runner `cd`s into the launcher's directory), and, given `nproc` (processes per
+    host), no fewer GPUs than that where it has GPUs at all (a host without GPUs runs CPU
+    processes). The whole check ends within `deadline` seconds, however many hosts hang.
     """
     names = [h.name if isinstance(h, Host) else h for h in hosts]
     env = dict(os.environ if environ is None else environ)
@@ -234,11 +241,11 @@ def check_reachable(hosts: Sequence[Host | str], python: str = sys.executable, *
     with ThreadPoolExecutor(max_workers=min(32, len(names))) as pool:
         answers = list(pool.map(ask, names))
     here = f"{sys.version_info.major}.{sys.version_info.minor}"
-    return [p for a in answers if (p := _judge(a, python, workdir, here, deadline)) is not None]
+    return [p for a in answers if (p := _judge(a, python, workdir, here, deadline, nproc)) is not None]
 
 
 def _judge(answer: _Answer, python: str, workdir: str | None, here_python: str,
-           deadline: float) -> Problem | None:
+           deadline: float, nproc: int | None = None) -> Problem | None:
     """Turn one host's ssh answer into a problem naming the host and what failed, or None."""
     where = f"host {answer.host}"
     lines = answer.stdout.splitlines()
@@ -272,7 +279,16 @@ def _judge(answer: _Answer, python: str, workdir: str | None, here_python: str,
     if their_nbtrain != _version():
         return Problem(where, f"nbtrain {their_nbtrain}", f"the kernel uses nbtrain {_version()}",
                        f"install nbtrain {_version()} on {answer.host}")
-    return None
+    return _judge_gpus(answer.host, mark[3:], nproc)
+
+
+def _judge_gpus(host: str, counted: list[str], nproc: int | None) -> Problem | None:
+    """Refuse `nproc` processes on a host whose probe counted fewer GPUs, but at least one."""
+    count = int(counted[0]) if counted and counted[0].isdigit() else 0
+    if nproc is None or count == 0 or nproc <= count:
+        return None
+    return too_few_gpus(nproc, count, f"host {host} has {gpus(count)}",
+                        f"run on hosts with {gpus(nproc)} or more (--nproc is per host)")
 
 
 def _ssh_fix(host: str, said: str) -> str:

@@ -153,7 +153,7 @@ def create_run_directory(plan: RunPlan, cell: str, inputs: bytes) -> RunDirector
         "name": cfg.name, "created": time.time(), "nproc": plan.world_size,
         "nproc_per_host": plan.nproc, "hosts": [h.name for h in plan.hosts] or ["localhost"],
         "config": dataclasses.asdict(cfg), "kernel_pid": os.getpid(), "cwd": os.getcwd(),
-        "python": sys.executable, "resume_from": plan.resume_from,
+        "python": sys.executable, "resume_from": plan.resume_from, "machine": plan.machine.as_record(),
     })
     write_json_atomic(run.deepspeed_file, plan.deepspeed)
     run.cell_file.write_text(cell)
@@ -229,7 +229,7 @@ def launch(plan: RunPlan, cell: str, namespace: MutableMapping[str, Any], sink: 
     if plan.hosts:
         from nbtrain.cluster import preflight
 
-        preflight(plan.hosts, plan.launcher)
+        preflight(plan.hosts, plan.launcher, plan.nproc)
     run = create_run_directory(plan, cell, inputs)
     workers = POOL.start(run, plan, last=plan.config.keep_warm == 0 or bool(plan.hosts))
     run.write_status(state="running", started=started, pids=workers.group.pids, port=workers.group.port,

@@ -18,7 +18,7 @@ from typing import Any
 from nbtrain.config import DEEPSPEED_DEFAULT_WARMUP_STEPS, DEFAULT_RUN_ROOT, TrainConfig
 from nbtrain.deepspeed_schema import DeepSpeedSchema, load_schema
 from nbtrain.errors import Problem
-from nbtrain.machine import MachineFacts
+from nbtrain.machine import MachineFacts, too_few_gpus
 from nbtrain.render import FROM_DATALOADER, WARMUP_SCHEDULERS, get_path
 
 # Flags that parse and show in --dry-run but whose effect is not built yet.
@@ -34,6 +34,7 @@ def check(cfg: TrainConfig, ds: Mapping[str, Any], machine: MachineFacts, nproc:
     problems += _check_unknown_keys(ds, schema or load_schema())
     problems += _check_combinations(cfg, ds, nproc)
     problems += _check_machine(cfg, ds, machine)
+    problems += _check_device_count(cfg, machine, nproc)
     problems += _check_bookkeeping(cfg)
     return problems
 
@@ -213,6 +214,19 @@ def _check_machine(cfg: TrainConfig, ds: Mapping[str, Any], machine: MachineFact
                                  f"ZeRO++ {name} uses CUDA kernels that DeepSpeed has no CPU "
                                  "version of; this machine has no GPU", "drop --quant (hpZ with --hpz runs on CPU)"))
     return found + _check_libaio(ds, machine)
+
+
+def _check_device_count(cfg: TrainConfig, machine: MachineFacts, nproc: int) -> list[Problem]:
+    """Refuse more processes than this machine shows GPUs: each rank needs one of its own.
+
+    A CPU machine (no GPU visible) runs CPU processes, any number. A multi-node run's
+    hosts are checked one by one when they are reached (`nbtrain.hosts.check_reachable`):
+    this machine's GPUs say nothing about theirs.
+    """
+    if not machine.cuda or not isinstance(nproc, int) or nproc <= machine.gpu_count \
+            or cfg.hostfile is not None or cfg.hosts is not None:
+        return []
+    return [too_few_gpus(nproc, machine.gpu_count, machine.shown(), "make more GPUs visible")]
 
 
 def _check_libaio(ds: Mapping[str, Any], machine: MachineFacts) -> list[Problem]:

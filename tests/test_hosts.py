@@ -34,6 +34,7 @@ from nbtrain.hosts import (
     ssh_command,
     world_info,
 )
+from tests.nvml import fake_nvml_environment
 
 # Hostfiles DeepSpeed accepts or refuses; nbtrain must agree on every one (same hosts, same order).
 DEEPSPEED_CORPUS = {
@@ -182,8 +183,9 @@ def test_extra_ssh_options_come_from_nbtrain_ssh_args() -> None:
 
 # -- the probe, run by a local shell exactly as sshd's login shell would run it -----------
 
-def run_probe_here(python: str, workdir: str | None, cwd: Path) -> _Answer:
-    done = subprocess.run(["sh", "-c", probe_script(python, workdir)], cwd=cwd, capture_output=True, text=True)
+def run_probe_here(python: str, workdir: str | None, cwd: Path, env: dict[str, str] | None = None) -> _Answer:
+    done = subprocess.run(["sh", "-c", probe_script(python, workdir)], cwd=cwd, capture_output=True, text=True,
+                          env=env)
     return _Answer("node-a", done.returncode, done.stdout, done.stderr)
 
 
@@ -212,6 +214,27 @@ def test_the_probe_names_a_python_without_nbtrain_with_its_error(tmp_path: Path)
     assert problem is not None, "the system Python imported nbtrain: is it installed there?"
     assert problem.value == "ModuleNotFoundError: No module named 'nbtrain'", problem
     assert "install nbtrain into that environment on node-a" in problem.fix
+
+
+HERE = f"{sys.version_info[0]}.{sys.version_info[1]}"
+
+
+def test_the_probe_names_a_host_with_fewer_gpus_than_processes(tmp_path: Path) -> None:
+    # The multi-node form of issue 14's `--nproc 2` on one GPU. The login shell's
+    # CUDA_VISIBLE_DEVICES does not count: DeepSpeed's launch sets it there to the run's slots.
+    answer = run_probe_here(sys.executable, None, tmp_path, fake_nvml_environment(gpus=1, CUDA_VISIBLE_DEVICES=""))
+    problem = _judge(answer, sys.executable, None, HERE, 5, nproc=2)
+    assert problem is not None, answer
+    assert (problem.where, problem.value) == ("--nproc", 2)
+    assert "each process needs a GPU of its own, and host node-a has 1 GPU" in problem.rule, problem.rule
+    assert problem.fix == "use --nproc 1, or run on hosts with 2 GPUs or more (--nproc is per host)"
+    assert _judge(answer, sys.executable, None, HERE, 5, nproc=1) is None
+    assert _judge(answer, sys.executable, None, HERE, 5) is None, "without --nproc, GPUs are not judged"
+
+
+def test_a_host_without_gpus_runs_cpu_processes(tmp_path: Path) -> None:
+    answer = run_probe_here(sys.executable, None, tmp_path, fake_nvml_environment(gpus=1, FAKE_NVML_DRIVER="missing"))
+    assert _judge(answer, sys.executable, None, HERE, 5, nproc=4) is None, answer
 
 
 # -- ssh itself, against loopback only ----------------------------------------------------

@@ -6,7 +6,6 @@ nvidia-ml-py (the one fake the project allows, for what cannot exist on this mac
 
 from __future__ import annotations
 
-import importlib.util
 import subprocess
 import sys
 from pathlib import Path
@@ -14,20 +13,13 @@ from pathlib import Path
 import pytest
 
 from nbtrain.machine import MachineFacts, count_gpus, detect_machine
-
-FAKE_NVML = Path(__file__).with_name("fakes") / "pynvml.py"
+from tests.nvml import use_fake_nvml
 
 
 @pytest.fixture
 def four_gpus(monkeypatch: pytest.MonkeyPatch) -> None:
     """Make `import pynvml` find the fake NVML with four GPUs."""
-    spec = importlib.util.spec_from_file_location("pynvml", FAKE_NVML)
-    assert spec is not None and spec.loader is not None
-    fake = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(fake)
-    monkeypatch.setitem(sys.modules, "pynvml", fake)
-    monkeypatch.setenv("FAKE_NVML_GPUS", "4")
-    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    use_fake_nvml(monkeypatch, gpus=4)
 
 
 @pytest.mark.skipif(Path("/proc/driver/nvidia").exists(), reason="a real NVIDIA driver is loaded here")
@@ -74,3 +66,13 @@ def test_counting_does_not_import_torch() -> None:
 def test_machine_facts() -> None:
     assert MachineFacts().cuda is False and MachineFacts().has_libaio is True
     assert MachineFacts(gpu_count=2).cuda is True
+
+
+def test_the_facts_keep_cuda_visible_devices_for_messages_and_the_run_directory(
+        four_gpus: None, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "1,3")
+    facts = detect_machine()
+    assert facts.shown() == "this machine shows 2 GPUs (CUDA_VISIBLE_DEVICES=1,3)"
+    assert facts.as_record() == {"gpu_count": 2, "cuda_visible_devices": "1,3"}
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES")
+    assert detect_machine().shown() == "this machine shows 4 GPUs"

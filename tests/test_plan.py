@@ -8,10 +8,13 @@ from pathlib import Path
 import pytest
 
 from nbtrain.arguments import parse_line
-from nbtrain.errors import ConfigError
-from nbtrain.machine import MachineFacts
+from nbtrain.errors import ConfigError, Problem
+from nbtrain.machine import MachineFacts, detect_machine
 from nbtrain.plan import default_nproc, load_base, plan_run
 from nbtrain.render import FROM_DATALOADER
+from nbtrain.validate import check
+from tests.kernel import Kernel
+from tests.nvml import fake_nvml_environment, use_fake_nvml
 
 CPU = MachineFacts(gpu_count=0)
 
@@ -73,3 +76,64 @@ def test_the_plan_is_refused_as_a_whole() -> None:
     with pytest.raises(ConfigError) as err:
         plan_run(parse_line("--micro-batch 0 --grad-accum 0"), CPU)
     assert [p.where for p in err.value.problems] == ["--micro-batch", "--grad-accum"]
+
+
+# -- more processes than GPUs (issue 14: `--nproc 2` on a one-GPU machine started, and rank 1
+# died with accelerate's "device_id cuda:1 is out of range") --------------------------------------
+def refusal(line: str) -> Problem:
+    """Return the one problem of planning `line` on the machine detected now."""
+    with pytest.raises(ConfigError) as err:
+        plan_run(parse_line(line), detect_machine())
+    (problem,) = err.value.problems
+    return problem
+
+
+def test_more_processes_than_gpus_is_refused_with_the_count_and_the_fix(monkeypatch: pytest.MonkeyPatch) -> None:
+    use_fake_nvml(monkeypatch, gpus=1)
+    problem = refusal("--nproc 2")
+    assert (problem.where, problem.value) == ("--nproc", 2)
+    assert "each process needs a GPU of its own, and this machine shows 1 GPU;" in problem.rule, problem.rule
+    assert "cuda:1 is out of range" in problem.rule
+    assert problem.fix == "use --nproc 1, or make more GPUs visible"
+    assert "--nproc = 2" in str(ConfigError([problem])), "the message names the flag and its value"
+
+
+def test_the_refusal_names_cuda_visible_devices_when_it_hides_gpus(monkeypatch: pytest.MonkeyPatch) -> None:
+    use_fake_nvml(monkeypatch, gpus=4, CUDA_VISIBLE_DEVICES="2,3")
+    problem = refusal("--nproc 3")
+    assert "this machine shows 2 GPUs (CUDA_VISIBLE_DEVICES=2,3)" in problem.rule, problem.rule
+    assert problem.fix == "use --nproc 2, or make more GPUs visible"
+
+
+def test_as_many_processes_as_gpus_or_the_default_plan_as_before(monkeypatch: pytest.MonkeyPatch) -> None:
+    use_fake_nvml(monkeypatch, gpus=1)
+    assert plan_run(parse_line("--nproc 1"), detect_machine()).nproc == 1
+    assert plan_run(parse_line(""), detect_machine()).nproc == 1
+
+
+def test_a_cpu_machine_runs_any_number_of_cpu_processes(monkeypatch: pytest.MonkeyPatch) -> None:
+    use_fake_nvml(monkeypatch, gpus=1, FAKE_NVML_DRIVER="missing")
+    plan = plan_run(parse_line("--nproc 4"), detect_machine())
+    assert plan.nproc == 4 and not plan.machine.cuda
+    use_fake_nvml(monkeypatch, gpus=1, CUDA_VISIBLE_DEVICES="")  # every GPU hidden: CPU processes
+    assert plan_run(parse_line("--nproc 4"), detect_machine()).nproc == 4
+
+
+def test_a_multinode_run_is_not_judged_by_this_machines_gpus(monkeypatch: pytest.MonkeyPatch) -> None:
+    # --nproc is per host there; each host's GPUs are counted by the reachability probe (test_hosts).
+    use_fake_nvml(monkeypatch, gpus=1)
+    problems = check(parse_line("--hosts a,b --nproc 8"), {}, detect_machine(), 8)
+    assert not [p for p in problems if "GPU" in p.rule], problems
+
+
+@pytest.mark.integration
+def test_the_magic_refuses_it_before_anything_starts(tmp_path: Path) -> None:
+    kernel = Kernel(tmp_path, env=fake_nvml_environment(gpus=1))
+    try:
+        kernel.execute("%load_ext nbtrain")
+        shown = kernel.execute("%%bigtrain --nproc 2 --steps 2\nprint('the cell ran')", allow_error=True).text
+    finally:
+        kernel.shutdown()
+    assert shown.startswith("UsageError: ") and "--nproc = 2" in shown, shown
+    assert "this machine shows 1 GPU" in shown and "use --nproc 1, or make more GPUs visible" in shown, shown
+    assert "the cell ran" not in shown and not (tmp_path / "bigtrain-runs").exists(), "something was started"

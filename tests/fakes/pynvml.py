@@ -6,7 +6,11 @@ library's surface and manners: the same function names and units (mW, mJ, bytes)
 Argument" for a bad index or handle, counters that only go up. Set by the environment:
 FAKE_NVML_GPUS (default 2), FAKE_NVML_NAME (default "NVIDIA H100 80GB HBM3"),
 FAKE_NVML_DRIVER=missing (nvmlInit fails as it does without a driver),
-FAKE_NVML_POWER=unsupported (power and energy raise "Not Supported", as on many GPUs).
+FAKE_NVML_POWER=unsupported (power and energy raise "Not Supported", as on many GPUs),
+FAKE_NVML_PROCESSES="GPU:PID:BYTES,..." (the compute processes each GPU lists, e.g. "0:4242:1073741824";
+BYTES "-" for a process whose memory NVML cannot report, which the real library gives as None),
+FAKE_NVML_PROCESSES_FILE (a file holding that same text, read at every call: for a process that is
+already running when the test learns the pids).
 """
 
 from __future__ import annotations
@@ -80,6 +84,14 @@ class c_nvmlMemory_t:  # noqa: N801
     total: int
     free: int
     used: int
+
+
+@dataclass
+class c_nvmlProcessInfo_t:  # noqa: N801 - what the real library returns per process (v3 struct, as an object)
+    pid: int
+    usedGpuMemory: int | None  # noqa: N815 - bytes; None where the driver cannot tell (the real library's value)
+    gpuInstanceId: int = 0xFFFFFFFF  # noqa: N815 - no MIG
+    computeInstanceId: int = 0xFFFFFFFF  # noqa: N815
 
 
 @dataclass(frozen=True)
@@ -170,3 +182,31 @@ def nvmlDeviceGetTotalEnergyConsumption(handle: _Handle) -> int:  # noqa: N802
     _device(handle)
     _power_supported()
     return int((time.time() - _state["started"]) * _POWER_MW)
+
+
+def _process_spec() -> str:
+    spec = os.environ.get("FAKE_NVML_PROCESSES", "")
+    path = os.environ.get("FAKE_NVML_PROCESSES_FILE")
+    if path:
+        try:
+            with open(path) as f:
+                spec = f.read()
+        except OSError:
+            spec = ""
+    return spec
+
+
+def nvmlDeviceGetComputeRunningProcesses(handle: _Handle) -> list[c_nvmlProcessInfo_t]:  # noqa: N802
+    """Return the compute processes on the GPU with the memory each uses, as nvidia-ml-py does."""
+    index = _device(handle)
+    found = []
+    for entry in filter(None, (part.strip() for part in _process_spec().split(","))):
+        gpu, pid, used = entry.split(":")
+        if int(gpu) == index:
+            found.append(c_nvmlProcessInfo_t(pid=int(pid), usedGpuMemory=None if used == "-" else int(used)))
+    return found
+
+
+# The real library's versioned names of the same call.
+nvmlDeviceGetComputeRunningProcesses_v3 = nvmlDeviceGetComputeRunningProcesses
+nvmlDeviceGetComputeRunningProcesses_v2 = nvmlDeviceGetComputeRunningProcesses
