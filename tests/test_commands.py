@@ -6,6 +6,7 @@ The pure parts run on run directories written the way the workers write them; th
 
 from __future__ import annotations
 
+import base64
 import json
 import queue
 import re
@@ -19,8 +20,7 @@ from nbtrain.commands import find_run, parse_command, runs_table
 from nbtrain.compare import settings_table
 from nbtrain.rundir import RunDirectory, write_json_atomic
 from tests.conftest import status_of, wait_until_gone, worker_processes
-from tests.kernel import Kernel
-from tests.test_dashboard import SLOW_LOSS, collect, of_type, png_of, summary_of
+from tests.kernel import Execution, Kernel
 
 
 # -- run directories as the workers leave them -----------------------------------------------------
@@ -100,8 +100,15 @@ def test_an_empty_line_lists_the_runs_and_every_command_takes_run_dir() -> None:
 
 
 # -- through real kernels --------------------------------------------------------------------------
+SLOW_LOSS = """
+import time
+def slow_loss(model, batch):
+    time.sleep(0.02)  # a step long enough to watch
+    return loss_fn(model, batch)
+"""
 SHORT = "%%bigtrain --nproc 2 --steps 6 --micro-batch 8 --no-plot {flags}\nbigtrain.fit(make_model(), ToyData(), loss_fn=loss_fn)"
-LONG = ("%%bigtrain --nproc 2 --steps 100000 --micro-batch 4 --background --name long\n"
+# --no-plot: the run's own cell shows a text line, so every widget update in the kernel is the attached dashboard's.
+LONG = ("%%bigtrain --nproc 2 --steps 100000 --micro-batch 4 --background --no-plot --name long\n"
         "bigtrain.fit(make_model(), ToyData(), loss_fn=slow_loss)")
 
 
@@ -112,11 +119,8 @@ def second_kernel(cwd: Path) -> Kernel:
     return other
 
 
-def live_steps(kernel: Kernel, code: str, count: int = 3, timeout: float = 120) -> tuple[list[dict], list[int]]:
-    """Run `code` (an attach); return its messages and the steps its own widget showed afterwards, live."""
-    messages = [m for _, m in collect(kernel, code)]
-    opened = {m["content"]["comm_id"] for m in messages if m["msg_type"] == "comm_open"}
-    assert opened, f"the attach showed no widget:\n{[m['content'] for m in messages]}"
+def live_steps(kernel: Kernel, count: int = 3, timeout: float = 120) -> list[int]:
+    """Return the steps an attached dashboard shows after its cell ended, until `count` different ones came."""
     steps: list[int] = []
     deadline = time.time() + timeout
     while len(set(steps)) < count and time.time() < deadline:
@@ -124,18 +128,23 @@ def live_steps(kernel: Kernel, code: str, count: int = 3, timeout: float = 120) 
             msg = kernel.client.get_iopub_msg(timeout=0.5)
         except queue.Empty:
             continue
-        content = msg["content"]
-        value = str(content.get("data", {}).get("state", {}).get("value", ""))
+        value = str(msg["content"].get("data", {}).get("state", {}).get("value", ""))
         shown = re.match(r"&nbsp;step (\d+)", value)
-        if msg["msg_type"] == "comm_msg" and content.get("comm_id") in opened and shown:
+        if msg["msg_type"] == "comm_msg" and shown:
             steps.append(int(shown.group(1)))
-    return messages, steps
+    return steps
+
+
+def displayed(execution: Execution, mime: str) -> list[str]:
+    """Return the `mime` parts of what a cell displayed (or updated in place), in order."""
+    return [m.content["data"][mime] for m in execution.messages
+            if m.kind in ("display_data", "update_display_data") and mime in m.content.get("data", {})]
 
 
 def wait_for_steps(run_root: Path, steps: int, timeout: float = 180) -> None:
     deadline = time.time() + timeout
     while time.time() < deadline:
-        metrics = list(run_root.glob("*/metrics/rank-0.jsonl"))
+        metrics = list(run_root.glob("*-long-*/metrics/rank-0.jsonl"))
         if metrics and metrics[0].read_text().count('"loss"') >= steps:
             return
         time.sleep(0.2)
@@ -147,20 +156,22 @@ def test_attach_shows_a_live_dashboard_in_this_kernel_and_in_a_new_one(kernel: K
     kernel.execute(SLOW_LOSS)
     kernel.execute(LONG)
     wait_for_steps(tmp_path / "bigtrain-runs", 3)
-    _, here = live_steps(kernel, "%bigtrain attach long")
+    kernel.execute("%bigtrain attach long")
+    here = live_steps(kernel)
     assert len(set(here)) >= 3 and here == sorted(here), f"the attached dashboard did not advance: {here}"
     other = second_kernel(tmp_path)
     try:
-        messages, there = live_steps(other, "%bigtrain attach latest")
+        attached = other.execute("%bigtrain attach latest")
+        assert "bigtrain: run " in attached.text and "-long-" in attached.text, attached.text
+        there = live_steps(other)
         assert len(set(there)) >= 3 and there == sorted(there), f"a new kernel's dashboard did not advance: {there}"
-        assert any("bigtrain: run" in m["content"].get("text", "") for m in messages), "the run was not named"
         # Stopped from the kernel that started it (its supervisor stops it, as the dashboard's Stop).
         stopped = kernel.execute("%bigtrain stop long").text
         assert re.search(r"stopped \(stopped from the notebook; workers stopped in [\d.]+ s\)", stopped), stopped
         # Finished: the picture and the summary a finished cell leaves, at once.
-        final = collect(other, "%bigtrain attach long")
-        assert png_of(final).startswith(b"\x89PNG")
-        assert "stopped" in summary_of(final)["text/plain"]
+        final = other.execute("%bigtrain attach long")
+        assert any(base64.b64decode(png).startswith(b"\x89PNG") for png in displayed(final, "image/png")), final.text
+        assert any("status" in t and "stopped" in t for t in displayed(final, "text/plain")), final.text
         again = other.execute("%bigtrain stop long").text
         assert "has already ended: stopped" in again and "Traceback" not in again, again
     finally:
@@ -186,9 +197,8 @@ def test_stop_from_another_kernel_ends_a_run_on_warm_workers(kernel: Kernel, tmp
     assert status["state"] == "stopped", status
     assert status["reason"].startswith("stopped with %bigtrain stop; workers stopped in"), status["reason"]
     assert status["reason"] in out, out
-    wait_until_gone(str(tmp_path), timeout=10)
     # Warm workers were started for the first run: their command line names that one.
-    assert not worker_processes(str(tmp_path / "bigtrain-runs")), "a worker outlived the stop"
+    wait_until_gone(str(tmp_path), timeout=10)
     ended = kernel.execute("handle.wait()", allow_error=True)
     assert ended.error is not None and "stopped with %bigtrain stop" in ended.error.text, ended.text
 
@@ -203,13 +213,21 @@ def test_runs_show_and_compare_read_the_run_dir_given(kernel: Kernel, tmp_path: 
     assert "no runs under" in kernel.execute("%bigtrain runs").text, "the default root is ./bigtrain-runs"
     shown = kernel.execute("%bigtrain show lr0.01 --run-dir sweeps").value()
     assert "succeeded" in shown and "steps 6" in shown, shown
-    messages = collect(kernel, "%bigtrain compare lr0.01 lr0.3 --run-dir sweeps")
-    pictures = [m["content"]["data"] for _, m in of_type(messages, "display_data") if "image/png" in m["content"]["data"]]
-    assert pictures, "compare drew no plot"
-    tables = [m["content"]["data"]["text/plain"] for _, m in of_type(messages, "display_data")
-              if "settings of 2 runs" in m["content"]["data"].get("text/plain", "")]
-    rows = tables[0].splitlines()
-    assert rows[2].split() == ["*", "optimizer.params.lr", "0.01", "0.3"], tables[0]
+    compared = kernel.execute("%bigtrain compare lr0.01 lr0.3 --run-dir sweeps")
+    assert any(base64.b64decode(png).startswith(b"\x89PNG") for png in displayed(compared, "image/png")), \
+        "compare drew no plot"
+    table = next(t for t in displayed(compared, "text/plain") if t.startswith("settings of 2 runs"))
+    assert table.splitlines()[2].split() == ["*", "optimizer.params.lr", "0.01", "0.3"], table
     bad = kernel.execute("%bigtrain compare lr0.01 lr0.5 --run-dir sweeps", allow_error=True)
     assert bad.error is not None and "no run 'lr0.5' under" in bad.text and "closest: lr0.3" in bad.text, bad.text
     assert "Traceback" not in bad.text
+
+
+def test_the_magics_help_documents_the_line_commands_and_keeps_the_flags() -> None:
+    from nbtrain.magic import BigTrainMagics
+
+    text = BigTrainMagics.bigtrain.__doc__ or ""
+    for usage in ("%bigtrain runs", "%bigtrain show RUN", "%bigtrain attach RUN", "%bigtrain stop RUN",
+                  "%bigtrain compare RUN RUN...", "--run-dir DIR", "latest"):
+        assert usage in text, f"%bigtrain? does not mention {usage!r}"
+    assert "--offload-optimizer" in text and "--keep-warm" in text, "the flags' help is gone"
