@@ -10,8 +10,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from nbtrain.dashboard.store import RunMetrics
+from nbtrain.machine import gpus as gpus_words
+from nbtrain.rundir import FINAL_STATES
 
 NOT_MEASURABLE = "not measurable on this machine"
+BEFORE_FIRST_STEP = "no MFU: the run ended before its first step"
 
 # Dense (no sparsity) peak FLOP/s from NVIDIA's data sheets: tensor-core bf16/fp16, and fp32
 # without TF32 (what an fp32 run gets by default in PyTorch). Matched on NVML's device name,
@@ -94,14 +97,37 @@ def _flops(metrics: RunMetrics) -> tuple[float | None, str]:
 def _mfu(metrics: RunMetrics, flops: float | None) -> tuple[float | None, str]:
     gpus = [u for u in metrics.utilization.values() if u.device == "gpu"]
     if not gpus:
-        return None, NOT_MEASURABLE + " (no GPU, CPU peak unknown)"
+        return None, _no_gpu_reading(metrics)
     precision = precision_of(metrics.engine)
     peak = device_peak_flops(gpus[0].device_name, precision)
     if peak is None:
         return None, f"peak {precision} FLOP/s of {gpus[0].device_name} unknown"
     if flops is None:
-        return None, "needs FLOP/s"
+        return None, BEFORE_FIRST_STEP if _ended_before_first_step(metrics) else "needs FLOP/s"
     return flops / peak, f"of {peak / 1e12:.0f} TFLOP/s {precision} peak"
+
+
+def _no_gpu_reading(metrics: RunMetrics) -> str:
+    """Say truthfully why no rank's GPU was read: no GPU here, a run that died first, or an unknown device.
+
+    The machine's facts come from run.json (what the kernel saw before launch); a run
+    written before they were kept there is read as before (no GPU).
+    """
+    facts = metrics.run.run_info().get("machine") or {}
+    gpu_count = facts.get("gpu_count")
+    if not gpu_count:
+        return NOT_MEASURABLE + " (no GPU, CPU peak unknown)"
+    visible = facts.get("cuda_visible_devices")
+    has = f"this machine has {gpus_words(gpu_count)}" + (f" (CUDA_VISIBLE_DEVICES={visible})" if visible else "")
+    if _ended_before_first_step(metrics):
+        return f"{BEFORE_FIRST_STEP}; {has}"
+    if not metrics.utilization and metrics.run.status().get("state") not in FINAL_STATES:
+        return f"waiting for the ranks' first GPU reading ({has})"
+    return f"{has}, but no rank's GPU could be read through NVML, so its peak is unknown"
+
+
+def _ended_before_first_step(metrics: RunMetrics) -> bool:
+    return metrics.step == 0 and metrics.run.status().get("state") in FINAL_STATES
 
 
 def _energy(metrics: RunMetrics) -> tuple[float | None, float | None, str]:
