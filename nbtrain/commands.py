@@ -174,7 +174,12 @@ class LineCommands:
         if args.command == "compare":
             from nbtrain.compare import show_comparison
 
-            show_comparison([find_run(root, spec) for spec in args.runs])
+            runs = [find_run(root, spec) for spec in args.runs]
+            repeated = sorted({run.run_id for run in runs if runs.count(run) > 1})
+            if repeated:
+                raise UsageError(f"%bigtrain compare: {', '.join(repeated)} named more than once "
+                                 f"({' '.join(args.runs)}). Fix: name each run once")
+            show_comparison(runs)
             return None
         run = find_run(root, args.runs)
         if args.command == "show":

@@ -231,3 +231,10 @@ def test_the_magics_help_documents_the_line_commands_and_keeps_the_flags() -> No
                   "%bigtrain compare RUN RUN...", "--run-dir DIR", "latest"):
         assert usage in text, f"%bigtrain? does not mention {usage!r}"
     assert "--offload-optimizer" in text and "--keep-warm" in text, "the flags' help is gone"
+
+
+def test_compare_refuses_a_run_named_twice(root: Path) -> None:
+    from nbtrain.commands import LineCommands
+
+    with pytest.raises(UsageError, match=r"20261126-091500-sweep-bbbb named more than once \(sweep 20261126-0915\)"):
+        LineCommands().run(f"compare sweep 20261126-0915 --run-dir {root}")
