@@ -13,8 +13,9 @@ import difflib
 import shlex
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn
 
 from IPython.core.error import UsageError
 
@@ -22,12 +23,16 @@ from nbtrain.config import DEFAULT_RUN_ROOT
 from nbtrain.dashboard.fmt import clock, number
 from nbtrain.result import RunResult
 from nbtrain.run import Progress, RunHandle
+
+if TYPE_CHECKING:
+    from nbtrain.dashboard.widget import Dashboard
 from nbtrain.rundir import FINAL_STATES, RunDirectory, list_runs
 
 ATTACH_TICK_S = 0.5  # an attached dashboard reads the run directory as often as a cell's does
 STOP_GRACE_S = 5.0  # SIGTERM, then SIGKILL after this long (as JupyterLab's Stop)
 STOP_WAIT_S = 60.0
 STOPPED_REASON = "stopped with %bigtrain stop"
+ATTACHED_STOP_REASON = "stopped from an attached dashboard"
 RUN_HELP = "a run id, a unique prefix of one, a run's --name (its newest run), or 'latest'"
 COMMANDS_HELP = """\
 Line commands (each takes --run-dir DIR, default ./bigtrain-runs; RUN is a run id, a unique
@@ -150,7 +155,7 @@ def runs_table(root: Path, now: float | None = None) -> str:
     return f"{len(runs)} run(s) under {where}, newest first:\n" + "\n".join(lines)
 
 
-# -- stop ---------------------------------------------------------------------------------------
+# -- the commands -------------------------------------------------------------------------------
 class LineCommands:
     """The line commands of one kernel; it remembers this kernel's background runs to stop them."""
 
@@ -188,14 +193,14 @@ class LineCommands:
             return self.attach(run)
         return self.stop(run)
 
-    def stop_function(self, run: RunDirectory) -> Any:
+    def stop_function(self, run: RunDirectory) -> Callable[[], None]:
         """Return how to stop `run` without waiting: this kernel's supervisor, else the server's stop."""
         handle = self._handles.get(run.path.resolve())
         if handle is not None and handle.running:
-            return handle._active.request_stop
+            return lambda: handle.stop(timeout=0)  # asks its supervisor, returns at once
 
         def stop_elsewhere() -> None:  # a click handler must not block the kernel for the grace period
-            threading.Thread(target=_stop_quietly, args=(run,), daemon=True).start()
+            threading.Thread(target=_stop_quietly, args=(run, ATTACHED_STOP_REASON), daemon=True).start()
         return stop_elsewhere
 
     def stop(self, run: RunDirectory) -> None:
@@ -234,7 +239,7 @@ def _progress_of(run: RunDirectory) -> Progress:
     return Progress(elapsed_s=(status.get("ended") or time.time()) - started)
 
 
-def _follow(run: RunDirectory, dashboard: Any) -> None:
+def _follow(run: RunDirectory, dashboard: Dashboard) -> None:
     """Tick an attached dashboard until the run ends (its last tick turns it into the picture)."""
     while run.status_file.exists():  # a deleted run folder ends the following too
         final = run.status().get("state") in FINAL_STATES
@@ -251,7 +256,7 @@ def _wait_for_workers(run: RunDirectory) -> None:
         time.sleep(0.2)
 
 
-def _stop_other_kernels_run(run: RunDirectory) -> None:
+def _stop_other_kernels_run(run: RunDirectory, reason: str = STOPPED_REASON) -> None:
     """Stop a run this kernel does not supervise as JupyterLab's Stop does: signal its workers' group."""
     import asyncio
 
@@ -262,7 +267,7 @@ def _stop_other_kernels_run(run: RunDirectory) -> None:
 
     def stop() -> None:
         try:
-            asyncio.run(stop_run(run, STOP_GRACE_S, reason=STOPPED_REASON))
+            asyncio.run(stop_run(run, STOP_GRACE_S, reason=reason))
         except RequestError as e:
             failure.append(e)
 
@@ -274,9 +279,9 @@ def _stop_other_kernels_run(run: RunDirectory) -> None:
         raise UsageError(f"%bigtrain stop {run.run_id}: {failure[0]}")
 
 
-def _stop_quietly(run: RunDirectory) -> None:
+def _stop_quietly(run: RunDirectory, reason: str) -> None:
     try:
-        _stop_other_kernels_run(run)
+        _stop_other_kernels_run(run, reason)
     except UsageError as e:  # from a Stop click: no cell to raise in, so say it in the output
         print(e)
 

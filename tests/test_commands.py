@@ -7,6 +7,7 @@ The pure parts run on run directories written the way the workers write them; th
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
 import queue
 import re
@@ -201,6 +202,51 @@ def test_stop_from_another_kernel_ends_a_run_on_warm_workers(kernel: Kernel, tmp
     wait_until_gone(str(tmp_path), timeout=10)
     ended = kernel.execute("handle.wait()", allow_error=True)
     assert ended.error is not None and "stopped with %bigtrain stop" in ended.error.text, ended.text
+
+
+def stop_button(kernel: Kernel, code: str) -> str:
+    """Run `code` (an attach) and return the comm id of the Stop button it shows."""
+    msg_id = kernel.client.execute(code)
+    found, disabled = None, True
+    while True:
+        msg = kernel.client.get_iopub_msg(timeout=60)
+        if msg["parent_header"].get("msg_id") != msg_id:
+            continue
+        state = msg["content"].get("data", {}).get("state", {})
+        if msg["msg_type"] == "comm_open" and state.get("description") == "Stop":
+            found = msg["content"]["comm_id"]
+        if found == msg["content"].get("comm_id") and "disabled" in state:
+            disabled = state["disabled"]
+        if msg["msg_type"] == "status" and msg["content"]["execution_state"] == "idle":
+            assert found and not disabled, f"the attached dashboard has no enabled Stop button ({found})"
+            return found
+
+
+@pytest.mark.integration
+def test_the_stop_button_of_a_dashboard_attached_in_another_kernel_stops_the_run(kernel: Kernel,
+                                                                                  tmp_path: Path) -> None:
+    kernel.execute(SLOW_LOSS)
+    kernel.execute(LONG)
+    wait_for_steps(tmp_path / "bigtrain-runs", 3)
+    other = second_kernel(tmp_path)
+    try:
+        button = stop_button(other, "%bigtrain attach long")
+        # What a frontend sends when the button is clicked.
+        other.client.shell_channel.send(other.client.session.msg(
+            "comm_msg", {"comm_id": button, "data": {"method": "custom", "content": {"event": "click"}}}))
+        picture = False
+        deadline = time.time() + 60
+        while not picture and time.time() < deadline:
+            with contextlib.suppress(queue.Empty):
+                msg = other.client.get_iopub_msg(timeout=0.5)
+                picture = msg["msg_type"] == "update_display_data" and "image/png" in msg["content"]["data"]
+        assert picture, "the attached dashboard did not turn into the final picture"
+    finally:
+        other.shutdown()
+    status = status_of(next((tmp_path / "bigtrain-runs").iterdir()))
+    assert status["state"] == "stopped", status
+    assert status["reason"].startswith("stopped from an attached dashboard; workers stopped in"), status
+    assert not worker_processes(str(tmp_path)), "a worker outlived the stop"
 
 
 @pytest.mark.integration
