@@ -5,6 +5,9 @@
 ... result = bigtrain.fit(make_model(), make_data())
 
 Importing nbtrain is cheap: torch, deepspeed and IPython are imported only when used.
+
+`from nbtrain import bigtrain` gives the code of the user's own modules the run in progress
+(in a worker, during a run; anywhere else using it raises a RuntimeError that says so).
 """
 
 from __future__ import annotations
@@ -12,12 +15,13 @@ from __future__ import annotations
 from typing import Any
 
 from nbtrain.config import TrainConfig
+from nbtrain.current import bigtrain
 from nbtrain.errors import ConfigError, Problem, RunFailed, ShippingError
 from nbtrain.result import RunResult
 
 __version__ = "0.1.0"
 __all__ = ["ConfigError", "ConfigPanel", "Problem", "RunFailed", "RunResult", "ShippingError", "TrainConfig",
-           "load_ipython_extension", "quantize"]
+           "bigtrain", "load_ipython_extension", "quantize"]
 
 
 def __getattr__(name: str) -> Any:

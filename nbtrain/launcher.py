@@ -113,11 +113,9 @@ class WorkerGroup:
         """Wait until every worker is clean for another run; return why the group cannot serve, or None."""
         deadline = time.monotonic() + timeout
         while True:
-            self._read_reports()
-            for rank, reports in enumerate(self._reports):
-                retired = [r for r in reports if r.startswith("retire")]
-                if retired:
-                    return f"rank {rank} retired: {retired[0].removeprefix('retire ')}"
+            retired = self.retired()
+            if retired:
+                return retired
             for rank, p in enumerate(self.processes):
                 if p.poll() is not None:
                     return f"worker rank {rank} (pid {p.pid}) ended with code {p.returncode}"
@@ -126,6 +124,15 @@ class WorkerGroup:
             if time.monotonic() > deadline:
                 return f"the workers were not clean again within {timeout:.0f} s of the last run"
             time.sleep(0.02)
+
+    def retired(self) -> str | None:
+        """Return why a worker retired after its run ("rank 1 retired: REASON"), or None."""
+        self._read_reports()
+        for rank, reports in enumerate(self._reports):
+            retired = [r for r in reports if r.startswith("retire")]
+            if retired:
+                return f"rank {rank} retired: {retired[0].removeprefix('retire ')}"
+        return None
 
     def wait_started(self, timeout: float) -> str | None:
         """Wait until every worker took the job just submitted; return why not (one died), or None."""

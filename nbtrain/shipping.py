@@ -7,6 +7,11 @@ large unrelated variable never slows a launch.
 
 The source of earlier cells is sent along (the kernel's linecache entries), so that a
 worker's traceback through a notebook-defined function shows its lines.
+
+In the kernel, the notebook's functions and the cells share one namespace. In a worker they
+do too: the globals that cloudpickle rebuilds for the notebook's functions become the cell's
+namespace, so that a function from an earlier cell sees `bigtrain` and every other name the
+cell has, as it would in the kernel.
 """
 
 from __future__ import annotations
@@ -34,6 +39,8 @@ class Inputs:
     names: dict[str, Any]
     modules: dict[str, str] = field(default_factory=dict)  # alias -> module name, imported in the worker
     sources: dict[str, list[str]] = field(default_factory=dict)  # filename -> lines, for tracebacks
+    # The globals of the notebook's functions once unpickled: the cell's namespace in a worker.
+    namespace: dict[str, Any] = field(default_factory=dict)
 
 
 def names_used(cell: str) -> set[str]:
@@ -91,15 +98,20 @@ def _notebook_sources() -> dict[str, list[str]]:
     # /tmp/ipykernel_123/456.py (or <ipython-input-1-...>).
     found = {}
     for filename, entry in list(linecache.cache.items()):
-        if ("ipykernel_" in filename or filename.startswith("<ipython-input")) and len(entry) >= 3:
+        if is_notebook_source(filename) and len(entry) >= 3:
             found[filename] = list(entry[2])
     return found
+
+
+def is_notebook_source(filename: str) -> bool:
+    """Whether `filename` names a notebook cell's code (how IPython registers it in linecache)."""
+    return "ipykernel_" in filename or filename.startswith("<ipython-input")
 
 
 def dumps(inputs: Inputs) -> bytes:
     """Serialise `inputs`; a name that cannot be sent raises ShippingError naming it."""
     try:
-        return _by_value(inputs)
+        return _by_value(inputs, notebook_globals=inputs.namespace)
     except Exception as whole:  # noqa: BLE001 - find which name broke it, then say so
         for name, value in inputs.names.items():
             try:
@@ -113,8 +125,12 @@ def dumps(inputs: Inputs) -> bytes:
         raise ShippingError(f"the cell's inputs cannot be sent to the workers: {whole}") from whole
 
 
-def _by_value(value: Any) -> bytes:
-    """Return cloudpickle's bytes of `value`, code objects keeping their file names."""
+def _by_value(value: Any, notebook_globals: dict[str, Any] | None = None) -> bytes:
+    """Return cloudpickle's bytes of `value`, code objects keeping their file names.
+
+    With `notebook_globals` (a dict pickled within `value`), the notebook's functions (those
+    of `__main__`) get that dict as their globals once unpickled.
+    """
     import cloudpickle
 
     class KeepFilenames(cloudpickle.Pickler):
@@ -129,6 +145,11 @@ def _by_value(value: Any) -> bytes:
                 copy = obj.replace()
                 self.copies[id(copy)] = copy
                 return _with_filename, (copy, obj.co_filename)
+            if notebook_globals is not None and isinstance(obj, types.FunctionType) \
+                    and obj.__globals__.get("__name__") == "__main__":
+                # cloudpickle gives the functions that shared one globals dict one new dict
+                # (`globals_ref`, keyed by the old dict's id): make it ours.
+                self.globals_ref.setdefault(id(obj.__globals__), notebook_globals)
             return super().reducer_override(obj)
 
     buffer = io.BytesIO()
@@ -141,12 +162,17 @@ def _with_filename(code: types.CodeType, filename: str) -> types.CodeType:
 
 
 def install(inputs: Inputs) -> dict[str, Any]:
-    """In a worker: register the notebook's sources and return the cell's namespace."""
+    """In a worker: register the notebook's sources and return the cell's namespace.
+
+    It is the namespace of the notebook's functions too: a name bound in it (`bigtrain`, the
+    cell's own variables) is seen by them, as in the kernel.
+    """
     import importlib
 
     for filename, lines in inputs.sources.items():
         linecache.cache[filename] = (sum(map(len, lines)), None, lines, filename)
-    namespace: dict[str, Any] = {"__name__": "__main__", "__builtins__": builtins}
+    namespace = inputs.namespace
+    namespace.update({"__name__": "__main__", "__builtins__": builtins})
     for alias, module in inputs.modules.items():
         namespace[alias] = importlib.import_module(module)
     namespace.update(inputs.names)

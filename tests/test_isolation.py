@@ -15,7 +15,7 @@ import torch
 
 from nbtrain.config import DEFAULT_HANG_TIMEOUT_S
 from nbtrain.pool import LaunchShape
-from nbtrain.worker.isolation import ProcessState
+from nbtrain.worker.isolation import ProcessState, UserCode, library_roots
 
 
 @pytest.fixture
@@ -112,3 +112,97 @@ def test_a_different_launch_shape_is_named(change: dict, says: str) -> None:
 
     assert SHAPE.difference(SHAPE) is None
     assert says in str(SHAPE.difference(dataclasses.replace(SHAPE, **change)))
+
+
+def test_a_class_stored_in_a_module_is_not_mistaken_for_a_function() -> None:
+    # Regression (issue 14): `json.FT = types.FunctionType` made restore read `co_filename` of
+    # the class's `__code__` descriptor; the AttributeError killed the warm worker (exit 1).
+    state = ProcessState.capture()
+    json.FT = types.FunctionType  # type: ignore[attr-defined]
+    json.MT = types.MethodType  # type: ignore[attr-defined]  # its __func__ is a descriptor too
+    try:
+        assert state.restore() == []
+        assert json.FT is types.FunctionType, "a name that is not the user's function must be kept"
+    finally:
+        del json.FT, json.MT  # type: ignore[attr-defined]
+
+
+def write_module(folder: Path, name: str) -> None:
+    """A module that, when imported, adds a function to json and sets a hook of `plugins` (as libraries do)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / f"{name}.py").write_text(
+        "import json, plugins\n"
+        "def hook():\n    return 'hooked'\n"
+        f"json.{name}_hook = hook\n"
+        "plugins.slot = hook\n")
+
+
+@pytest.fixture
+def importable(tmp_path: Path) -> Iterator[Path]:
+    """tmp_path/libs on sys.path (as PYTHONPATH puts it there), and a `plugins` module with an empty slot."""
+    libs = tmp_path / "libs"
+    sys.path.insert(0, str(libs))
+    plugins = types.ModuleType("plugins")
+    plugins.slot = None  # type: ignore[attr-defined]  # set up lazily, by whoever imports first
+    sys.modules["plugins"] = plugins
+    try:
+        yield libs
+    finally:
+        sys.path.remove(str(libs))
+        del sys.modules["plugins"]
+        for name in [n for n in sys.modules if n.endswith("lib")]:
+            if getattr(sys.modules[name], "__file__", "").startswith(str(tmp_path)):
+                del sys.modules[name]
+        for name in [n for n in vars(json) if n.endswith("_hook")]:
+            delattr(json, name)
+
+
+def test_a_library_found_through_pythonpath_is_library_code(importable: Path, tmp_path: Path) -> None:
+    # Regression (issue 14): only sysconfig's folders counted as libraries, so what a module on
+    # PYTHONPATH set up at import was deleted after the run, though its import would not run again.
+    write_module(importable, "pathlib_lib")
+    venv_site = tmp_path / "notebook" / ".venv" / "site-packages"  # a virtual environment in the notebook folder
+    write_module(venv_site, "venv_lib")
+    sys.path.insert(0, str(venv_site))
+    try:
+        state = ProcessState.capture()
+        import pathlib_lib  # type: ignore[import-not-found]  # noqa: F401
+        import venv_lib  # type: ignore[import-not-found]  # noqa: F401
+
+        assert state.restore(notebook_dir=str(tmp_path / "notebook")) == []
+        assert json.pathlib_lib_hook() == json.venv_lib_hook() == "hooked"  # type: ignore[attr-defined]
+        assert sys.modules["plugins"].slot.__module__ == "venv_lib", "a library's set-up must be kept"
+    finally:
+        sys.path.remove(str(venv_site))
+
+
+def test_a_module_of_the_notebooks_own_folder_is_user_code(importable: Path, tmp_path: Path) -> None:
+    notebook = tmp_path / "notebook"
+    write_module(notebook, "notebook_lib")
+    sys.path.insert(0, str(notebook))  # the workers' PYTHONPATH starts with the kernel's directory
+    try:
+        state = ProcessState.capture()
+        import notebook_lib  # type: ignore[import-not-found]  # noqa: F401
+
+        changed = state.restore(notebook_dir=str(notebook))
+        assert set(changed) == {"plugins.slot", "json.notebook_lib_hook"}
+        assert sys.modules["plugins"].slot is None and not hasattr(json, "notebook_lib_hook")
+    finally:
+        sys.path.remove(str(notebook))
+
+
+def test_the_user_site_is_library_code() -> None:
+    import site
+
+    users = UserCode(library_roots([]), "/nowhere/")
+    assert users.is_library(os.path.join(site.getusersitepackages(), "pkg", "mod.py"))
+    assert not users.is_library("<bigtrain cell>") and not users.is_library("/tmp/ipykernel_1/2.py")
+
+
+def test_the_put_back_note_counts_the_names_it_leaves_out() -> None:
+    # Regression: it showed 200 names and then said "and {n - 20} more".
+    from nbtrain.worker.entry import put_back_note
+
+    note = put_back_note([f"m.f{i}" for i in range(250)])
+    assert note.endswith("m.f199 and 50 more") and "m.f200" not in note
+    assert put_back_note(["m.f"]) == "nbtrain: put back after the run: m.f"

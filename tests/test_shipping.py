@@ -125,3 +125,17 @@ def test_an_unpicklable_value_is_named(make_value: Any) -> None:
     message = str(err.value)
     assert "'handle'" in message and type(namespace["handle"]).__name__ in message, message
     assert "create 'handle' inside the %%bigtrain cell" in message
+
+
+def test_a_notebook_function_sees_the_names_the_worker_binds_in_the_cell(tmp_path: Path) -> None:
+    # Regression (issue 14): a loss_fn from an earlier cell using `bigtrain.device` raised
+    # NameError in the worker: the notebook's functions had globals of their own there.
+    namespace = notebook_namespace()
+    exec(compile("def where():\n    return bigtrain, SCALE, cell_value\n", CELL_FILE, "exec"), namespace)
+    inputs = collect("print(where(), make_model())", namespace)
+    out = run_in_fresh_process(dumps(inputs), '''
+        ns["bigtrain"] = "the run context"
+        ns["cell_value"] = 7
+        print(ns["where"]())
+    ''', tmp_path)
+    assert out.strip() == "('the run context', 3, 7)", out

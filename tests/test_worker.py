@@ -141,3 +141,92 @@ def test_a_bigtrain_run_equals_the_same_deepspeed_json_under_torchrun(kernel: Ke
     ours = losses(run)
     worst = max(abs(a - b) for a, b in zip(ours, plain, strict=True))
     assert worst < 1e-6, f"%%bigtrain and torchrun differ by up to {worst:.2e}:\n{ours}\n{plain}"
+
+
+RECORDER = '''
+class DictData(torch.utils.data.Dataset):
+    """Dict samples: float features and an integer label."""
+    def __init__(self, n=64):
+        self.x = torch.randn(n, 16, generator=torch.Generator().manual_seed(2))
+    def __len__(self):
+        return len(self.x)
+    def __getitem__(self, i):
+        return {"x": self.x[i], "labels": self.x[i, :4].argmax()}
+
+class Recorder(torch.nn.Module):
+    """Records the device and dtype of the tensors it receives."""
+    def __init__(self):
+        super().__init__()
+        self.lin = torch.nn.Linear(16, 4)
+        self.seen = set()
+    def forward(self, x, labels):
+        self.seen.add(f"x {x.device} {x.dtype}, labels {labels.device} {labels.dtype}")
+        return torch.nn.functional.cross_entropy(self.lin(x).float(), labels)
+'''
+
+RECORDED = {
+    "fit": "model = Recorder()\nbigtrain.fit(model, DictData())",
+    "prepare": "model = Recorder()\nengine, loader = bigtrain.prepare(model, DictData())\n"
+               "for batch in loader:\n    engine.backward(engine(**batch))\n    engine.step()",
+    # A loop of the user's own: batches as collated, moved by the user.
+    "own": "model = Recorder()\nengine, loader = bigtrain.prepare(model, DictData(), device_placement=False)\n"
+           "for batch in loader:\n    print('raw', batch['x'].dtype)\n    engine.backward(engine(**bigtrain.to_device(batch)))\n"
+           "    engine.step()",
+}
+
+
+def test_batches_reach_the_model_on_the_ranks_device_in_the_engines_dtype(kernel: Kernel, tmp_path: Path) -> None:
+    # Regression (issue 14): on a GPU, fit with dict batches failed ("index is on cpu, different
+    # from other tensors on cuda:0"): batches were never moved. Here the device is the CPU; the
+    # mover itself is tested on the "meta" device in test_batches.py.
+    kernel.execute(RECORDER)
+    for name, body in RECORDED.items():
+        kernel.execute(f"%%bigtrain --nproc 2 --steps 3 --micro-batch 4 --zero 2 --precision bf16 --no-plot "
+                       f"--name {name}\n{body}\nprint('seen', sorted(model.seen), 'device', bigtrain.device)")
+    for name, run in runs_by_name(tmp_path).items():
+        for rank in (0, 1):
+            out = (run / "logs" / f"rank-{rank}.out").read_text()
+            assert "seen ['x cpu torch.bfloat16, labels cpu torch.int64'] device cpu" in out, f"{name} rank {rank}: {out}"
+    assert "raw torch.float32" in (runs_by_name(tmp_path)["own"] / "logs" / "rank-0.out").read_text()
+
+
+HELPERS = '''
+from nbtrain import bigtrain
+
+def where():
+    return f"module: rank {bigtrain.rank} on {bigtrain.device}, the cell's run {bigtrain!r}"
+'''
+
+EARLIER_CELL = '''
+def loss_on_device(model, batch):
+    x, y = batch
+    return torch.nn.functional.cross_entropy(model(x.to(bigtrain.device)).float(), y.to(bigtrain.device))
+
+def describe():
+    return f"function: rank {bigtrain.rank} on {bigtrain.device}"
+'''
+
+USES_BIGTRAIN = """
+import helpers
+bigtrain.fit(make_model(), ToyData(), loss_fn=loss_on_device)
+print(describe())
+print(helpers.where() == f"module: rank {bigtrain.rank} on {bigtrain.device}, the cell's run {bigtrain!r}")
+"""
+
+
+def test_functions_of_earlier_cells_and_of_the_users_modules_see_bigtrain(kernel: Kernel, tmp_path: Path) -> None:
+    # Regression (issue 14): a loss_fn from an earlier cell doing .to(bigtrain.device) raised
+    # NameError: name 'bigtrain' is not defined, in the worker.
+    (tmp_path / "helpers.py").write_text(HELPERS)
+    kernel.execute(EARLIER_CELL)
+    for name in ("first", "again"):  # the second run is in the same, warm workers: it must see its own run
+        kernel.execute(f"%%bigtrain --nproc 2 --steps 2 --micro-batch 8 --no-plot --name {name}\n{USES_BIGTRAIN}")
+    runs = runs_by_name(tmp_path)
+    assert json.loads((runs["again"] / "status.json").read_text())["workers"]["warm"]
+    for name, run in runs.items():
+        for rank in (0, 1):
+            out = (run / "logs" / f"rank-{rank}.out").read_text()
+            assert f"function: rank {rank} on cpu\nTrue\n" in out, f"{name} rank {rank}: {out}"
+    outside = kernel.execute("from nbtrain import bigtrain\ntry:\n    bigtrain.rank\nexcept RuntimeError as e:\n"
+                             "    print(e)").text
+    assert "exists only inside a %%bigtrain cell's workers" in outside, outside

@@ -109,7 +109,7 @@ def test_floating_point_inputs_are_cast_to_the_training_dtype() -> None:
         def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
             return torch.randn(3), torch.tensor(i)
 
-    (loader,) = loaders(Pairs(), 1, max_steps=1, cast_to=torch.bfloat16)
+    (loader,) = loaders(Pairs(), 1, max_steps=1, device=torch.device("cpu"), dtype=torch.bfloat16)
     x, y = next(iter(loader))
     assert (x.dtype, y.dtype) == (torch.bfloat16, torch.int64), "labels must keep their integer type"
 

@@ -17,6 +17,7 @@ from nbtrain.config import TrainConfig
 from nbtrain.render import FROM_DATALOADER, finalize, get_path
 from nbtrain.rundir import MetricWriter, RunDirectory, write_json_atomic
 from nbtrain.worker import checkpoint, qat
+from nbtrain.worker.batches import input_dtype, to_device
 from nbtrain.worker.data import MicroBatchLoader, batches_per_epoch, is_supported
 
 
@@ -55,9 +56,14 @@ class BigTrain:
         self.timeline: dict[str, float] = timeline if timeline is not None else {}
 
     # -- the cell's API ------------------------------------------------------------------
-    def prepare(self, model: torch.nn.Module, data: Any,
-                collate_fn: Callable[[list[Any]], Any] | None = None) -> tuple[Any, MicroBatchLoader]:
-        """Return the DeepSpeed engine for `model` and this rank's loader of micro-batches."""
+    def prepare(self, model: torch.nn.Module, data: Any, collate_fn: Callable[[list[Any]], Any] | None = None,
+                device_placement: bool = True) -> tuple[Any, MicroBatchLoader]:
+        """Return the DeepSpeed engine for `model` and this rank's loader of micro-batches.
+
+        The loader's batches come on `bigtrain.device` with floating-point tensors in the
+        engine's dtype (bf16/fp16; integer tensors as they are). With `device_placement=False`
+        they come as collated, on the CPU: move them yourself, e.g. with `bigtrain.to_device`.
+        """
         if self.engine is not None:
             raise RuntimeError("bigtrain.prepare was already called in this run; call it once per cell")
         if not isinstance(model, torch.nn.Module):
@@ -82,7 +88,7 @@ class BigTrain:
         loader = MicroBatchLoader(
             data, rank=self.rank, world_size=self.world_size, micro_batch=micro_batch,
             grad_accum=grad_accum, max_steps=total_steps, seed=self.seed, collate_fn=collate_fn,
-            cast_to=torch.bfloat16 if get_path(self.config, "bf16.enabled") is True else None,
+            device=self.device if device_placement else None, dtype=input_dtype(self.engine),
             start=resumed.get("micro_batches", 0), epoch_rng=resumed.get("epoch_rng"))
         self._loader = loader
         if resumed:
@@ -97,6 +103,14 @@ class BigTrain:
         from nbtrain.worker.fit import fit
 
         return fit(self, model, data, loss_fn=loss_fn, eval_data=eval_data)
+
+    def to_device(self, batch: Any) -> Any:
+        """Return `batch` as the loader gives it: tensors on `bigtrain.device`, floats in the engine's dtype.
+
+        For a loop that takes batches from elsewhere, or `prepare(..., device_placement=False)`.
+        """
+        dtype = input_dtype(self.engine) if self.engine is not None else _config_dtype(self.config)
+        return to_device(batch, self.device, dtype)
 
     def log(self, step: int | None = None, **scalars: Any) -> None:
         """Record scalars at the current optimizer step (tensors are read with `.item()`)."""
@@ -247,6 +261,15 @@ class BigTrain:
 
     def close(self) -> None:
         self._metrics.close()
+
+
+def _config_dtype(config: dict[str, Any]) -> torch.dtype | None:
+    """Return the inputs' dtype the DeepSpeed config asks for (before there is an engine)."""
+    if get_path(config, "bf16.enabled") is True:
+        return torch.bfloat16
+    if get_path(config, "fp16.enabled") is True:
+        return torch.float16
+    return None
 
 
 def meta_copy(model: torch.nn.Module) -> torch.nn.Module:

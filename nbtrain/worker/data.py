@@ -8,6 +8,8 @@ round the data as often as needed; every rank yields the same number of micro-ba
 so no rank waits in a collective for one that has run out.
 A resumed run starts `start` micro-batches in (the ones trained before the checkpoint),
 in the epoch and at the place where the interrupted run was.
+Each micro-batch is put on `device` with floating-point inputs in `dtype`
+(`nbtrain.worker.batches`); without a device it comes as the data give it.
 """
 
 from __future__ import annotations
@@ -17,6 +19,8 @@ from typing import Any
 
 import torch
 from torch.utils.data import DataLoader, Dataset
+
+from nbtrain.worker.batches import to_device
 
 
 def batches_per_epoch(data: Any, micro_batch: int, world_size: int) -> int:
@@ -31,12 +35,13 @@ class MicroBatchLoader:
 
     def __init__(self, data: Any, *, rank: int, world_size: int, micro_batch: int, grad_accum: int,
                  max_steps: int, seed: int, collate_fn: Callable[[list[Any]], Any] | None = None,
-                 cast_to: torch.dtype | None = None, start: int = 0, epoch_rng: torch.Tensor | None = None):
+                 device: torch.device | None = None, dtype: torch.dtype | None = None, start: int = 0,
+                 epoch_rng: torch.Tensor | None = None):
         self.data, self.rank, self.world_size = data, rank, world_size
         self.micro_batch, self.grad_accum = micro_batch, grad_accum
         self.max_steps, self.seed = max_steps, seed
         self.collate_fn = collate_fn or torch.utils.data.default_collate
-        self.cast_to = cast_to
+        self.device, self.dtype = device, dtype
         self.per_epoch = batches_per_epoch(data, micro_batch, world_size)
         if self.per_epoch == 0:
             raise ValueError(
@@ -59,7 +64,7 @@ class MicroBatchLoader:
         while remaining > 0:
             for batch in self._epoch_batches(self.epoch, skip):
                 self.position += 1
-                yield self._cast(batch)
+                yield batch if self.device is None else to_device(batch, self.device, self.dtype)
                 remaining -= 1
                 if remaining == 0:
                     break
@@ -101,18 +106,6 @@ class MicroBatchLoader:
                 return
             if i % self.world_size == self.rank and i // self.world_size >= skip:
                 yield batch
-
-    def _cast(self, batch: Any) -> Any:
-        """Cast floating-point inputs to the training dtype (bf16 params need bf16 inputs)."""
-        if self.cast_to is None:
-            return batch
-        if isinstance(batch, torch.Tensor):
-            return batch.to(self.cast_to) if batch.is_floating_point() else batch
-        if isinstance(batch, dict):
-            return {k: self._cast(v) for k, v in batch.items()}
-        if isinstance(batch, (list, tuple)):
-            return type(batch)(self._cast(v) for v in batch)
-        return batch
 
 
 def _chain(first: Any, rest: Iterator[Any]) -> Iterator[Any]:

@@ -5,7 +5,8 @@ directory then arrives as one JSON line on stdin. What the kernel side (`nbtrain
 `nbtrain.launcher`) relies on:
 `done` on the report pipe = the cell succeeded on this rank (rank 0 has written the `--out` values);
 exit 1 = the cell raised (errors/rank-N.json says where); any other exit = killed;
-`ready` = warm again for the next run; `retire REASON` = ending instead; exit 0 = stdin closed.
+`ready` = warm again for the next run; `retire REASON` = ending instead (a clean-up that
+failed says so: it never ends the process with an error); exit 0 = stdin closed.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import sys
 import threading
 import time
 import traceback
+import weakref
 from collections.abc import Iterable
 from datetime import timedelta
 from pathlib import Path
@@ -128,6 +130,8 @@ def main(first_run: Path, rank: int | None = None) -> int:
     report = os.fdopen(int(os.environ[REPORT_FD_ENV]), "w", buffering=1) if REPORT_FD_ENV in os.environ else None
     jobs: Iterable[str] = sys.stdin if report is not None else [json.dumps(
         {"run": str(first_run), "launched_at": float(os.environ.get("NBTRAIN_LAUNCHED_AT", "nan")), "last": True})]
+    from nbtrain.rundir import RunDirectory
+
     CurrentRun.path = first_run
     try:
         imports_done = warm_up()
@@ -137,6 +141,7 @@ def main(first_run: Path, rank: int | None = None) -> int:
 
     clean = ProcessState.capture()
     timeline = {"python_started": python_started, "imports_done": imports_done}
+    runs = 0
     for line in jobs:  # blocks while idle: no busy loop
         job = json.loads(line)
         if report is not None:
@@ -144,12 +149,14 @@ def main(first_run: Path, rank: int | None = None) -> int:
         CurrentRun.path = Path(job["run"])
         timeline = {"launched": job["launched_at"], "job_received": time.time(), **timeline}
         context = run_job(CurrentRun.path, rank, timeline)
+        runs += 1
         if report is not None:
             report.write("done\n")
         else:
-            from nbtrain.rundir import RunDirectory, write_json_atomic
+            from nbtrain.rundir import write_json_atomic
 
             write_json_atomic(RunDirectory(CurrentRun.path).done_file(rank), {"rank": rank, "time": time.time()})
+        notebook_dir = RunDirectory(CurrentRun.path).run_info()["cwd"]
         CurrentRun.path = None
         timeline = {}
         if job.get("last"):
@@ -157,8 +164,9 @@ def main(first_run: Path, rank: int | None = None) -> int:
             # abort at exit: wait for every rank first.
             _teardown(context, barrier=True)
             break
-        why_not = clean_up(context, clean)
-        del context
+        finished = [context]
+        del context  # clean_up holds the run's last reference, and drops it before releasing memory
+        why_not = clean_up(finished, clean, runs, notebook_dir)
         assert report is not None  # only a job channel sends a job that is not the last
         report.write(f"retire {why_not}\n" if why_not else "ready\n")
         if why_not:
@@ -192,6 +200,7 @@ def warm_up() -> float:
 def run_job(run_path: Path, rank: int, timeline: dict[str, float]) -> Any:
     """Run the cell of `run_path` on this rank; return its BigTrain context. A failure ends the process."""
     from nbtrain import shipping
+    from nbtrain.current import running
     from nbtrain.rundir import RunDirectory, read_json
     from nbtrain.worker.heartbeat import Heartbeat
     from nbtrain.worker.utilization import start_sampler
@@ -225,15 +234,16 @@ def run_job(run_path: Path, rank: int, timeline: dict[str, float]) -> Any:
         code = compile(cell, CELL_FILENAME, "exec")
         sys.stdout = _Tee(sys.__stdout__, user_stream)  # type: ignore[assignment]
         timeline["cell_started"] = time.time()
-        try:
-            exec(code, namespace)
-        finally:
-            sys.stdout = sys.__stdout__
-        bt.final_checkpoint()
-        outputs = {name: bt.consolidated_out(namespace[name]) for name in cfg.out if name in namespace}
-        missing = [name for name in cfg.out if name not in namespace]
-        if rank == 0:
-            _write_outputs(run, outputs, missing)
+        with running(bt):  # `from nbtrain import bigtrain` in the user's own modules
+            try:
+                exec(code, namespace)
+            finally:
+                sys.stdout = sys.__stdout__
+            bt.final_checkpoint()
+            outputs = {name: bt.consolidated_out(namespace[name]) for name in cfg.out if name in namespace}
+            missing = [name for name in cfg.out if name not in namespace]
+            if rank == 0:
+                _write_outputs(run, outputs, missing)
     except BaseException as exc:  # noqa: BLE001 - every failure is reported, then the process ends
         sys.stdout = sys.__stdout__
         _fail(exc, run_path, rank, cell)
@@ -245,30 +255,78 @@ def run_job(run_path: Path, rank: int, timeline: dict[str, float]) -> Any:
     return bt
 
 
-def clean_up(bt: Any, clean: Any) -> str | None:
-    """Put this warm process back as `clean` recorded it; return why it cannot serve again, or None."""
+def clean_up(finished: list[Any], clean: Any, run_number: int, notebook_dir: str | None = None) -> str | None:
+    """Put this warm process back as `clean` recorded it; return why it cannot serve again, or None.
+
+    `finished` holds the run's context, the last reference to it: it is dropped before the
+    memory is released, so that nothing of the run (engine, model, optimizer, loader,
+    namespace) keeps cached device memory. Never raises: a step that fails retires the
+    workers, and the next run's summary says why.
+    """
+    try:
+        return _clean_up(finished, clean, notebook_dir)
+    except Exception as exc:  # noqa: BLE001 - any failure retires the workers, with the reason
+        traceback.print_exc()
+        return f"clean-up after run {run_number} failed: {type(exc).__name__}: {exc}"
+
+
+def _clean_up(finished: list[Any], clean: Any, notebook_dir: str | None) -> str | None:
     from accelerate.state import AcceleratorState, GradientState
 
     from nbtrain.worker.isolation import kill_children, release_memory
 
+    bt = finished.pop()
+    held = _run_objects(bt)
     _teardown(bt, keep_process_group=True)
+    del bt
     # accelerate's singletons keep the finished run's plugin and settings in class-level dicts
     # (changed in place, so `restore` cannot see them); the process group (PartialState) stays.
     AcceleratorState._reset_state(reset_partial_state=False)
     GradientState._reset_state()
     clean.destroy_new_process_groups()
-    changed = clean.restore()
+    changed = clean.restore(notebook_dir)
     if changed:
-        print(f"nbtrain: put back after the run: {', '.join(changed[:200])}"
-              + (f" and {len(changed) - 20} more" if len(changed) > 200 else ""), flush=True)
+        print(put_back_note(changed), flush=True)
     children = kill_children()
     if children:
         print(f"nbtrain: ended {len(children)} process(es) the run left running: {children}", flush=True)
+    _forget_sources()
     release_memory()
+    alive = [name for name, ref in held.items() if ref() is not None]
+    print(f"nbtrain: still referenced after the run: {', '.join(alive)}" if alive
+          else f"nbtrain: released the run's {', '.join(held)}", flush=True)
     threads = clean.leftover_threads()
     if threads:
         return f"the run left threads running ({', '.join(threads[:5])}); they cannot be stopped from outside"
     return None
+
+
+def put_back_note(changed: list[str], shown: int = 200) -> str:
+    """Return the log line naming what a run had changed and was put back (the first `shown` names)."""
+    more = f" and {len(changed) - shown} more" if len(changed) > shown else ""
+    return f"nbtrain: put back after the run: {', '.join(changed[:shown])}{more}"
+
+
+def _run_objects(bt: Any) -> dict[str, weakref.ref[Any]]:
+    """Return weak references to what a run built (context, engine, model, optimizer, loader)."""
+    engine = getattr(bt, "engine", None)
+    objects = {"context": bt, "engine": engine, "model": getattr(bt, "_prepared_model", None),
+               "optimizer": getattr(engine, "optimizer", None), "loader": getattr(bt, "_loader", None)}
+    refs = {}
+    for name, value in objects.items():
+        try:
+            refs[name] = weakref.ref(value)
+        except TypeError:  # None, or a type without weak references
+            pass
+    return refs
+
+
+def _forget_sources() -> None:
+    """Drop the finished run's cell and notebook sources from linecache (the next run brings its own)."""
+    from nbtrain.shipping import is_notebook_source
+
+    for filename in [f for f in linecache.cache if f == CELL_FILENAME or is_notebook_source(f)]:
+        linecache.cache.pop(filename, None)
 
 
 def _output_to(log_file: Path) -> None:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -40,7 +40,7 @@ def batch_loss(model: Any, batch: Any, loss_fn: Callable[..., Any] | None) -> to
     """Return the scalar loss of one batch."""
     if loss_fn is not None:
         return loss_fn(model, batch)
-    if not isinstance(batch, dict):
+    if not isinstance(batch, Mapping):
         raise TypeError("without loss_fn, batches must be dicts and model(**batch) must return the loss; "
                         f"got a {type(batch).__name__} batch. Pass loss_fn=lambda model, batch: ...")
     out = model(**batch)
@@ -59,13 +59,16 @@ def mean_over_ranks(value: float, device: torch.device) -> float:
 
 
 def _count_tokens(batch: Any) -> int:
-    ids = batch.get("input_ids") if isinstance(batch, dict) else None
+    ids = batch.get("input_ids") if isinstance(batch, Mapping) else None
     return int(ids.numel()) if isinstance(ids, torch.Tensor) else 0
 
 
 def fit(bt: BigTrain, model: torch.nn.Module, data: Any, loss_fn: Callable[..., Any] | None = None,
         eval_data: Any = None) -> FitResult:
-    """Train with the engine's optimizer and scheduler; log the rank-averaged loss each step."""
+    """Train with the engine's optimizer and scheduler; log the rank-averaged loss each step.
+
+    Every batch reaches the model on `bt.device`, floating-point tensors in the engine's dtype.
+    """
     engine, loader = bt.prepare(model, data)
     grad_accum = engine.gradient_accumulation_steps()
     eval_losses: list[float] = []
@@ -95,13 +98,13 @@ def fit(bt: BigTrain, model: torch.nn.Module, data: Any, loss_fn: Callable[..., 
 
 @torch.no_grad()
 def _evaluate(bt: BigTrain, engine: Any, eval_data: Any, loss_fn: Callable[..., Any] | None, epoch: int) -> float:
+    from nbtrain.worker.batches import input_dtype
     from nbtrain.worker.data import MicroBatchLoader, batches_per_epoch
 
     micro = engine.train_micro_batch_size_per_gpu()
     count = batches_per_epoch(eval_data, micro, bt.world_size)
     loader = MicroBatchLoader(eval_data, rank=bt.rank, world_size=bt.world_size, micro_batch=micro, grad_accum=1,
-                              max_steps=count, seed=bt.seed, cast_to=None if not engine.bfloat16_enabled()
-                              else torch.bfloat16)
+                              max_steps=count, seed=bt.seed, device=bt.device, dtype=input_dtype(engine))
     engine.eval()
     total = sum(float(batch_loss(engine, batch, loss_fn).float().item()) for batch in loader)
     engine.train()

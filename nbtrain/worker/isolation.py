@@ -14,12 +14,13 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
-import functools
 import gc
 import os
+import site
 import sys
 import sysconfig
 import threading
+import types
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -65,13 +66,19 @@ class ProcessState:
         state.modules["warnings"][1]["filters"] = warnings.filters
         return state
 
-    def restore(self) -> list[str]:
-        """Put the recorded state back; return what a run had changed ("torch.nn.functional.relu", ...)."""
+    def restore(self, notebook_dir: str | None = None) -> list[str]:
+        """Put the recorded state back; return what a run had changed ("torch.nn.functional.relu", ...).
+
+        Functions count as the user's when they come from the cell, the notebook or the
+        notebook's folder (`notebook_dir`, by default the folder the process started in);
+        anything importable from the recorded sys.path is library code.
+        """
+        users = UserCode(library_roots(self.path), os.path.join(os.path.abspath(notebook_dir or self.cwd), ""))
         changed: list[str] = []
         for name, (module, recorded) in self.modules.items():
-            changed += [f"{name}.{key}" for key in _put_back(module.__dict__, recorded)]
+            changed += [f"{name}.{key}" for key in _put_back(module.__dict__, recorded, users)]
         for cls, recorded in self.classes:
-            changed += [f"{cls.__module__}.{cls.__qualname__}.{key}" for key in _put_back_class(cls, recorded)]
+            changed += [f"{cls.__module__}.{cls.__qualname__}.{key}" for key in _put_back_class(cls, recorded, users)]
         if dict(os.environ) != self.environ:
             changed += [f"os.environ[{key!r}]" for key in sorted(set(os.environ) ^ set(self.environ)
                                                                   | {k for k in self.environ
@@ -104,25 +111,25 @@ class ProcessState:
         return [t.name for t in threading.enumerate() if (t.ident or 0) not in self.threads and t.is_alive()]
 
 
-def _put_back(names: dict[str, Any], recorded: dict[str, Any]) -> list[str]:
+def _put_back(names: dict[str, Any], recorded: dict[str, Any], users: UserCode) -> list[str]:
     """Undo a run's changes to a module's names; return the names put back."""
     changed = [key for key, value in recorded.items()
-               if names.get(key, _MISSING) is not value and _undo(recorded[key], names.get(key, _MISSING))]
+               if names.get(key, _MISSING) is not value and _undo(recorded[key], names.get(key, _MISSING), users)]
     for key in changed:
         names[key] = recorded[key]
     # Names a run added: only the user's own functions go. A library may add names as a
     # side effect of an import during the run, and that import will not run again.
-    added = [key for key in names.keys() - recorded.keys() if _from_user_code(names[key])]
+    added = [key for key in names.keys() - recorded.keys() if users.wrote(names[key])]
     for key in added:
         del names[key]
     return changed + added
 
 
-def _put_back_class(cls: type, recorded: dict[str, Any]) -> list[str]:
+def _put_back_class(cls: type, recorded: dict[str, Any], users: UserCode) -> list[str]:
     current = vars(cls)
     changed = [key for key, value in recorded.items()
-               if current.get(key, _MISSING) is not value and _undo(value, current.get(key, _MISSING))]
-    added = [key for key in current.keys() - recorded.keys() if _from_user_code(current[key])]
+               if current.get(key, _MISSING) is not value and _undo(value, current.get(key, _MISSING), users)]
+    added = [key for key in current.keys() - recorded.keys() if users.wrote(current[key])]
     for key in changed:
         with contextlib.suppress(AttributeError, TypeError):  # read-only attributes of built-in types
             setattr(cls, key, recorded[key])
@@ -132,7 +139,7 @@ def _put_back_class(cls: type, recorded: dict[str, Any]) -> list[str]:
     return changed + added
 
 
-def _undo(old: Any, new: Any) -> bool:
+def _undo(old: Any, new: Any, users: UserCode) -> bool:
     """Decide whether a name rebound during a run goes back to `old`.
 
     The user's own code (a monkeypatch, wrapped or not) and library patches such as
@@ -141,7 +148,7 @@ def _undo(old: Any, new: Any) -> bool:
     wrapped in place (torch's compiler decorates lazily), a counter that grew (ids must not
     repeat), a flag set once, a registry that grew.
     """
-    if new is _MISSING or _from_user_code(new) or id(new) in _destroyed_groups:
+    if new is _MISSING or users.wrote(new) or id(new) in _destroyed_groups:
         return True
     if old is None or getattr(new, "__wrapped__", None) is old:
         return False
@@ -156,22 +163,40 @@ def _undo(old: Any, new: Any) -> bool:
     return True
 
 
-def _from_user_code(value: Any) -> bool:
-    """Whether `value` is a function from the notebook or the cell, not from an installed library."""
-    function = getattr(value, "__func__", value)
-    code = getattr(function, "__code__", None)
-    if code is None:
-        return False
-    filename = code.co_filename
-    return not filename.startswith(_library_dirs())
+@dataclass(frozen=True)
+class UserCode:
+    """Tell the user's functions (the cell's, the notebook's, its folder's) from a library's."""
+
+    library: tuple[str, ...]  # folders of importable code, each ending with a separator
+    notebook: str  # the notebook's folder, ending with a separator
+
+    def wrote(self, value: Any) -> bool:
+        """Whether `value` is a function (or method) of the user's, not of a library."""
+        if isinstance(value, (types.MethodType, staticmethod, classmethod)):
+            value = value.__func__
+        # Only a real function's __code__ is a code object: a class that merely has such an
+        # attribute (types.FunctionType itself, stored in a module) has a descriptor there.
+        if not isinstance(value, types.FunctionType):
+            return False
+        return not self.is_library(value.__code__.co_filename)
+
+    def is_library(self, filename: str) -> bool:
+        """Whether code from `filename` is a library's: the deepest folder holding it decides."""
+        if filename.startswith("<frozen "):
+            return True
+        holders = [root for root in (*self.library, self.notebook) if filename.startswith(root)]
+        # A virtual environment inside the notebook's folder is still a library.
+        return bool(holders) and max(holders, key=len) != self.notebook
 
 
-@functools.cache
-def _library_dirs() -> tuple[str, ...]:
+def library_roots(path: list[str]) -> tuple[str, ...]:
+    """Return the folders of library code: `path` (sys.path, PYTHONPATH included), the interpreter's, the user site."""
     paths = sysconfig.get_paths()
     dirs = {paths[k] for k in ("stdlib", "platstdlib", "purelib", "platlib") if k in paths}
+    dirs.add(site.getusersitepackages())  # pip install --user, common on clusters
+    dirs.update(entry for entry in path if entry and os.path.isabs(entry))
     dirs.add(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # nbtrain itself
-    return tuple(os.path.join(d, "") for d in dirs) + ("<frozen ",)
+    return tuple(os.path.join(os.path.normpath(d), "") for d in dirs)
 
 
 def _torch_settings() -> dict[str, Any]:
@@ -223,8 +248,9 @@ def release_memory() -> None:
     gc.collect()
     import torch
 
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
+    if torch.cuda.is_initialized():  # never create a CUDA context just to empty it
+        torch.cuda.empty_cache()  # the caching allocator's free blocks go back to the driver
+        torch.cuda.ipc_collect()  # and memory that was shared with other processes
     try:
         # glibc keeps freed heap pages mapped; an idle warm worker should not hold them.
         ctypes.CDLL("libc.so.6").malloc_trim(0)
