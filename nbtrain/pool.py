@@ -12,10 +12,12 @@ from __future__ import annotations
 
 import hashlib
 import os
+import subprocess
 import sys
 import threading
 import time
 from dataclasses import dataclass, fields
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from nbtrain.config import DEFAULT_HANG_TIMEOUT_S, DEFAULT_KEEP_WARM_S
@@ -30,6 +32,9 @@ if TYPE_CHECKING:
 READY_TIMEOUT_S = 60.0
 # An idle warm worker takes a job within milliseconds; one that does not answer is replaced.
 STARTED_TIMEOUT_S = 10.0
+# How long `%bigtrain workers` waits for a worker that is already exiting, for its exit code.
+EXIT_WAIT_S = 2.0
+_PF_EXITING = 0x4  # include/linux/sched.h
 # Variables that differ on every launch by design; any other change of the environment the
 # workers were started with means fresh workers (they would not see it).
 _PER_LAUNCH = {"NBTRAIN_LAUNCHED_AT"}
@@ -96,6 +101,7 @@ class WorkerPool:
         self._idle_since = 0.0
         self._keep_s = DEFAULT_KEEP_WARM_S
         self._timer: threading.Timer | None = None
+        self._dropped: str | None = None  # why the last idle group was ended before a run came
 
     def workers_for(self, run: RunDirectory, plan: RunPlan) -> Workers:
         """Return workers for `run`: the idle group if its shape fits, else a fresh group."""
@@ -103,7 +109,7 @@ class WorkerPool:
         with self._lock:
             idle, self._idle = self._idle, None
             self._cancel_timer()
-        why_fresh = "no warm workers"
+            why_fresh, self._dropped = self._dropped or "no warm workers", None
         if idle is not None:
             why_fresh = ("--cold" if plan.config.cold else idle.shape.difference(shape)
                          or idle.group.wait_ready(READY_TIMEOUT_S) or "")
@@ -143,10 +149,13 @@ class WorkerPool:
     def keep(self, workers: Workers, keep_s: float) -> None:
         """Keep the workers of a succeeded run warm for `keep_s` seconds (0: end them now)."""
         if keep_s <= 0 or not workers.group.alive():
+            if keep_s > 0:  # a worker retired (or died) right after the run: the next run's note says why
+                with self._lock:
+                    self._dropped = ended_worker(workers.group)
             workers.group.shutdown()
             return
         with self._lock:
-            previous, self._idle = self._idle, workers
+            previous, self._idle, self._dropped = self._idle, workers, None
             self._idle_since, self._keep_s = time.time(), keep_s
             self._cancel_timer()
             self._timer = threading.Timer(keep_s, self._expire, args=(workers,))
@@ -166,13 +175,24 @@ class WorkerPool:
         return f"ended {len(idle.group.pids)} warm workers (pids {', '.join(map(str, idle.group.pids))}) in {took:.1f} s"
 
     def describe(self) -> list[dict[str, Any]]:
-        """Return one row per idle worker: rank, pid, memory, age, runs served, idle time left."""
+        """Return one row per idle worker: rank, pid, memory, GPU memory, age, runs served, idle time left.
+
+        `gpu_memory` is {GPU index: bytes} from NVML's per-process list (None on a machine
+        without GPUs). Idle workers that are not all alive are not warm: the group is ended
+        here and the one row returned is {"dropped": why}; the next run's note says it too.
+        """
         import psutil
+
+        from nbtrain.utilization import gpu_memory_of
 
         with self._lock:
             idle, since, keep_s = self._idle, self._idle_since, self._keep_s
         if idle is None:
             return []
+        ended = ended_worker(idle.group)
+        if ended:
+            return [{"dropped": self._drop(idle, ended)}]
+        gpu = gpu_memory_of(idle.group.pids)
         rows = []
         now = time.time()
         for rank, pid in enumerate(idle.group.pids):
@@ -181,10 +201,22 @@ class WorkerPool:
             except psutil.NoSuchProcess:
                 rss = None
             rows.append({"rank": rank, "pid": pid, "rss_mib": None if rss is None else rss / 2**20,
+                         "gpu_memory": None if gpu is None else gpu[pid],
                          "age_s": now - idle.group.started, "runs_served": idle.group.runs_served,
                          "idle_s": now - since, "ends_in_s": max(0.0, keep_s - (now - since)),
                          "nproc": idle.shape.nproc, "backend": idle.shape.backend})
         return rows
+
+    def _drop(self, workers: Workers, why: str) -> str:
+        """End an idle group that cannot serve; return what happened, which the next run's note repeats."""
+        said = f"the idle warm workers were ended: {why}"
+        with self._lock:
+            if self._idle is not workers:
+                return said
+            self._idle, self._dropped = None, said
+            self._cancel_timer()
+        workers.group.shutdown()
+        return said
 
     def _expire(self, workers: Workers) -> None:
         with self._lock:
@@ -197,6 +229,47 @@ class WorkerPool:
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
+
+
+def ended_worker(group: WorkerGroup | ClusterGroup) -> str | None:
+    """Return why an idle group cannot serve because a worker of it has ended or is ending, or None.
+
+    Polling reaps a worker that has exited (a zombie until then), so its exit code is known.
+    A worker still on its way out (its memory already released, which read as "0 MiB") is
+    waited for briefly: on a GPU, tearing down a CUDA context can take seconds.
+    """
+    if not isinstance(group, WorkerGroup):
+        return "multi-node workers serve one run"
+    retired = group.retired()  # a worker that retired said why before it ended
+    if retired:
+        return retired
+    for rank, process in enumerate(group.processes):
+        if process.poll() is None and _exiting(process.pid):
+            try:
+                process.wait(timeout=EXIT_WAIT_S)
+            except subprocess.TimeoutExpired:
+                return f"worker rank {rank} (pid {process.pid}) is exiting"
+        if process.returncode is not None:
+            return f"worker rank {rank} (pid {process.pid}) ended with code {process.returncode}"
+    return None
+
+
+def _exiting(pid: int) -> bool:
+    """Return whether a live process has begun to exit (Linux: PF_EXITING in /proc/PID/stat's flags)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return False  # no procfs: polling alone tells
+    state, flags = stat[0], int(stat[6])
+    return state in ("Z", "X") or bool(flags & _PF_EXITING)
+
+
+def gpu_memory_text(per_gpu: dict[int, int | None]) -> str:
+    """Return a worker's GPU memory for `%bigtrain workers`: "10958 MiB (GPU 0)", or "none"."""
+    if not per_gpu:
+        return "none"
+    return ", ".join(("not reported" if used is None else f"{used / 2**20:.0f} MiB") + f" (GPU {index})"
+                     for index, used in sorted(per_gpu.items()))
 
 
 # The kernel's one pool (module state: the kernel is one process, and its magics, panels and

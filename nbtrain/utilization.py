@@ -11,6 +11,9 @@ from __future__ import annotations
 
 import os
 import platform
+import time
+import weakref
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -69,6 +72,28 @@ class Gpus:
                           energy_j=_optional(lambda: nvml.nvmlDeviceGetTotalEnergyConsumption(handle) / 1000.0,
                                              nvml))
 
+    def process_memory(self) -> dict[int, dict[int, int | None]]:
+        """Return the GPU memory of every compute process NVML lists: {pid: {GPU index: bytes}}.
+
+        A process appears on each GPU where it holds a CUDA context; bytes is None where the
+        driver does not tell (the real library's value for "not available"). The pids are those
+        of the PID namespace NVML runs in: in a container that does not share the host's, they
+        match no process here, and every process reads as holding nothing.
+        """
+        found: dict[int, dict[int, int | None]] = {}
+        if self._nvml is None:
+            return found
+        nvml = self._nvml
+        for index in range(self.count):
+            try:
+                processes = nvml.nvmlDeviceGetComputeRunningProcesses(nvml.nvmlDeviceGetHandleByIndex(index))
+            except nvml.NVMLError:
+                continue  # "Not Supported" on some virtualised GPUs: that GPU lists nobody
+            for process in processes:
+                used = process.usedGpuMemory
+                found.setdefault(int(process.pid), {})[index] = None if used is None else int(used)
+        return found
+
     def close(self) -> None:
         if self._nvml is not None:
             try:
@@ -76,6 +101,49 @@ class Gpus:
             except self._nvml.NVMLError:
                 pass
             self._nvml = None
+
+
+def gpu_memory_of(pids: Iterable[int]) -> dict[int, dict[int, int | None]] | None:
+    """Return the GPU memory each of `pids` holds, per GPU index ({} for none); None where there is no GPU."""
+    gpus = Gpus()
+    try:
+        if gpus.count == 0:
+            return None
+        listed = gpus.process_memory()
+    finally:
+        gpus.close()
+    return {pid: listed.get(pid, {}) for pid in pids}
+
+
+def held_bytes(per_gpu: dict[int, int | None]) -> int:
+    """Return the bytes a process holds over all its GPUs (those the driver does not report count 0)."""
+    return sum(used for used in per_gpu.values() if used is not None)
+
+
+class ProcessGpuMemory:
+    """The GPU memory one process holds (NVML per process), read at most once every `every_s` seconds.
+
+    For views that poll often (the dashboard ticks five times a second): NVML stays open
+    between reads, as opening it can take a while, and closes when the reader is collected.
+    """
+
+    def __init__(self, pid: int, every_s: float = 1.0):
+        self.pid, self.every_s = pid, every_s
+        self._gpus: Gpus | None = None
+        self._next = 0.0
+
+    def read(self) -> int | None:
+        """Return the bytes the process holds now (0 if it is on no GPU); None between reads or without GPUs."""
+        now = time.monotonic()
+        if now < self._next:
+            return None
+        self._next = now + self.every_s
+        if self._gpus is None:
+            self._gpus = Gpus()
+            weakref.finalize(self, self._gpus.close)
+        if self._gpus.count == 0:
+            return None
+        return held_bytes(self._gpus.process_memory().get(self.pid, {}))
 
 
 def _optional(read: Any, nvml: Any) -> float | None:

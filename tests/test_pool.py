@@ -237,3 +237,19 @@ def test_a_warm_worker_that_died_while_idle_means_fresh_workers(kernel: Kernel, 
     assert losses(after) == losses(first)
     assert not psutil.pid_exists(workers_of(first)["pids"][0]) or \
         psutil.Process(workers_of(first)["pids"][0]).status() == psutil.STATUS_ZOMBIE, "its partner was not ended"
+
+
+def test_a_killed_idle_worker_is_never_listed_as_warm(kernel: Kernel, tmp_path: Path) -> None:
+    # Regression (issue 14): `%bigtrain workers` listed a dying worker as warm ("memory 0 MiB").
+    first = run(kernel, tmp_path, "")
+    partner, dead = workers_of(first)["pids"]
+    assert str(dead) in kernel.execute("%bigtrain workers").text
+    psutil.Process(dead).kill()
+    shown = kernel.execute("%bigtrain workers").text
+    gone = f"the idle warm workers were ended: worker rank 1 (pid {dead}) ended with code -9"
+    assert shown.strip() == f"no warm workers: {gone}; the next run starts fresh ones", shown
+    assert not psutil.pid_exists(partner) or psutil.Process(partner).status() == psutil.STATUS_ZOMBIE, \
+        "the dead worker's partner was left running"
+    after = run(kernel, tmp_path, "")
+    assert workers_of(after)["note"] == f"fresh workers ({gone})"
+    assert losses(after) == losses(first)
