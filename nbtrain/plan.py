@@ -14,10 +14,11 @@ from typing import Any
 
 from nbtrain import estimate
 from nbtrain.config import DEFAULT_CPU_PROCESSES, TrainConfig
+from nbtrain.deepspeed_rules import check_batch
 from nbtrain.errors import ConfigError, Problem
 from nbtrain.hosts import Host, resolve_hosts
 from nbtrain.machine import MachineFacts
-from nbtrain.render import FROM_DATALOADER, render_collecting, unresolved
+from nbtrain.render import FROM_DATALOADER, render_collecting, resolve_batch, unresolved
 from nbtrain.validate import check, check_resume
 
 
@@ -95,7 +96,8 @@ def plan_run(cfg: TrainConfig, machine: MachineFacts, base: Mapping[str, Any] | 
     rendered, problems = render_collecting(cfg, base)
     problems += check(cfg, rendered.deepspeed, machine, nproc)
     hosts: list[Host] = []
-    if cfg.hostfile is not None or cfg.hosts is not None or cfg.multinode_launcher is not None:
+    multinode = cfg.hostfile is not None or cfg.hosts is not None or cfg.multinode_launcher is not None
+    if multinode:
         try:
             hosts = resolve_hosts(cfg.hostfile, cfg.hosts, nproc, cfg.multinode_launcher)
         except ConfigError as e:
@@ -104,6 +106,8 @@ def plan_run(cfg: TrainConfig, machine: MachineFacts, base: Mapping[str, Any] | 
             from nbtrain.cluster import check_launcher  # noqa: PLC0415 - only multi-node runs need it
 
             problems += check_launcher(cfg.multinode_launcher or "pdsh")
+    if hosts or not multinode:  # the batch rule needs the world size: nproc on each host
+        problems += check_batch(cfg, rendered.deepspeed, nproc, len(hosts))
     resume_from, resume_problems = check_resume(cfg, rendered.deepspeed, nproc)
     problems += resume_problems
     if problems:
@@ -111,5 +115,6 @@ def plan_run(cfg: TrainConfig, machine: MachineFacts, base: Mapping[str, Any] | 
     if resume_from is not None:
         notices.append(f"resuming run {Path(resume_from['run']).name} from its checkpoint at step "
                        f"{resume_from['step']} ({resume_from['tag']})")
-    return RunPlan(cfg, rendered.deepspeed, nproc, tuple(notices) + rendered.notices, machine, resume_from,
+    deepspeed = resolve_batch(rendered.deepspeed, nproc * max(1, len(hosts)))
+    return RunPlan(cfg, deepspeed, nproc, tuple(notices) + rendered.notices, machine, resume_from,
                    hosts=tuple(hosts), launcher=cfg.multinode_launcher or "pdsh")

@@ -31,6 +31,12 @@ SCHEDULER_TYPES = {
 # The schedulers that read warmup_num_steps (--warmup-steps).
 WARMUP_SCHEDULERS = ("WarmupLR", "WarmupDecayLR", "WarmupCosineLR")
 OPTIMIZER_TYPES = {"adamw": "AdamW", "adam": "Adam", "sgd": "SGD", "lamb": "Lamb"}
+# Optimizer types whose DeepSpeed-built optimizer is in ZERO_SUPPORTED_OPTIMIZERS (zero/utils.py):
+# adam/adamw -> FusedAdam, DeepSpeedCPUAdam or torch's Adam(W); adagrad -> torch's Adagrad or
+# DeepSpeedCPUAdagrad; lion -> FusedLion or DeepSpeedCPULion; muon -> MuonWithAuxAdam. Any other
+# type (lamb's FusedLamb, a torch.optim class such as SGD) needs zero_allow_untested_optimizer
+# under ZeRO. tests/test_validate.py checks the classes against DeepSpeed's list.
+ZERO_TESTED_OPTIMIZERS = ("adam", "adamw", "adagrad", "lion", "muon")
 # OneCycle starts at peak / 25 (PyTorch's OneCycleLR div_factor); the LR range test sweeps
 # from peak / 1000 up to the peak over the run.
 ONE_CYCLE_DIV = 25.0
@@ -150,7 +156,7 @@ def render_collecting(cfg: TrainConfig, base: Mapping[str, Any] | None = None) -
             del ds["scheduler"]
         sources["scheduler"] = "--scheduler"
 
-    _apply_defaults(ds)
+    filled = _apply_defaults(ds)
     problems: list[Problem] = []
     for item in cfg.set:
         try:
@@ -164,6 +170,12 @@ def render_collecting(cfg: TrainConfig, base: Mapping[str, Any] | None = None) -
             continue
         set_path(ds, key, value)
         sources[key] = "--set"
+    if "train_batch_size" in ds:
+        # A global batch makes DeepSpeed derive what is missing of micro-batch and grad-accum
+        # (resolve_batch, against the world size): the defaults must not pre-empt that.
+        for key in filled:
+            if key not in sources:
+                del ds[key]
     # Flags that fill scheduler parameters (--lr, --warmup-steps, --steps) win over the
     # file like every flag, and are refused when a --set says otherwise.
     for key, value, flag in _scheduler_flag_settings(ds, cfg):
@@ -218,22 +230,24 @@ def _scheduler_flag_settings(ds: Mapping[str, Any], cfg: TrainConfig) -> list[tu
     return out
 
 
-def _apply_defaults(ds: dict[str, Any]) -> None:
-    """Fill what DeepSpeed has no usable default for (DESIGN.md's defaults)."""
+def _apply_defaults(ds: dict[str, Any]) -> list[str]:
+    """Fill what DeepSpeed has no usable default for (DESIGN.md's defaults); return the batch keys filled."""
     optimizer = ds.setdefault("optimizer", {})
     optimizer.setdefault("type", OPTIMIZER_TYPES[defaults.DEFAULT_OPTIMIZER])
     params = optimizer.setdefault("params", {})
     params.setdefault("lr", defaults.DEFAULT_LR)
     params.setdefault("weight_decay", defaults.DEFAULT_WEIGHT_DECAY)
+    filled = [key for key in ("gradient_accumulation_steps", "train_micro_batch_size_per_gpu") if key not in ds]
     ds.setdefault("gradient_accumulation_steps", defaults.DEFAULT_GRAD_ACCUM)
     # DeepSpeed's default stage is 0, but accelerate refuses a config without the section
     # (and would otherwise assume stage 2): say it explicitly.
     ds.setdefault("zero_optimization", {}).setdefault("stage", 0)
     ds.setdefault("train_micro_batch_size_per_gpu", FROM_DATALOADER)
-    if str(optimizer["type"]).lower() not in ("adam", "adamw", "lamb") and \
-            get_path(ds, "zero_optimization.stage", 0) > 0:
-        # DeepSpeed refuses ZeRO with an optimizer it has not tested (torch's SGD) unless told.
+    stage = get_path(ds, "zero_optimization.stage", 0)
+    if str(optimizer["type"]).lower() not in ZERO_TESTED_OPTIMIZERS and isinstance(stage, int) and stage > 0:
+        # DeepSpeed refuses ZeRO with an optimizer it has not tested (Lamb, torch's SGD) unless told.
         ds.setdefault("zero_allow_untested_optimizer", True)
+    return filled
 
 
 def _render_scheduler(ds: dict[str, Any], cfg: TrainConfig) -> None:
@@ -286,6 +300,30 @@ def finalize(ds: Mapping[str, Any], *, micro_batch: int, total_steps: int) -> di
             params[key] = _range_rate(total_steps)
         else:
             params[key] = total_steps
+    return done
+
+
+def resolve_batch(ds: Mapping[str, Any], world_size: int) -> dict[str, Any]:
+    """Return `ds` with the micro-batch and grad-accum that DeepSpeed derives from train_batch_size.
+
+    DeepSpeed fills a missing one with integer division (config.py `_set_batch_related_parameters`);
+    the workers need both before DeepSpeed starts (to batch the data), so the plan fills them the
+    same way once `check_batch` has found that they divide exactly.
+    """
+    done = copy.deepcopy(dict(ds))
+    total = done.get("train_batch_size")
+    if not isinstance(total, int) or isinstance(total, bool) or total <= 0:
+        return done
+    micro: Any = done.get("train_micro_batch_size_per_gpu")
+    accum: Any = done.get("gradient_accumulation_steps")
+    if micro is None and accum is None:
+        accum = 1
+    if accum is None:
+        accum = total // micro // world_size
+    if micro is None:
+        micro = total // world_size // accum
+    done.setdefault("train_micro_batch_size_per_gpu", micro)
+    done.setdefault("gradient_accumulation_steps", accum)
     return done
 
 

@@ -16,6 +16,8 @@ from pathlib import Path
 from typing import Any
 
 from nbtrain.config import DEEPSPEED_DEFAULT_WARMUP_STEPS, DEFAULT_RUN_ROOT, TrainConfig
+from nbtrain.deepspeed_rules import check_rules
+from nbtrain.deepspeed_rules import flag_or_key as _where
 from nbtrain.deepspeed_schema import DeepSpeedSchema, load_schema
 from nbtrain.errors import Problem
 from nbtrain.machine import MachineFacts, too_few_gpus
@@ -31,8 +33,10 @@ def check(cfg: TrainConfig, ds: Mapping[str, Any], machine: MachineFacts, nproc:
     """Return every problem with these settings (an empty list when they can run)."""
     problems: list[Problem] = []
     problems += _check_numbers(cfg, ds)
-    problems += _check_unknown_keys(ds, schema or load_schema())
+    rules = check_rules(cfg, ds)  # DeepSpeed's cross-key rules; their message beats "unknown key" for one key
+    problems += [p for p in _check_unknown_keys(ds, schema or load_schema()) if p.where not in {r.where for r in rules}]
     problems += _check_combinations(cfg, ds, nproc)
+    problems += rules
     problems += _check_machine(cfg, ds, machine)
     problems += _check_device_count(cfg, machine, nproc)
     problems += _check_bookkeeping(cfg)
@@ -57,7 +61,7 @@ def _check_numbers(cfg: TrainConfig, ds: Mapping[str, Any]) -> list[Problem]:
     for flag, value in (("--nproc", cfg.nproc), ("--steps", cfg.steps), ("--epochs", cfg.epochs),
                         ("--checkpoint-every", cfg.checkpoint_every), ("--hpz", cfg.hpz)):
         found += _positive(flag, value)
-    found += _positive("--warmup-steps", cfg.warmup_steps, allow_zero=True)
+    found += _positive("--warmup-steps", cfg.warmup_steps)  # DeepSpeed's warm-up schedulers refuse 0
     found += _positive("--hang-timeout", cfg.hang_timeout, whole=False)
     found += _positive("--keep-warm", cfg.keep_warm, allow_zero=True, whole=False)
     found += _positive("--seed", cfg.seed, allow_zero=True)
@@ -65,6 +69,7 @@ def _check_numbers(cfg: TrainConfig, ds: Mapping[str, Any]) -> list[Problem]:
                        ds.get("train_micro_batch_size_per_gpu"))
     found += _positive(_where(cfg.grad_accum, "--grad-accum", "gradient_accumulation_steps"),
                        ds.get("gradient_accumulation_steps"))
+    found += _positive("train_batch_size", ds.get("train_batch_size"))
     found += _positive(_where(cfg.lr, "--lr", "optimizer.params.lr"),
                        get_path(ds, "optimizer.params.lr"), whole=False)
     found += _positive(_where(cfg.weight_decay, "--weight-decay", "optimizer.params.weight_decay"),
@@ -75,11 +80,6 @@ def _check_numbers(cfg: TrainConfig, ds: Mapping[str, Any]) -> list[Problem]:
         found.append(Problem("--epochs", cfg.epochs, "--steps and --epochs both end the run",
                              "give --steps or --epochs, not both"))
     return found
-
-
-def _where(flag_value: Any, flag: str, key: str) -> str:
-    """Name the flag when the user set it, else the DeepSpeed key (from the config file)."""
-    return flag if flag_value is not None else key
 
 
 def _check_unknown_keys(ds: Mapping[str, Any], schema: DeepSpeedSchema, path: str = "",

@@ -24,7 +24,7 @@ from nbtrain.machine import MachineFacts
 from nbtrain.panel import ConfigPanel, form
 from nbtrain.panel.fields import scheduler_param_fields
 from nbtrain.plan import load_base, plan_run
-from nbtrain.render import render
+from nbtrain.render import get_path, render
 from nbtrain.validate import NOT_AVAILABLE_YET
 
 CPU = MachineFacts(gpu_count=0, has_libaio=True)
@@ -88,7 +88,8 @@ def test_a_fresh_panel_is_a_valid_config_with_deepspeeds_defaults() -> None:
     assert ds["zero_optimization"] == {"stage": 0}
     assert ds["optimizer"] == {"type": "AdamW", "params": {"lr": 0.001, "weight_decay": 0.0}}
     assert "bf16" not in ds and "fp16" not in ds and "scheduler" not in ds, "defaults must follow DeepSpeed"
-    assert panel.config.nproc == 2 and panel.config.micro_batch == 8
+    assert panel.train_config.nproc == 2 and panel.train_config.micro_batch == 8
+    assert panel.config == ds, "panel.config is the DeepSpeed dict, as RunResult.config is"
 
 
 def test_stage_explanation_and_global_batch_follow_the_form() -> None:
@@ -217,7 +218,10 @@ def test_every_problem_of_a_loaded_config_is_listed_and_nothing_is_valid() -> No
 def test_scheduler_parameters_deepspeed_refuses_are_a_problem() -> None:
     panel = make_panel()
     panel.set(scheduler="one_cycle", **{"scheduler.params.cycle_first_step_size": 0})
-    assert panel.problems and "OneCycle refuses them" in panel.problems[0].rule
+    # nbtrain's check of DeepSpeed's own rule (lr_schedules.OneCycle), next to the field it names.
+    assert [p.where for p in panel.problems] == ["scheduler.params.cycle_first_step_size"], panel.problems
+    assert "first half must last more than 0 steps" in \
+        panel.inputs["scheduler.params.cycle_first_step_size"].message.value
     assert panel.to_deepspeed()["scheduler"]["params"]["cycle_first_step_size"] == 50
 
 
@@ -567,3 +571,153 @@ def test_a_saved_notebook_shows_the_panels_summary_without_widgets(tmp_path: Pat
     text = data["text/plain"]
     assert text.startswith("ConfigPanel: ZeRO-3, bf16, micro-batch 8"), f"a saved notebook would show {text!r}"
     assert "%%bigtrain --nproc 2 --zero 3 --precision bf16" in text and "bytes/parameter" in text
+
+
+# -- exact round trips (issue 15, item 4) ------------------------------------------------------
+
+GOLDEN = Path(__file__).with_name("golden")
+# DeepSpeed's documented configs as users paste them (deepspeed.ai's config-json page and its
+# ZeRO-3 offload tutorial), each without the keys nbtrain would fill in.
+DEEPSPEED_EXAMPLES: dict[str, dict] = {
+    "zero3_offload": {
+        "train_micro_batch_size_per_gpu": 4,
+        "zero_optimization": {"stage": 3, "contiguous_gradients": True, "stage3_max_live_parameters": 1e9,
+                              "stage3_max_reuse_distance": 1e9, "stage3_prefetch_bucket_size": 1e7,
+                              "stage3_param_persistence_threshold": 1e5, "reduce_bucket_size": 1e7,
+                              "sub_group_size": 1e9, "offload_optimizer": {"device": "cpu"},
+                              "offload_param": {"device": "cpu"}}},
+    "fp16_loss_scaling": {
+        "train_batch_size": 8, "gradient_accumulation_steps": 1,
+        "optimizer": {"type": "Adam", "params": {"lr": 0.00015}},
+        "fp16": {"enabled": True, "loss_scale": 0, "initial_scale_power": 16, "loss_scale_window": 1000,
+                 "hysteresis": 2, "min_loss_scale": 1},
+        "zero_optimization": {"stage": 2}},
+    "scheduler_with_params": {
+        "train_batch_size": 16, "gradient_clipping": 1.0,
+        "optimizer": {"type": "Adam", "params": {"lr": 0.001, "betas": [0.8, 0.999], "eps": 1e-8,
+                                                 "weight_decay": 3e-7}},
+        "scheduler": {"type": "WarmupLR", "params": {"warmup_min_lr": 0, "warmup_max_lr": 0.001,
+                                                      "warmup_num_steps": 1000}}},
+    "keys_the_form_does_not_know": {
+        "train_micro_batch_size_per_gpu": 2, "steps_per_print": 10, "wall_clock_breakdown": False,
+        "prescale_gradients": False, "communication_data_type": "fp32",
+        "activation_checkpointing": {"partition_activations": False, "contiguous_memory_optimization": False,
+                                     "cpu_checkpointing": False},
+        "flops_profiler": {"enabled": False, "profile_step": 1, "module_depth": -1, "top_modules": 1},
+        "tensorboard": {"enabled": False, "output_path": "logs/", "job_name": "train"},
+        "zero_optimization": {"stage": 1, "reduce_scatter": True, "allgather_partitions": True}},
+}
+
+
+def golden_configs() -> dict[str, dict]:
+    """Every DeepSpeed dict held in tests/golden: each rendered config, and each config file."""
+    found = {}
+    for path in sorted(GOLDEN.glob("*.json")):
+        golden = json.loads(path.read_text())
+        found[path.stem] = golden["deepspeed"]
+        if golden["config_file"]:
+            found[f"{path.stem} (config file)"] = golden["config_file"]
+    return found
+
+
+def round_trip_cases() -> dict[str, tuple[dict, MachineFacts]]:
+    cases = {name: (ds, CPU) for name, ds in golden_configs().items()}
+    cases.update({name: (ds, GPUS if "fp16" in name else CPU) for name, ds in DEEPSPEED_EXAMPLES.items()})
+    return cases
+
+
+def changed_keys(before: dict, after: dict) -> set[str]:
+    """Return the dotted keys whose value differs between two DeepSpeed dicts (added and removed too)."""
+    old, new = dict(form._leaves(before)), dict(form._leaves(after))
+    return {key for key in old.keys() | new.keys() if old.get(key, "absent") != new.get(key, "absent")}
+
+
+@pytest.mark.parametrize("name", sorted(round_trip_cases()))
+def test_a_loaded_config_comes_back_equal_without_keys_it_did_not_have(name: str) -> None:
+    # Regression (issue 15): a config without them came back with gradient_accumulation_steps: 1
+    # and optimizer.params.weight_decay: 0.0 added.
+    original, machine = round_trip_cases()[name]
+    panel = make_panel(config=copy.deepcopy(original), machine=machine)
+    assert panel.problems == (), [str(p) for p in panel.problems]
+    assert panel.to_deepspeed() == original, f"changed keys: {changed_keys(original, panel.to_deepspeed())}"
+    assert panel.config == original
+    # The copied line runs what `%%bigtrain --config panel` runs with the same processes and steps.
+    cell = TrainConfig(nproc=panel.inputs["nproc"].value, steps=panel.inputs["steps"].value)
+    assert run_dict(panel) == plan_run(cell, machine, panel.to_deepspeed()).deepspeed, panel.flags
+
+
+@pytest.mark.parametrize(("name", "field", "value", "key"), [
+    ("zero3_offload", "zero_optimization.offload_param.pin_memory", True, "zero_optimization.offload_param.pin_memory"),
+    ("zero3_offload", "lr", 0.01, "optimizer.params.lr"),
+    ("fp16_loss_scaling", "fp16.loss_scale_window", 500, "fp16.loss_scale_window"),
+    ("fp16_loss_scaling", "zero", 1, "zero_optimization.stage"),
+    ("scheduler_with_params", "scheduler.params.warmup_num_steps", 50, "scheduler.params.warmup_num_steps"),
+    ("scheduler_with_params", "weight_decay", 0.1, "optimizer.params.weight_decay"),
+    ("keys_the_form_does_not_know", "grad_clip", 0.5, "gradient_clipping"),
+    ("keys_the_form_does_not_know", "grad_accum", 4, "gradient_accumulation_steps"),
+])
+def test_a_form_change_sets_exactly_that_key(name: str, field: str, value: Any, key: str) -> None:
+    original = DEEPSPEED_EXAMPLES[name]
+    panel = make_panel(config=copy.deepcopy(original), machine=GPUS if "fp16" in name else CPU)
+    before = panel.inputs[field].value
+    panel.set(**{field: value})
+    assert panel.problems == (), [str(p) for p in panel.problems]
+    assert changed_keys(original, panel.to_deepspeed()) == {key}
+    assert get_path(panel.to_deepspeed(), key) == value
+    panel.set(**{field: before})  # changed back: the loaded config again, exactly
+    assert panel.to_deepspeed() == original
+
+
+def test_a_batch_change_keeps_a_loaded_train_batch_size_consistent() -> None:
+    original = DEEPSPEED_EXAMPLES["scheduler_with_params"]  # train_batch_size 16 over 2 processes
+    panel = make_panel(config=copy.deepcopy(original))
+    assert (panel.inputs["micro_batch"].value, panel.inputs["grad_accum"].value) == (8, 1), "DeepSpeed derives 8 x 1"
+    panel.set(grad_accum=2)
+    assert changed_keys(original, panel.to_deepspeed()) == {"gradient_accumulation_steps", "train_batch_size"}
+    assert panel.to_deepspeed()["train_batch_size"] == 8 * 2 * 2 and panel.problems == ()
+
+
+def test_a_config_written_for_another_world_size_says_so_next_to_the_batch() -> None:
+    written_for_8 = {"train_batch_size": 64, "train_micro_batch_size_per_gpu": 4, "gradient_accumulation_steps": 2}
+    assert make_panel(config=dict(written_for_8)).inputs["nproc"].value == 8, "the batch sizes give the world size"
+    panel = make_panel(config=dict(written_for_8), nproc=2)
+    message = panel.inputs["micro_batch"].message.value
+    assert "4 x 2 x 2 = 16" in message and "keep it with --nproc 8" in message, message
+    with pytest.raises(ConfigError):
+        panel.to_deepspeed()
+
+
+def test_a_missing_nvme_path_is_shown_inline_and_never_reaches_a_run(tmp_path: Path) -> None:
+    # Regression (issue 15): loading a config whose NVMe path does not exist must build the panel.
+    missing = tmp_path / "nvme"
+    original = {"train_micro_batch_size_per_gpu": 2, "zero_optimization": {
+        "stage": 3, "offload_optimizer": {"device": "nvme", "nvme_path": str(missing)},
+        "offload_param": {"device": "nvme", "nvme_path": str(missing)}}}
+    path = tmp_path / "ds_config.json"
+    path.write_text(json.dumps(original))
+    panel = make_panel(config=str(path))
+    assert visible(panel, "nvme_path") and panel.inputs["nvme_path"].value == str(missing)
+    assert f"mkdir -p {missing}" in panel.inputs["nvme_path"].message.value
+    assert "does not exist" in panel._problems_box.value
+    with pytest.raises(ConfigError, match="NVMe offload directory does not exist"):
+        panel.to_deepspeed()  # what `%%bigtrain --config panel` reads: nothing invalid gets through
+    with pytest.raises(ConfigError):
+        panel.save_json(tmp_path / "saved.json")
+    missing.mkdir()
+    for typed in (str(missing)[:-1], str(missing)):  # the path typed again, key by key, once it exists
+        panel.set(nvme_path=typed)
+    assert panel.problems == () and panel.to_deepspeed() == original
+
+
+def test_a_loaded_setting_the_form_would_not_offer_is_shown_with_its_problem_not_dropped() -> None:
+    # NVMe below stage 3: DeepSpeed would silently keep the state in CPU memory; the form
+    # used to reset it to "none" and hand out a config the user never wrote.
+    original = {"zero_optimization": {"stage": 2, "offload_optimizer": {"device": "nvme", "nvme_path": "/tmp"}}}
+    panel = make_panel(config=copy.deepcopy(original))
+    assert panel.inputs["offload_optimizer"].value == "nvme"
+    assert "ZeRO-3 feature" in panel.inputs["offload_optimizer"].message.value
+    with pytest.raises(ConfigError):
+        panel.to_deepspeed()
+    panel.set(zero=3)
+    assert panel.problems == ()
+    assert changed_keys(original, panel.to_deepspeed()) == {"zero_optimization.stage"}

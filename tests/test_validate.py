@@ -7,6 +7,7 @@ with a problem naming the expected flag or key and a fragment of the rule or fix
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -14,10 +15,11 @@ import pytest
 
 from nbtrain.arguments import parse_line
 from nbtrain.config import TrainConfig
+from nbtrain.deepspeed_rules import check_batch
 from nbtrain.errors import ConfigError, Problem
 from nbtrain.machine import MachineFacts
 from nbtrain.plan import plan_run
-from nbtrain.render import render
+from nbtrain.render import ZERO_TESTED_OPTIMIZERS, render, resolve_batch
 from nbtrain.validate import check
 
 CPU = MachineFacts(gpu_count=0, has_libaio=True)
@@ -149,6 +151,78 @@ BAD_INPUT: dict[str, Bad] = {
     "--multinode-launcher slurm": Bad("--hosts a,b --multinode-launcher slurm", "--multinode-launcher",
                                       "only pdsh and standard"),
     "--checkpoint-every 0": Bad("--checkpoint-every 0", "--checkpoint-every", "greater than 0"),
+    # -- DeepSpeed's batch rule: train_batch_size = micro-batch x grad-accum x world size -----
+    "batch sizes that do not multiply out (issue 15)": Bad(
+        "--nproc 2 --set train_batch_size=7 --micro-batch 2 --grad-accum 2", "train_batch_size",
+        "micro-batch x grad-accum x world size, but 2 x 2 x 2 = 8 (world size 2: --nproc 2). "
+        "Fix: set train_batch_size=8 (or drop it: DeepSpeed derives it)"),
+    "global batch that no micro-batch reaches": Bad(
+        "--nproc 2 --set train_batch_size=12 --micro-batch 2 --grad-accum 2", "train_batch_size",
+        "keep it with --micro-batch 3; keep it with --grad-accum 3; keep it with --nproc 3"),
+    "global batch with a micro-batch, grad-accum derived": Bad(
+        "--nproc 2 --micro-batch 2", "train_batch_size", "gradient_accumulation_steps = train_batch_size / "
+        "(micro-batch x world size) = 7 / (2 x 2), which is not a whole number", base={"train_batch_size": 7}),
+    "global batch with grad-accum, micro-batch derived": Bad(
+        "--nproc 2 --grad-accum 3", "train_batch_size", "8 / (3 x 2), which is not a whole number of at least 1",
+        base={"train_batch_size": 8}),
+    "global batch alone, not a multiple of the processes": Bad(
+        "--nproc 2", "train_batch_size", "7 / 2 (with grad-accum 1)", base={"train_batch_size": 7}),
+    "global batch smaller than the processes": Bad(
+        "--nproc 4", "train_batch_size", "set train_batch_size to a multiple of 4, e.g. 4",
+        base={"train_batch_size": 2}),
+    "global batch over several hosts": Bad(
+        "--nproc 2 --hosts a,b --set train_batch_size=8 --micro-batch 2 --grad-accum 2", "train_batch_size",
+        "2 x 2 x 4 = 16 (world size 4: --nproc 2 on each of 2 hosts)"),
+    "global batch of 0": Bad("--set train_batch_size=0", "train_batch_size", "greater than 0"),
+    # -- DeepSpeed's other checks at initialize (nbtrain/deepspeed_rules.py) ---------------
+    "warm-up of 0 steps": Bad("--scheduler warmup --warmup-steps 0", "--warmup-steps", "greater than 0"),
+    "warm-up of 0 steps in the file": Bad(
+        "", "scheduler.params.warmup_num_steps", "WarmupLR needs warmup_num_steps to be a whole number greater than 0",
+        base={"scheduler": {"type": "WarmupLR", "params": {"warmup_num_steps": 0}}}),
+    "unknown warm-up curve": Bad(
+        "--scheduler warmup_cosine --steps 100 --warmup-steps 5 --set scheduler.params.warmup_type=cosine",
+        "scheduler.params.warmup_type", "it would silently use log"),
+    "LR range test step size 0": Bad(
+        "--scheduler lr_range_test --steps 10 --set scheduler.params.lr_range_test_step_size=0",
+        "scheduler.params.lr_range_test_step_size", "LRRangeTest needs lr_range_test_step_size"),
+    "one cycle with an empty first half": Bad(
+        "--scheduler one_cycle --steps 10 --set scheduler.params.cycle_first_step_size=0",
+        "scheduler.params.cycle_first_step_size", "first half must last more than 0 steps"),
+    "one cycle with a negative second half": Bad(
+        "--scheduler one_cycle --steps 10 --set scheduler.params.cycle_second_step_size=-5",
+        "scheduler.params.cycle_second_step_size", "second half cannot be negative"),
+    "fp16 master weights without ZeRO": Bad(
+        "--precision fp16 --set fp16.fp16_master_weights_and_grads=true", "fp16.fp16_master_weights_and_grads",
+        "only in its ZeRO optimizer (stage 1, 2 or 3; stage is 0)", machine=GPU),
+    "bf16 master weights without ZeRO": Bad(
+        "--precision bf16 --set bf16.bf16_master_weights_and_grads=true", "bf16.bf16_master_weights_and_grads",
+        "add --zero 1 (or 2, 3)"),
+    "bf16 optimizer states without bf16 master weights": Bad(
+        "--zero 2 --precision bf16 --set bf16.bf16_optimizer_states=true", "bf16.bf16_optimizer_states",
+        "bf16 optimizer states need bf16 master weights"),
+    "negative fp16 loss scale": Bad("--precision fp16 --set fp16.loss_scale=-1", "fp16.loss_scale",
+                                    "a number of 0 or more", machine=GPU),
+    "dynamic loss scaling with a window of 0": Bad(
+        "--precision fp16 --set fp16.loss_scale_window=0", "fp16.loss_scale_window",
+        "dynamic loss scaling (loss_scale 0) needs loss_scale_window > 0", machine=GPU),
+    "dynamic loss scaling with a minimum scale of 0": Bad(
+        "--precision fp16 --set fp16.min_loss_scale=0", "fp16.min_loss_scale", "needs min_loss_scale > 0",
+        machine=GPU),
+    "gradient norm skipped at stage 3": Bad(
+        "--zero 3 --set zero_optimization.compute_grad_norm=false", "zero_optimization.compute_grad_norm",
+        "only at ZeRO stage 1 or 2 (stage is 3)"),
+    "partial optimizer offload below stage 3": Bad(
+        "--zero 2 --offload-optimizer cpu --set zero_optimization.offload_optimizer.ratio=0.5",
+        "zero_optimization.offload_optimizer.ratio", "partial optimizer offload (ratio below 1) needs ZeRO stage 3"),
+    "summed gradients at stage 3": Bad("--zero 3 --set gradient_allreduce_op=sum", "gradient_allreduce_op",
+                                       "does not support summed gradients with ZeRO stage 3"),
+    "gradients reduced by max": Bad("--set gradient_allreduce_op=max", "gradient_allreduce_op",
+                                    "'mean' or 'sum' only"),
+    "max_grad_norm as an optimizer parameter": Bad(
+        "--set optimizer.params.max_grad_norm=1.0", "optimizer.params.max_grad_norm", "use --grad-clip 1.0"),
+    "an untested optimizer under ZeRO, not allowed": Bad(
+        "--optimizer sgd --zero 2 --set zero_allow_untested_optimizer=false", "--optimizer",
+        "only with its tested optimizers"),
 }
 
 
@@ -236,3 +310,81 @@ def test_check_is_pure_and_does_not_raise() -> None:
 def test_marker_values_from_the_dataloader_are_not_problems() -> None:
     cfg = TrainConfig(scheduler="warmup_decay", warmup_steps=3)  # total steps known only in the workers
     assert check(cfg, render(cfg).deepspeed, CPU, nproc=2) == []
+
+
+# -- DeepSpeed's batch rule, against DeepSpeed itself ------------------------------------------------
+
+def test_the_batch_rule_agrees_with_deepspeed_on_every_small_combination(monkeypatch: pytest.MonkeyPatch) -> None:
+    """check_batch refuses exactly what DeepSpeedConfig asserts on, and resolve_batch derives what it derives."""
+    from deepspeed.runtime import config as ds_config
+
+    world = {"size": 1}
+    monkeypatch.setattr(ds_config.dist, "get_rank", lambda *a, **k: 0)
+    monkeypatch.setattr(ds_config.dist, "get_world_size", lambda *a, **k: world["size"])
+    checked = 0
+    for total, micro, accum, size in itertools.product([None, 1, 2, 3, 4, 6, 7, 8, 12], [None, 1, 2, 3, 4],
+                                                       [None, 1, 2, 3], [1, 2, 3, 4]):
+        given = {k: v for k, v in (("train_batch_size", total), ("train_micro_batch_size_per_gpu", micro),
+                                   ("gradient_accumulation_steps", accum)) if v is not None}
+        if total is None and micro is None:
+            continue  # nbtrain always gives a micro-batch (or takes it from the DataLoader)
+        world["size"] = size
+        try:
+            ds = ds_config.DeepSpeedConfig(dict(given))
+            derived = (ds.train_batch_size, ds.train_micro_batch_size_per_gpu, ds.gradient_accumulation_steps)
+        except AssertionError:
+            derived = None
+        ours = check_batch(TrainConfig(), given, size)
+        assert (derived is None) == bool(ours), f"{given} on {size} ranks: DeepSpeed {derived}, nbtrain {ours}"
+        if derived is not None and total is not None:
+            resolved = resolve_batch(given, size)
+            assert tuple(resolved[k] for k in ("train_batch_size", "train_micro_batch_size_per_gpu",
+                                               "gradient_accumulation_steps")) == derived, given
+        checked += 1
+    assert checked > 500
+
+
+def test_a_config_with_only_train_batch_size_runs_with_deepspeeds_split() -> None:
+    # Before: nbtrain added grad-accum 1 and the DataLoader's micro-batch, and DeepSpeed then
+    # failed in the workers unless they happened to multiply out.
+    plan = plan_run(parse_line("--nproc 2"), CPU, {"train_batch_size": 32})
+    assert (plan.deepspeed["train_micro_batch_size_per_gpu"], plan.deepspeed["gradient_accumulation_steps"]) == (16, 1)
+    plan = plan_run(parse_line("--nproc 2 --micro-batch 4"), CPU, {"train_batch_size": 32})
+    assert plan.deepspeed["gradient_accumulation_steps"] == 4
+
+
+def test_the_magic_refuses_the_batch_before_anything_starts(tmp_path: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The issue's line through the real magic (plan_run): refused, no run directory, no worker, the cell never ran."""
+    from IPython.core.error import UsageError
+    from IPython.core.interactiveshell import InteractiveShell
+
+    from nbtrain.pool import POOL
+
+    monkeypatch.chdir(tmp_path)
+    shell = InteractiveShell.instance()
+    shell.run_line_magic("load_ext", "nbtrain")
+    line = "--nproc 2 --set train_batch_size=7 --micro-batch 2 --grad-accum 2"
+    with pytest.raises(UsageError) as err:
+        shell.run_cell_magic("bigtrain", line, "open('the-cell-ran', 'w').close()")
+    assert "train_batch_size = 7" in str(err.value) and "2 x 2 x 2 = 8" in str(err.value)
+    assert str(err.value).startswith("1 problem in the %%bigtrain settings (nothing was started)")
+    assert list(tmp_path.iterdir()) == [], "a run directory or the cell's file appeared"
+    assert POOL.describe() == [], "workers were started"
+
+
+def test_an_untested_optimizer_under_zero_is_allowed_as_deepspeed_needs() -> None:
+    """render() adds zero_allow_untested_optimizer exactly for the types DeepSpeed's ZeRO has not tested."""
+    import torch
+    from deepspeed.ops.adam import DeepSpeedCPUAdam, FusedAdam
+    from deepspeed.ops.lamb import FusedLamb
+    from deepspeed.runtime.zero.utils import ZERO_SUPPORTED_OPTIMIZERS
+
+    # The classes DeepSpeed builds for each type (engine._configure_basic_optimizer).
+    built = {"adam": [FusedAdam, DeepSpeedCPUAdam, torch.optim.Adam], "adamw": [FusedAdam, torch.optim.AdamW],
+             "adagrad": [torch.optim.Adagrad], "lamb": [FusedLamb], "sgd": [torch.optim.SGD]}
+    for kind, classes in built.items():
+        tested = all(cls in ZERO_SUPPORTED_OPTIMIZERS for cls in classes)
+        assert (kind in ZERO_TESTED_OPTIMIZERS) == tested, kind
+        ds = render(TrainConfig(zero=2), {"optimizer": {"type": kind, "params": {"lr": 0.1}}}).deepspeed
+        assert ds.get("zero_allow_untested_optimizer") is (None if tested else True), kind
+    assert problems_of("--zero 3 --optimizer lamb", machine=GPU) == []

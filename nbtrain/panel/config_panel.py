@@ -30,7 +30,7 @@ from nbtrain.panel import form, views
 from nbtrain.panel.fields import SECTIONS, STAGE_HELP, all_fields, scheduler_param_fields
 from nbtrain.panel.inputs import FieldInput
 from nbtrain.plan import RunPlan, default_nproc, load_base, plan_run
-from nbtrain.render import SCHEDULER_TYPES, get_path, render
+from nbtrain.render import SCHEDULER_TYPES, get_path, render_collecting, resolve_batch
 from nbtrain.schedules import LrCurve, ScheduleError, lr_curve
 
 DEFAULT_PREVIEW_STEPS = 100
@@ -45,6 +45,7 @@ _WHERE = {
     "--warmup-steps": "scheduler.params.warmup_num_steps", "scheduler.type": "scheduler",
     "scheduler.params": "scheduler", "--quant": "qwz", "zero_optimization.zero_quantized_weights": "qwz",
     "zero_optimization.zero_quantized_gradients": "qgz", "zero_optimization.zero_hpz_partition_size": "hpz",
+    "train_batch_size": "micro_batch",
 }
 
 # Rows shown only where the other choices make them apply (fp16 loss scaling, Adam's betas, ...).
@@ -58,7 +59,16 @@ class ConfigPanel:
 
     `model` (a torch module, or a parameter count) sizes the memory estimate; `config`
     (a DeepSpeed JSON file or dict) is the starting point; `nproc` and `steps` set the
-    process count (global batch, memory) and the run length (LR schedule) to plan for.
+    process count (global batch, memory) and the run length (LR schedule) to plan for
+    (without `nproc`, a config that gives all three batch sizes says its world size).
+
+    `panel.config` (= `panel.to_deepspeed()`) is the DeepSpeed dict, as `RunResult.config`
+    and `bigtrain.config` are: a loaded config comes back exactly as loaded, plus exactly
+    the keys changed in the form; without `config=` it is complete (nbtrain's defaults
+    written out). `panel.train_config` is the `TrainConfig` of the same settings (the
+    `%%bigtrain` line `panel.flags`). A loaded setting the form cannot offer or that
+    DeepSpeed would refuse (an NVMe path that does not exist) is shown next to its field,
+    and the panel has no valid value until it is fixed.
     """
 
     def __init__(self, model: Any = None, config: str | Path | Mapping[str, Any] | None = None, *,
@@ -67,6 +77,7 @@ class ConfigPanel:
         self.model = model
         self.param_count = views.count_parameters(model)
         self._source: str | None = None
+        self._loaded = config is not None
         if isinstance(config, (str, Path)):
             self._source = str(config)
             self._base = load_base(self._source)
@@ -74,41 +85,59 @@ class ConfigPanel:
             self._base = copy.deepcopy(dict(config or {}))
         self._pinned: set[str] = set()
         self._quiet = False
-        self._valid: tuple[form.FormResult, RunPlan, LrCurve] | None = None
+        self._valid: tuple[form.FormResult, RunPlan, LrCurve, dict[str, Any]] | None = None
         self._plotted: LrCurve | None = None
         self.problems: tuple[Problem, ...] = ()
         self.notes: tuple[str, ...] = ()
-        total = get_path(self._base, "scheduler.params.total_num_steps")
-        values = form.display_defaults(
-            form.values_from(render(TrainConfig(), self._base).deepspeed),
-            nproc or default_nproc(self.machine)[0],
-            steps or (total if isinstance(total, int) else DEFAULT_PREVIEW_STEPS))
+        values = self._loaded_values(nproc, steps)
         self.inputs = {f.name: FieldInput(f) for f in all_fields()}
         self._build()
         unshown = []
+        # Loaded values the form would not offer stay shown, for the validator to judge.
+        self._keep = form.unoffered(values, form.allowed_choices(values, self.machine))
         with self._quietly():
-            self._apply_choices(values, form.allowed_choices(values, self.machine))
+            self._apply_choices(values, form.allowed_choices(values, self.machine, self._keep))
             for name, item in self.inputs.items():
                 try:
                     item.value = values[name]
                 except TraitError:  # e.g. a stage 5 in the file: the validator says what is wrong
                     unshown.append(f"{name} = {values[name]!r} from the config cannot be shown in the form")
         self._load_notes = tuple(unshown)
+        # What the form shows as loaded: a key is written only where the form changes it from this.
+        self._initial = self.values()
+        initial = form.to_config(self._initial, self._base)
+        self._initial_config = initial.config
+        self._before = render_collecting(initial.config, initial.base)[0].deepspeed
         for name, item in self.inputs.items():
             item.observe(self._observer(name))
         self._update()
 
+    def _loaded_values(self, nproc: int | None, steps: int | None) -> dict[str, Any]:
+        """Return the field values the loaded config gives (DeepSpeed's or nbtrain's defaults elsewhere)."""
+        nproc = nproc or form.world_size_of(self._base) or default_nproc(self.machine)[0]
+        total = get_path(self._base, "scheduler.params.total_num_steps")
+        shown = resolve_batch(render_collecting(TrainConfig(), self._base)[0].deepspeed, nproc)
+        return form.display_defaults(form.values_from(shown), nproc,
+                                     steps or (total if isinstance(total, int) else DEFAULT_PREVIEW_STEPS))
+
     # -- public API ---------------------------------------------------------------------
     @property
-    def config(self) -> TrainConfig:
-        """Return the TrainConfig of the last valid settings (it renders to `to_deepspeed()`)."""
-        result, _, _ = self._require_valid()
+    def config(self) -> dict[str, Any]:
+        """Return the DeepSpeed dict of the last valid settings (the same as `to_deepspeed()`)."""
+        return self.to_deepspeed()
+
+    @property
+    def train_config(self) -> TrainConfig:
+        """Return the TrainConfig of the last valid settings: it runs what `--config panel` runs."""
+        result = self._require_valid()[0]
+        if self._loaded:  # only what the form changed: the rest comes from the loaded config
+            result = form.changed_only(self._initial_config, result)
         return form.standalone(result, self._source, self._base)
 
     @property
     def flags(self) -> str:
         """Return the `%%bigtrain` flags of the last valid settings."""
-        return to_line(self.config)
+        return to_line(self.train_config)
 
     @property
     def lr_curve(self) -> LrCurve:
@@ -116,8 +145,11 @@ class ConfigPanel:
         return self._require_valid()[2]
 
     def to_deepspeed(self) -> dict[str, Any]:
-        """Return the DeepSpeed dict of the last valid settings (what `--config panel` uses)."""
-        return copy.deepcopy(self._require_valid()[1].deepspeed)
+        """Return the DeepSpeed dict of the last valid settings (what `--config panel` uses).
+
+        A loaded config comes back equal to itself, plus exactly the keys the form changed.
+        """
+        return copy.deepcopy(self._require_valid()[3])
 
     def set(self, **values: Any) -> None:
         """Set fields by name, as a user would (`panel.set(zero=3, lr=0.01)`); dotted keys via a dict."""
@@ -144,7 +176,7 @@ class ConfigPanel:
         """Return a plain-text summary of the settings and their problems."""
         if self._valid is None:
             return "ConfigPanel: no valid settings yet\n" + "\n".join(f"  - {p}" for p in self.problems)
-        result, plan, _ = self._valid
+        result, plan, _, _ = self._valid
         text = views.summary(plan.deepspeed, plan.nproc, self.inputs["steps"].value, self.flags)
         text += "\n" + views.memory_text(plan.deepspeed, plan.nproc, self.param_count)
         if self.problems:
@@ -211,6 +243,7 @@ class ConfigPanel:
     def _on_change(self, name: str) -> None:
         if self._quiet:
             return
+        self._keep.pop(name, None)  # the user chose it: a loaded value is no longer kept on offer
         if not self.inputs[name].field.is_flag:
             self._pinned.add(name)  # the user chose it: it no longer follows derived values
         self._update()
@@ -221,21 +254,21 @@ class ConfigPanel:
 
     def _update(self) -> None:
         values = self.values()
-        allowed = form.allowed_choices(values, self.machine)
-        notes = form.coerce(values, allowed)
+        allowed = form.allowed_choices(values, self.machine, self._keep)
+        notes = form.coerce(values, allowed, self._keep)
         with self._quietly():
             self._apply_choices(values, allowed)
-        result = form.to_config(values, self._base, self._pinned)
+        result = form.to_config(values, self._base, self._pinned, self._initial if self._loaded else None)
         problems: tuple[Problem, ...] = ()
         try:
-            plan = plan_run(result.config, self.machine, result.base)
+            ds, plan = self._plan(result, values)
             curve = lr_curve(plan.deepspeed, values["steps"])
         except ConfigError as e:
             problems = e.problems
         except ScheduleError as e:
             problems = (e.problem,)
         else:
-            self._valid = (result, plan, curve)
+            self._valid = (result, plan, curve, ds)
             self._show_derived(plan.deepspeed)
         self.problems = problems
         if values["qat"] != "none":
@@ -243,6 +276,18 @@ class ConfigPanel:
                          f"add --qat {values['qat']} to the cell line (Copy as %%bigtrain includes it)")
         self.notes = self._load_notes + tuple(notes) + result.notes
         self._show(values, allowed)
+
+    def _plan(self, result: form.FormResult, values: Mapping[str, Any]) -> tuple[dict[str, Any], RunPlan]:
+        """Return the panel's DeepSpeed dict and the plan `%%bigtrain --config panel` makes of it; raise ConfigError."""
+        if not self._loaded:  # a fresh panel's dict is complete: what the form shows, defaults written out
+            plan = plan_run(result.config, self.machine, result.base)
+            return plan.deepspeed, plan
+        after, problems = render_collecting(result.config, result.base)
+        if problems:
+            raise ConfigError(problems)
+        ds = form.changed_dict(self._before, after.deepspeed, self._base)
+        # Checked as the cell will run it: the same dict under the panel's process count and length.
+        return ds, plan_run(TrainConfig(nproc=values["nproc"], steps=values["steps"]), self.machine, ds)
 
     def _apply_choices(self, values: dict[str, Any], allowed: dict[str, form.Choice]) -> None:
         for name in ("offload_optimizer", "offload_param", "precision", "optimizer", "qat"):
@@ -275,7 +320,8 @@ class ConfigPanel:
                 if item.field.is_flag or name in self._pinned or shown.get(name) is None:
                     continue
                 if item.value != shown[name]:
-                    item.value = shown[name]
+                    with contextlib.suppress(TraitError):  # e.g. accelerate's "auto": the dict keeps it
+                        item.value = shown[name]
 
     def _show(self, values: dict[str, Any], allowed: dict[str, form.Choice]) -> None:
         self._stage_help.value = f"<i>{views.escape(STAGE_HELP[values['zero']])}</i>"
@@ -294,14 +340,14 @@ class ConfigPanel:
         self._problems_box.value = views.problems_html(self.problems)
         self._notes_box.value = "".join(f"<div style='color:#666'>note: {views.escape(n)}</div>" for n in self.notes)
         if self._valid is not None:
-            _, plan, curve = self._valid
+            _, plan, curve, ds = self._valid
             self._memory.value = views.memory_html(plan.deepspeed, plan.nproc, self.param_count, self.model)
             if curve != self._plotted:  # drawing costs more than the rest of an update together
                 self._plot.value = views.curve_png(curve)
                 self._plotted = curve
-            self._json.value = f"<pre>{views.escape(json.dumps(plan.deepspeed, indent=2))}</pre>"
+            self._json.value = f"<pre>{views.escape(json.dumps(ds, indent=2))}</pre>"
 
-    def _require_valid(self) -> tuple[form.FormResult, RunPlan, LrCurve]:
+    def _require_valid(self) -> tuple[form.FormResult, RunPlan, LrCurve, dict[str, Any]]:
         if self._valid is None:
             raise ConfigError(self.problems)
         return self._valid

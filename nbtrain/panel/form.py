@@ -18,7 +18,7 @@ from nbtrain.config import DEFAULT_MICRO_BATCH, TrainConfig
 from nbtrain.deepspeed_schema import load_schema
 from nbtrain.machine import MachineFacts
 from nbtrain.panel.fields import _SCHEDULER_PARAMS, field_by_name, scheduler_param_fields
-from nbtrain.render import SCHEDULER_TYPES, WARMUP_SCHEDULERS, get_path, render
+from nbtrain.render import SCHEDULER_TYPES, WARMUP_SCHEDULERS, get_path, render, set_path
 from nbtrain.validate import NOT_AVAILABLE_YET
 
 FLAG_FIELDS = ("zero", "offload_optimizer", "offload_param", "precision", "micro_batch", "grad_accum", "grad_clip",
@@ -27,6 +27,7 @@ _SCHEDULER_NAMES = {v: k for k, v in SCHEDULER_TYPES.items()}
 WARMUP_STEPS = "scheduler.params.warmup_num_steps"
 # Scheduler parameters that flags set (render() makes --steps the decay's end and --lr the
 # peak): the form shows them but they follow the step count and the learning rate.
+_MISSING = object()
 DERIVED = {"scheduler.params.total_num_steps": "steps", "scheduler.params.warmup_max_lr": "lr",
            "scheduler.params.cycle_max_lr": "lr"}
 
@@ -58,6 +59,8 @@ def values_from(ds: Mapping[str, Any]) -> dict[str, Any]:
         if f.is_flag or f.name in values:
             continue
         values[f.name] = get_path(ds, f.name, default_of(f.name, ds, kind))
+        if f.kind == "int" and isinstance(values[f.name], float) and values[f.name].is_integer():
+            values[f.name] = int(values[f.name])  # JSON's 1e9 is a float; DeepSpeed reads it as a count
     if isinstance(values["optimizer.params.betas"], (list, tuple)):
         values["optimizer.params.betas"] = [float(b) for b in values["optimizer.params.betas"]]
     return values
@@ -116,12 +119,14 @@ def quant_flag(values: Mapping[str, Any]) -> str:
             (True, True): "qwz+qgz"}[(bool(values["qwz"]), bool(values["qgz"]))]
 
 
-def to_config(values: Mapping[str, Any], base: Mapping[str, Any], pinned: Collection[str] = ()) -> FormResult:
+def to_config(values: Mapping[str, Any], base: Mapping[str, Any], pinned: Collection[str] = (),
+              initial: Mapping[str, Any] | None = None) -> FormResult:
     """Return the TrainConfig whose rendering on the (pruned) base is what the form shows.
 
     Flag fields are compared with what the base renders to. A `--set` field is written only
     when `pinned` (the user set it): the others follow what render() derives, so e.g. the
-    scheduler's total_num_steps follows the step count until the user types one.
+    scheduler's total_num_steps follows the step count until the user types one. A loaded
+    train_batch_size follows the form's batch once the user changes it from `initial`.
     """
     pruned, notes = prune_base(base, values)
     reference = values_from(render(TrainConfig(), pruned).deepspeed)
@@ -148,12 +153,65 @@ def to_config(values: Mapping[str, Any], base: Mapping[str, Any], pinned: Collec
         changed.remove(WARMUP_STEPS)
         cfg = cfg.replace(warmup_steps=values[WARMUP_STEPS])
     sets = [set_item(name, values[name]) for name in changed]
-    if "train_batch_size" in pruned:
-        # Keep a loaded train_batch_size consistent with the batch the form shows.
+    if "train_batch_size" in pruned and initial is not None and any(values[k] != initial[k] for k in BATCH_FIELDS):
+        # The user changed the batch: keep the loaded train_batch_size consistent with it (a
+        # loaded one that never fitted is left for the batch rule to show).
         global_batch = values["micro_batch"] * values["grad_accum"] * values["nproc"]
         if global_batch != pruned["train_batch_size"]:
             sets.append(f"train_batch_size={global_batch}")
     return FormResult(cfg.replace(set=tuple(sets)), pruned, tuple(notes))
+
+
+BATCH_FIELDS = ("micro_batch", "grad_accum", "nproc")
+
+
+def world_size_of(base: Mapping[str, Any]) -> int | None:
+    """Return the world size a config with all three batch sizes was written for (None if it does not say)."""
+    sizes: list[Any] = [base.get(k) for k in ("train_batch_size", "train_micro_batch_size_per_gpu",
+                                               "gradient_accumulation_steps")]
+    total, micro, accum = sizes
+    if all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in (total, micro, accum)) \
+            and total % (micro * accum) == 0:
+        return int(total // (micro * accum))
+    return None
+
+
+def changed_only(initial: TrainConfig, result: FormResult) -> FormResult:
+    """Return `result` with only the flags and `--set`s that differ from the form as loaded (nproc, steps kept)."""
+    before = initial.given()
+    kept = {name: value for name, value in result.config.given().items()
+            if name in ("nproc", "steps") or before.get(name, _MISSING) != value}
+    kept["set"] = tuple(item for item in result.config.set if item not in initial.set)
+    return FormResult(TrainConfig(**kept), result.base, result.notes)
+
+
+def changed_dict(before: Mapping[str, Any], after: Mapping[str, Any], loaded: Mapping[str, Any]) -> dict[str, Any]:
+    """Return `loaded` with exactly the keys whose rendered value the form changed (before -> after).
+
+    A key the form did not change stays as loaded, or absent; a key it changed is written;
+    a key the change removed (another scheduler's parameters) is dropped.
+    """
+    out = copy.deepcopy(dict(loaded))
+    for key, value in _leaves(after):
+        if get_path(before, key, _MISSING) != value:
+            set_path(out, key, copy.deepcopy(value))
+    for key, _ in _leaves(before):
+        if get_path(after, key, _MISSING) is _MISSING:
+            _delete_path(out, key)
+    return out
+
+
+def _delete_path(tree: dict[str, Any], dotted: str) -> None:
+    """Delete tree[a][b][c] for 'a.b.c' where present, and the sections it leaves empty."""
+    head, _, rest = dotted.partition(".")
+    if head not in tree:
+        return
+    if not rest:
+        del tree[head]
+    elif isinstance(tree[head], dict):
+        _delete_path(tree[head], rest)
+        if not tree[head]:
+            del tree[head]
 
 
 def active_set_fields(values: Mapping[str, Any]) -> list[str]:
@@ -217,8 +275,14 @@ class Choice:
     reason: str = ""  # why some options (or the whole field) are unavailable
 
 
-def allowed_choices(values: Mapping[str, Any], machine: MachineFacts) -> dict[str, Choice]:
-    """Return what each constrained field may be set to, given the stage and the machine."""
+def allowed_choices(values: Mapping[str, Any], machine: MachineFacts,
+                    keep: Mapping[str, Any] | None = None) -> dict[str, Choice]:
+    """Return what each constrained field may be set to, given the stage and the machine.
+
+    `keep` holds loaded values the form would not offer (NVMe below stage 3, qwZ on a CPU):
+    they stay offered while the field still has them, so the validator's problem shows next
+    to them instead of the form silently dropping them.
+    """
     stage = values["zero"]
     nvme_ok = stage == 3 and machine.has_libaio
     nvme_why = ("nvme needs ZeRO-3 (below it DeepSpeed silently keeps the state in CPU memory)" if stage != 3
@@ -242,6 +306,17 @@ def allowed_choices(values: Mapping[str, Any], machine: MachineFacts) -> dict[st
     cuda = "" if machine.cuda else "qwZ/qgZ use CUDA kernels DeepSpeed has no CPU version of; this machine has no GPU"
     out["qwz"] = out["qgz"] = Choice((False, True) if not (zpp or cuda) else (False,), zpp or cuda)
     out["hpz"] = Choice((), zpp)  # any divisor of the process count; only at stage 3
+    for name, loaded in (keep or {}).items():
+        if name in out and values[name] == loaded and loaded not in out[name].options:
+            out[name] = Choice((*out[name].options, loaded), out[name].reason)
+    return out
+
+
+def unoffered(values: Mapping[str, Any], allowed: Mapping[str, Choice]) -> dict[str, Any]:
+    """Return the values (of a loaded config) that the form would not offer or would reset."""
+    out = {name: values[name] for name in _RESETS if values[name] not in allowed[name].options}
+    if allowed["hpz"].reason and values["hpz"] != 1:
+        out["hpz"] = values["hpz"]
     return out
 
 
@@ -249,16 +324,18 @@ OFFLOAD_ALL = ("none", "cpu", "nvme")
 SUPPORTED_OPTIMIZERS = ("adamw", "adam", "sgd", "lamb")
 
 
-def coerce(values: dict[str, Any], allowed: Mapping[str, Choice]) -> list[str]:
+_RESETS = {"offload_optimizer": "none", "offload_param": "none", "precision": "fp32", "optimizer": "adamw",
+           "qat": "none", "qwz": False, "qgz": False}
+
+
+def coerce(values: dict[str, Any], allowed: Mapping[str, Choice], keep: Mapping[str, Any] | None = None) -> list[str]:
     """Reset fields whose value is no longer allowed (e.g. param offload after leaving stage 3); say so."""
     notes = []
-    resets = {"offload_optimizer": "none", "offload_param": "none", "precision": "fp32", "optimizer": "adamw",
-              "qat": "none", "qwz": False, "qgz": False}
-    for name, fallback in resets.items():
+    for name, fallback in _RESETS.items():
         if values[name] not in allowed[name].options:
             notes.append(f"{name} reset from {values[name]!r} to {fallback!r}: {allowed[name].reason}")
             values[name] = fallback
-    if allowed["hpz"].reason and values["hpz"] != 1:
+    if allowed["hpz"].reason and values["hpz"] != 1 and values["hpz"] != (keep or {}).get("hpz"):
         notes.append(f"hpz reset from {values['hpz']} to 1: {allowed['hpz'].reason}")
         values["hpz"] = 1
     return notes
