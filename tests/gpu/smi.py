@@ -1,0 +1,68 @@
+"""What nvidia-smi says about the GPU: the processes holding its memory, as a user would check.
+
+`nvidia-smi --query-compute-apps` lists every process with a CUDA context on the machine's
+GPUs and the memory it holds. In a container the pids may be the host's: the tests compare
+the list before and after (which processes are new, which are gone) rather than trusting that
+a pid matches a worker's.
+"""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import time
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class ComputeApp:
+    """One process holding memory on a GPU."""
+
+    pid: int
+    gpu: str  # the GPU's UUID
+    used_mib: float | None  # None where the driver does not say ("[N/A]")
+
+
+def compute_apps() -> list[ComputeApp]:
+    """Return the processes with memory on any GPU now."""
+    if shutil.which("nvidia-smi") is None:
+        raise AssertionError("nvidia-smi is not on PATH: the GPU tests read GPU memory through it")
+    out = subprocess.run(["nvidia-smi", "--query-compute-apps=pid,gpu_uuid,used_memory",
+                          "--format=csv,noheader,nounits"], capture_output=True, text=True, timeout=60, check=True)
+    apps = []
+    for line in out.stdout.splitlines():
+        parts = [part.strip() for part in line.split(",")]
+        if len(parts) == 3 and parts[0].isdigit():
+            used = float(parts[2]) if parts[2].replace(".", "").isdigit() else None
+            apps.append(ComputeApp(int(parts[0]), parts[1], used))
+    return apps
+
+
+def new_apps(before: list[ComputeApp]) -> list[ComputeApp]:
+    """Return the processes holding GPU memory now that did not before."""
+    known = {app.pid for app in before}
+    return [app for app in compute_apps() if app.pid not in known]
+
+
+def wait_until_released(before: list[ComputeApp], timeout: float = 30) -> list[ComputeApp]:
+    """Wait until no process beyond `before` holds GPU memory; return those still holding it at the timeout."""
+    deadline = time.monotonic() + timeout
+    left = new_apps(before)
+    while left and time.monotonic() < deadline:
+        time.sleep(0.5)
+        left = new_apps(before)
+    return left
+
+
+def settled_new_apps(before: list[ComputeApp], timeout: float = 60) -> list[ComputeApp]:
+    """Return the new processes' GPU memory once it stopped changing (a warm worker cleans up after its run)."""
+    deadline = time.monotonic() + timeout
+    last, now = None, new_apps(before)
+    while now != last and time.monotonic() < deadline:
+        time.sleep(2)
+        last, now = now, new_apps(before)
+    return now
+
+
+def describe(apps: list[ComputeApp]) -> str:
+    return ", ".join(f"pid {a.pid}: {'?' if a.used_mib is None else f'{a.used_mib:.0f}'} MiB" for a in apps) or "none"
