@@ -8,12 +8,14 @@ tick costs the same at step 10 and at step 100 000.
 from __future__ import annotations
 
 import statistics
+import time
 from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from nbtrain.rundir import RunDirectory, read_json, read_records
+from nbtrain.utilization import ProcessGpuMemory
 
 MAX_POINTS = 256  # per curve, about one per pixel of a chart; beyond it, points are merged pairwise
 SMOOTHING = 0.9  # weight of the running average of the loss, as TensorBoard's slider
@@ -141,6 +143,9 @@ class RunMetrics:
         self._metric_offset = 0
         self._util_offsets: dict[Path, int] = {}
         self._util_start: float | None = None
+        # The kernel's own GPU memory (a notebook that ran CUDA holds some), apart from the ranks'.
+        self.kernel_gpu_mem_bytes = Series()
+        self._kernel_gpu: ProcessGpuMemory | None = None
 
     # -- reading -----------------------------------------------------------------------
     def update(self) -> bool:
@@ -151,6 +156,7 @@ class RunMetrics:
         if not self.engine and self.run.effective_deepspeed_file.exists():
             self.engine = (read_json(self.run.effective_deepspeed_file, {}) or {}).get("engine", {})
         new_util = self._read_utilization()
+        self._read_kernel_gpu()
         return bool(records) or new_util
 
     def _add_metric(self, record: dict[str, Any]) -> None:
@@ -181,6 +187,15 @@ class RunMetrics:
                 self._add_utilization(record)
             new = new or bool(records)
         return new
+
+    def _read_kernel_gpu(self) -> None:
+        if not self.on_gpu or self._util_start is None:
+            return  # no GPU, so no kernel share either (and NVML is never asked on a CPU machine)
+        if self._kernel_gpu is None:
+            self._kernel_gpu = ProcessGpuMemory(int(self.run.run_info().get("kernel_pid") or 0))
+        held = self._kernel_gpu.read()
+        if held is not None:
+            self.kernel_gpu_mem_bytes.append(max(0.0, time.time() - self._util_start), held)
 
     def _add_utilization(self, record: dict[str, Any]) -> None:
         rank = int(record["rank"])

@@ -10,6 +10,7 @@ from nbtrain.dashboard.fmt import clock, number, si, size
 from nbtrain.dashboard.store import RunMetrics
 
 Rows = list[tuple[str, str]]
+KERNEL_GPU_LABEL = "kernel (this notebook)"
 
 
 def efficiency_rows(eff: Efficiency, tokens_known: bool) -> Rows:
@@ -40,7 +41,15 @@ def utilization_rows(metrics: RunMetrics) -> Rows:
             reason = f" (no GPU: {util.no_gpu_reason})" if util.no_gpu_reason else ""
             text = f"CPU {number(util.cpu_percent.last, 3)} % (100 = one core), memory {size(util.rss_bytes.last)}{reason}"
         rows.append((util.label, text))
+    if kernel_holds_gpu_memory(metrics):
+        rows.append((KERNEL_GPU_LABEL, f"GPU memory {size(metrics.kernel_gpu_mem_bytes.last)} held by the notebook's "
+                     "own process (NVML per process), part of its GPU's memory above"))
     return rows or [("devices", "waiting for the workers' first utilization sample…")]
+
+
+def kernel_holds_gpu_memory(metrics: RunMetrics) -> bool:
+    """Return whether the kernel itself held GPU memory during the run (it ran CUDA: tensors, a model)."""
+    return any(held > 0 for held in metrics.kernel_gpu_mem_bytes.ys)
 
 
 def summary_rows(metrics: RunMetrics, state: str, reason: str, total_s: float | None) -> Rows:
@@ -72,6 +81,8 @@ def _peak_memory(metrics: RunMetrics) -> str:
         if len(series):
             kind = "GPU" if util.device == "gpu" else "CPU RSS"
             parts.append(f"rank {util.rank} {size(max(series.ys))} {kind}")
+    if kernel_holds_gpu_memory(metrics):
+        parts.append(f"{KERNEL_GPU_LABEL} {size(max(metrics.kernel_gpu_mem_bytes.ys))} GPU")
     return ", ".join(parts)
 
 

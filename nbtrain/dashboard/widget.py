@@ -26,7 +26,15 @@ from nbtrain.dashboard.efficiency import efficiency
 from nbtrain.dashboard.fmt import clock, number, si, size
 from nbtrain.dashboard.picture import final_png
 from nbtrain.dashboard.store import RunMetrics
-from nbtrain.dashboard.summary import efficiency_rows, rows_html, rows_text, summary_rows, utilization_rows
+from nbtrain.dashboard.summary import (
+    KERNEL_GPU_LABEL,
+    efficiency_rows,
+    kernel_holds_gpu_memory,
+    rows_html,
+    rows_text,
+    summary_rows,
+    utilization_rows,
+)
 from nbtrain.dashboard.ui_poll import UiPoller
 from nbtrain.plan import RunPlan
 from nbtrain.result import RunResult
@@ -213,6 +221,8 @@ class Dashboard:
         if m.on_gpu:
             util = [svg.Line(u.label, u.gpu_util, svg.PALETTE[i % 8]) for i, u in enumerate(ranks)]
             mem = [svg.Line(u.label, u.gpu_mem_bytes, svg.PALETTE[i % 8]) for i, u in enumerate(ranks)]
+            if kernel_holds_gpu_memory(m):  # a notebook that ran CUDA: its own share, apart from the ranks'
+                mem.append(svg.Line(KERNEL_GPU_LABEL, m.kernel_gpu_mem_bytes, "#555555", dashed=True))
             titles = ("GPU utilization %", "GPU memory")
         else:
             util = [svg.Line(f"rank {u.rank}", u.cpu_percent, svg.PALETTE[i % 8]) for i, u in enumerate(ranks)]
