@@ -23,11 +23,13 @@ from typing import Any, Protocol
 
 from nbtrain import shipping
 from nbtrain.config import DEFAULT_HANG_TIMEOUT_S, DEFAULT_KEEP_WARM_S, DEFAULT_RUN_ROOT
+from nbtrain.dashboard.fmt import clock
 from nbtrain.errors import RunFailed
 from nbtrain.plan import RunPlan
 from nbtrain.pool import POOL, Workers
+from nbtrain.progress import StepReader, planned_steps, read_startup
 from nbtrain.result import RunResult
-from nbtrain.rundir import RunDirectory, new_run_id, read_records, write_json_atomic
+from nbtrain.rundir import RunDirectory, new_run_id, read_json, write_json_atomic
 from nbtrain.worker.heartbeat import find_hang, read_heartbeats
 
 POLL_S = 0.2
@@ -47,31 +49,22 @@ class Progress:
     lr: float | None = None
     samples_per_s: float | None = None
     elapsed_s: float = 0.0
-
-    @property
-    def eta_s(self) -> float | None:
-        if not self.max_steps or self.step <= 0:
-            return None
-        return self.elapsed_s / self.step * (self.max_steps - self.step)
+    eta_s: float | None = None  # nbtrain.progress's: the same as every other view shows
+    phase: str = ""  # the start-up phase, until the first step (nbtrain.progress.Startup.line)
 
     def line(self) -> str:
         total = f"/{self.max_steps}" if self.max_steps else ""
-        parts = [f"step {self.step}{total}"]
+        parts = [f"step {self.step}{total}"] + ([self.phase] if self.phase else [])
         if self.loss is not None:
             parts.append(f"loss {self.loss:.4f}")
         if self.lr is not None:
             parts.append(f"lr {self.lr:.3g}")
         if self.samples_per_s is not None:
             parts.append(f"{self.samples_per_s:.1f} samples/s")
-        parts.append(f"elapsed {_clock(self.elapsed_s)}")
+        parts.append(f"elapsed {clock(self.elapsed_s)}")
         if self.eta_s is not None:
-            parts.append(f"ETA {_clock(self.eta_s)}")
+            parts.append(f"ETA {clock(self.eta_s)}")  # the dashboard's clock: the same ETA reads the same
         return " | ".join(parts)
-
-
-def _clock(seconds: float) -> str:
-    minutes, secs = divmod(int(seconds), 60)
-    return f"{minutes}:{secs:02d}"
 
 
 class ProgressSink(Protocol):
@@ -109,7 +102,8 @@ class _RunWatcher:
 
     def __init__(self, run: RunDirectory, started: float):
         self.run, self.started = run, started
-        self._out_offset = self._metric_offset = 0
+        self._out_offset = 0
+        self._steps = StepReader(run.metrics_file(0))
         self._decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
         self.progress = Progress()
         self.first_step_time: float | None = None
@@ -126,21 +120,19 @@ class _RunWatcher:
         return self._decoder.decode(chunk)
 
     def new_progress(self) -> Progress:
-        records, self._metric_offset = read_records(self.run.metrics_file(0), self._metric_offset)
-        changes: dict[str, Any] = {"elapsed_s": time.time() - self.started}
-        for record in records:
-            changes["step"] = max(record["step"], changes.get("step", self.progress.step))
-            for key in ("loss", "lr", "samples_per_s"):
-                if record.get(key) is not None:
-                    changes[key] = record[key]
-            if "lr" in record and self.first_step_time is None:
-                self.first_step_time = record["time"]
-        if records and self.progress.max_steps is None:
-            effective = self.run.effective_deepspeed_file
-            if effective.exists():
-                import json
-
-                changes["max_steps"] = json.loads(effective.read_text())["engine"]["max_steps"]
+        steps = self._steps
+        records = steps.read()
+        changes: dict[str, Any] = {"elapsed_s": time.time() - self.started, "step": steps.step}
+        changes.update({key: steps.latest[key] for key in ("loss", "lr", "samples_per_s")
+                        if steps.latest[key] is not None})
+        self.first_step_time = steps.first_step_time
+        max_steps = self.progress.max_steps
+        if records and max_steps is None:
+            max_steps = changes["max_steps"] = planned_steps(read_json(self.run.effective_deepspeed_file),
+                                                             self.run.run_info())
+        changes["eta_s"] = steps.eta_s(max_steps)
+        startup = read_startup(self.run, steps.step) if steps.step == 0 else None  # two small reads, until step 1
+        changes["phase"] = startup.line(time.time()) if startup else ""
         self.progress = dataclasses.replace(self.progress, **changes)
         return self.progress
 

@@ -202,18 +202,37 @@ def _is_package(zone: Path) -> bool:
         return False
 
 
+# CPU time is counted in clock ticks (10 ms): over a few milliseconds a CPU % is noise (it read
+# 974 % and 1,760 % on 2 cores when the sampler's first reading came right after it started).
+MIN_CPU_INTERVAL_S = 0.5
+
+
 class ProcessMeter:
-    """CPU % (100 = one core busy) and resident memory of one process, through psutil."""
+    """CPU % (100 = one core busy; up to 100 x cores) and resident memory of one process, through psutil.
+
+    CPU % is the process's CPU time over the wall time since the previous measurement. A
+    reading less than MIN_CPU_INTERVAL_S after it repeats the previous figure (None before
+    the first), so readers never get a figure measured over too short a time.
+    """
 
     def __init__(self, pid: int | None = None):
         import psutil
 
         self._process = psutil.Process(pid)
-        self._process.cpu_percent(None)  # the first call only starts the measuring interval
+        self._since = (time.monotonic(), self._cpu_seconds())
+        self._percent: float | None = None
 
-    def read(self) -> tuple[float, int]:
+    def _cpu_seconds(self) -> float:
+        times = self._process.cpu_times()
+        return float(times.user + times.system)
+
+    def read(self) -> tuple[float | None, int]:
         with self._process.oneshot():
-            return float(self._process.cpu_percent(None)), int(self._process.memory_info().rss)
+            now, used = time.monotonic(), self._cpu_seconds()
+            if now - self._since[0] >= MIN_CPU_INTERVAL_S:
+                self._percent = (used - self._since[1]) / (now - self._since[0]) * 100
+                self._since = (now, used)
+            return self._percent, int(self._process.memory_info().rss)
 
 
 def cpu_name() -> str:

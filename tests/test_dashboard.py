@@ -19,12 +19,14 @@ import pytest
 
 from nbtrain.arguments import parse_line
 from nbtrain.dashboard.efficiency import NOT_MEASURABLE, device_peak_flops, efficiency, flops_per_device
+from nbtrain.dashboard.fmt import clock
 from nbtrain.dashboard.picture import final_png
-from nbtrain.dashboard.store import MAX_POINTS, RunMetrics, Series, eta_s, smooth
+from nbtrain.dashboard.store import MAX_POINTS, RunMetrics, Series, smooth
 from nbtrain.dashboard.summary import rows_html, rows_text, summary_rows
 from nbtrain.dashboard.svg import Line, line_chart
 from nbtrain.machine import MachineFacts
 from nbtrain.plan import plan_run
+from nbtrain.progress import TIMELINE_FILE
 from nbtrain.rundir import RunDirectory
 from tests.conftest import NOTEBOOK_SETUP, losses, only_run, status_of, wait_until_gone, worker_processes
 from tests.kernel import Kernel
@@ -80,13 +82,6 @@ def test_smoothing_is_debiased_and_follows_a_change() -> None:
     assert smooth([2.0, 2.0, 2.0]) == pytest.approx([2.0, 2.0, 2.0]), "a constant loss must stay constant"
     values = smooth([1.0] * 10 + [0.0] * 10)
     assert values[9] == pytest.approx(1.0) and 0.0 < values[12] < 1.0 and values[-1] < values[12]
-
-
-def test_eta_uses_the_recent_pace_of_the_remaining_steps() -> None:
-    assert eta_s(10, 110, [0.5, 0.5, 0.6, 0.4, 0.5]) == pytest.approx(50.0)
-    assert eta_s(10, None, [0.5]) is None, "no total, no ETA"
-    assert eta_s(0, 100, []) is None, "no step yet, no ETA"
-    assert eta_s(120, 100, [0.5]) == 0
 
 
 def test_reading_skips_a_partial_last_record_and_picks_it_up_when_complete(tmp_path: Path) -> None:
@@ -206,6 +201,103 @@ def test_charts_are_well_formed_svg_and_an_empty_chart_says_why() -> None:
     polylines = root.findall("{http://www.w3.org/2000/svg}polyline")
     assert len(polylines) == 1 and len(polylines[0].get("points", "").split()) == 29
     assert "loss &lt;raw&gt;" in chart
+
+
+SVG = "{http://www.w3.org/2000/svg}"
+
+
+def y_extent(polyline: ET.Element) -> float:
+    ys = [float(point.split(",")[1]) for point in polyline.get("points", "").split()]
+    return max(ys) - min(ys)
+
+
+def texts(chart: str) -> list[str]:
+    return [t.text or "" for t in ET.fromstring(chart).iter(f"{SVG}text")]
+
+
+def test_samples_and_tokens_per_s_each_get_their_own_scale() -> None:
+    # Regression: on one axis, samples/s (300) lay flat under tokens/s (20 000).
+    samples, tokens = Series(), Series()
+    for step in range(1, 21):
+        samples.append(step, 300.0 + 10 * (step % 5))
+        tokens.append(step, 20_000.0 + 600 * (step % 5))
+    chart = line_chart("throughput", [Line("samples/s", samples), Line("tokens/s", tokens, right_axis=True)])
+    samples_line, tokens_line = ET.fromstring(chart).findall(f"{SVG}polyline")
+    plot_height = 170 - 30 - 24
+    assert y_extent(samples_line) > 0.8 * plot_height, "samples/s does not use the chart's height"
+    assert y_extent(tokens_line) > 0.8 * plot_height
+    labels = texts(chart)
+    assert "340" in labels and "22.4 k" in labels, f"each axis must show its own range: {labels}"
+    assert "tokens/s (right axis)" in labels
+
+
+def test_utilization_is_drawn_from_the_run_start_with_a_scale_that_fits_the_samples(tmp_path: Path) -> None:
+    # Regressions: the time axis began at "-0.06097 seconds" (rank 1's first sample came before rank 0's),
+    # and a first CPU % measured over milliseconds (974 %) flattened the real 50-110 % line.
+    from nbtrain.dashboard import Dashboard
+
+    run = make_run(tmp_path, {"max_steps": 10})
+    run.write_status(state="running", started=1000.0)
+    append(run.path / "utilization" / "rank-0.jsonl", util_record(0, 1000.7, cpu_percent=None),
+           *(util_record(0, 1001.7 + i, cpu_percent=50.0 + 20 * i) for i in range(4)))
+    append(run.path / "utilization" / "rank-1.jsonl", util_record(1, 999.9, cpu_percent=None),
+           util_record(1, 1001.6, cpu_percent=80.0))
+    dashboard = Dashboard(redraw_every_s=0.0)
+    dashboard.started(run, plan())
+    dashboard.progress(type("P", (), {"elapsed_s": 5.0})())
+    cpu_chart = next(c for c in re.findall(r"<svg.*?</svg>", dashboard.charts.value) if "CPU % per rank" in c)
+    labels = texts(cpu_chart)
+    assert labels[labels.index("since the run started") - 2:labels.index("since the run started")] == ["0 s", "5 s"]
+    assert "110" in labels and "0" in labels, f"the CPU scale is not 0 to the highest sample: {labels}"
+    assert not any(label.startswith("-") for label in labels), labels
+    assert dashboard.metrics is not None and dashboard.metrics.utilization[1].cpu_percent.ys == [80.0]
+
+
+def test_the_widget_says_which_start_up_phase_runs_until_the_first_step(tmp_path: Path) -> None:
+    from nbtrain.dashboard import Dashboard
+
+    run = make_run(tmp_path, {"max_steps": 4})
+    now = time.time()
+    run.write_status(state="running", started=now - 40)
+    timeline = run.path / TIMELINE_FILE
+    dashboard = Dashboard(redraw_every_s=0.0)
+    dashboard.started(run, plan())
+    tick = type("P", (), {"elapsed_s": 40.0})()
+    dashboard.progress(tick)
+    assert "starting the worker processes" in dashboard.phase.value and "starting" in dashboard.status.value
+    timeline.write_text(json.dumps({"python_started": now - 39, "job_received": now - 30, "prepare_called": now - 20,
+                                    "ops": [{"name": "cpu_adam", "started": now - 12, "cached": False}]}))
+    dashboard.progress(tick)
+    shown = dashboard.phase.value
+    assert "building DeepSpeed op cpu_adam (once for this environment: later runs reuse it) · 12 s" in shown, shown
+    assert "done: workers started 1.0 s · imports 9.0 s · cell up to prepare 10 s" in shown, shown
+    append(run.metrics_file(0), *step_records(1, 2.0))
+    dashboard.progress(tick)
+    assert dashboard.phase.value == "" and "running" in dashboard.status.value, "the phase stayed after step 1"
+
+
+def test_every_view_gives_the_same_eta_for_one_run_directory(tmp_path: Path) -> None:
+    # Regression: the cell said ETA 2:39 and the sidebar 3:21 for the same run at the same moment.
+    from nbtrain.dashboard import Dashboard
+    from nbtrain.run import _RunWatcher
+    from nbtrain.server.runs import ProgressCache, summary
+
+    run = make_run(tmp_path, {"max_steps": 200})
+    run.write_status(state="running", started=990.0)
+    for step in range(1, 31):
+        timing = {"step": step, "rank": 0, "time": 1000.0 + step, "lr": 1e-3, "samples_per_s": 64.0,
+                  "step_time_s": 12.0 if step == 1 else 0.5 + 0.2 * (step % 3)}  # a slow first step, then jitter
+        append(run.metrics_file(0), timing, {"step": step, "rank": 0, "time": 1000.0 + step, "loss": 1.0})
+    cell = _RunWatcher(run, 990.0).new_progress()
+    dashboard = Dashboard(redraw_every_s=0.0)
+    dashboard.started(run, plan())
+    dashboard.progress(cell)
+    assert dashboard.metrics is not None
+    sidebar = summary(run, ProgressCache())
+    assert cell.eta_s is not None and cell.eta_s == dashboard.metrics.eta_s == sidebar["eta_s"]
+    assert cell.eta_s == pytest.approx(170 * 0.7), "not the median pace of the recent steps"
+    eta_text = f"ETA {clock(cell.eta_s)}"
+    assert eta_text in cell.line() and eta_text in dashboard.progress_text.value
 
 
 # -- the widget, without a kernel ---------------------------------------------------------------
@@ -363,6 +455,34 @@ def test_the_dashboard_updates_while_training_and_leaves_a_picture_and_a_table(k
     for rank in (0, 1):
         records = [json.loads(line) for line in (run / "utilization" / f"rank-{rank}.jsonl").read_text().splitlines()]
         assert records and all(r["device"] == "cpu" and r["rank"] == rank for r in records), records[:2]
+
+
+@pytest.mark.integration
+def test_a_starting_run_shows_each_start_up_phase_in_the_cell_until_its_first_step(kernel: Kernel,
+                                                                                 tmp_path: Path) -> None:
+    # Regression: a run sat at "step 0" with "waiting for the first values…" for 40 s while it started.
+    kernel.execute(SLOW_LOSS)
+    cell = ("%%bigtrain --nproc 2 --steps 20 --micro-batch 4\n"
+            "import time\ntime.sleep(2)  # the cell's own work before bigtrain.prepare\n"
+            "result = bigtrain.fit(make_model(), ToyData(), loss_fn=slow_loss)\n")
+    messages = collect(kernel, cell)
+    by_comm: dict[str, list[str]] = {}
+    for _, m in of_type(messages, "comm_msg"):
+        state = m["content"]["data"].get("state", {})
+        if m["content"]["data"].get("method") == "update" and "value" in state:
+            by_comm.setdefault(m["content"]["comm_id"], []).append(str(state["value"]))
+    shown = next((values for values in by_comm.values() if any(v.startswith("<b>starting:</b>") for v in values)), [])
+    labels = [re.sub(r" · .*", "", v.removeprefix("<b>starting:</b> ")) for v in shown if v]
+    phases = list(dict.fromkeys(labels))  # in the order they were first shown
+    assert "importing torch, DeepSpeed and accelerate" in phases, phases
+    assert "running the cell up to bigtrain.prepare" in phases, phases
+    assert phases.index("importing torch, DeepSpeed and accelerate") < phases.index(
+        "running the cell up to bigtrain.prepare"), phases
+    assert shown[-1] == "", "the start-up phase was still shown after the first step"
+    timeline = json.loads((only_run(tmp_path) / TIMELINE_FILE).read_text())
+    marks = ["python_started", "imports_done", "job_received", "prepare_called", "engine_built", "first_step"]
+    assert [timeline[m] for m in marks] == sorted(timeline[m] for m in marks), timeline
+    assert all(op["cached"] and op["ended"] >= op["started"] for op in timeline["ops"]), timeline["ops"]
 
 
 @pytest.mark.integration

@@ -23,6 +23,7 @@ import pytest
 from pytest_jupyter.jupyter_server import *  # noqa: F403 - the fixtures, for this module only
 from tornado.httpclient import HTTPClientError, HTTPResponse
 
+from nbtrain.progress import TIMELINE_FILE
 from nbtrain.rundir import MetricWriter
 from tests.ui.rundirs import make_run
 
@@ -160,6 +161,30 @@ def test_runs_list_shows_progress_with_running_runs_first(fetch: Fetch, root: Pa
     assert row["loss"] == pytest.approx(0.5) and row["loss_tail"][-1] == [4, pytest.approx(0.5)]
     assert row["eta_s"] is not None and row["eta_s"] >= 0
     assert listed["runs"][1]["final"] and listed["runs"][1]["eta_s"] is None
+
+
+def test_a_starting_run_shows_its_start_up_phase_until_its_first_step(fetch: Fetch, root: Path,
+                                                                      tmp_path: Path) -> None:
+    run = make_run(root, "warming", steps=0, total=50)
+    started = run.status()["started"]
+    timeline = run.path / TIMELINE_FILE
+    assert data(fetch("nbtrain/api/runs"))["runs"][0]["phase"]["label"] == "starting the worker processes"
+    outside = tmp_path / "elsewhere.json"
+    outside.write_text(json.dumps({"python_started": started + 1}))
+    timeline.symlink_to(outside)
+    assert data(fetch("nbtrain/api/runs"))["runs"][0]["phase"]["key"] == "workers", "a file outside the run was read"
+    timeline.unlink()
+    timeline.write_text(json.dumps({"python_started": started + 0.5, "imports_done": started + 6.5,
+                                    "ops": [{"name": "cpu_adam", "started": started + 7.0, "cached": False}]}))
+    phase = data(fetch("nbtrain/api/runs"))["runs"][0]["phase"]
+    assert phase["key"] == "op" and phase["label"].startswith("building DeepSpeed op cpu_adam (once"), phase
+    assert "since the run started" in phase["line"] and phase["trail"] == "workers started 0.5 s · imports 6.0 s"
+    assert data(fetch(f"nbtrain/api/runs/{run.run_id}"))["phase"]["label"] == phase["label"], "the panel differs"
+    writer = MetricWriter(run.metrics_file(0), 0)
+    writer.write(1, lr=1e-3, step_time_s=0.5, samples_per_s=64.0)
+    writer.close()
+    assert data(fetch("nbtrain/api/runs"))["runs"][0]["phase"] is None, "the phase stayed after the first step"
+    assert data(fetch(f"nbtrain/api/runs/{run.run_id}"))["phase"] is None
 
 
 def test_run_detail_never_unpickles_anything(fetch: Fetch, root: Path, tmp_path: Path) -> None:

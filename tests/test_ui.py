@@ -32,7 +32,9 @@ def slow_loss(model, batch):
     time.sleep(0.05)  # slow enough to be watched and stopped in the sidebar
     return loss_fn(model, batch)
 '''
-LIVE_CELL = "%%bigtrain --nproc 2 --steps 3000 --name ui-live --no-plot\nresult = bigtrain.fit(make_model(), ToyData(), loss_fn=slow_loss)"
+# The cell's own work before bigtrain.prepare is a start-up phase the sidebar shows (for 4 s at least).
+LIVE_CELL = ("%%bigtrain --nproc 2 --steps 3000 --name ui-live --no-plot\nimport time\ntime.sleep(4)\n"
+             "result = bigtrain.fit(make_model(), ToyData(), loss_fn=slow_loss)")
 
 
 @pytest.fixture(scope="module")
@@ -217,6 +219,14 @@ def test_a_run_started_in_the_page_shows_live_and_stops_from_the_sidebar(
     open_sidebar(page)
     row = run_row(page, "ui-live")
     playwright.expect(row.locator(".nbtrain-badge")).to_have_text("running", timeout=180_000)
+    # While it starts, the sidebar and the status bar say what it is doing, with its times.
+    phase = row.locator(".nbtrain-phase")
+    playwright.expect(phase).to_contain_text(re.compile(r"starting: .+ · [\d.]+ s \([\d.]+ s since the run started\)"))
+    playwright.expect(phase).to_contain_text("running the cell up to bigtrain.prepare", timeout=180_000)
+    playwright.expect(phase).to_contain_text("done: workers started")
+    playwright.expect(page.locator(".nbtrain-status")).to_contain_text(
+        "BigTrain ui-live: starting · running the cell up to bigtrain.prepare")
+    page.locator("#nbtrain-sidebar").screenshot(path=artifacts / "sidebar-starting-run.png")
     page.wait_for_function(
         "() => /step ([1-9]\\d*)\\/3000/.test(document.querySelector('li.nbtrain-run[data-run-id*=\"-ui-live-\"] "
         ".nbtrain-run-step')?.textContent || '')", timeout=180_000)
@@ -225,6 +235,7 @@ def test_a_run_started_in_the_page_shows_live_and_stops_from_the_sidebar(
         f"() => Number((document.querySelector('li.nbtrain-run[data-run-id*=\"-ui-live-\"] .nbtrain-run-step')"
         f"?.textContent.match(/step (\\d+)/) || [0, 0])[1]) > {first}")
     assert step_of(row) > first, "the step shown did not advance"
+    playwright.expect(phase).to_be_hidden()  # it trains: the start-up phase is over
     playwright.expect(row.locator(".nbtrain-run-usage")).to_contain_text("2 workers")
     playwright.expect(page.locator(".nbtrain-status")).to_contain_text("BigTrain ui-live: step")
     assert len(worker_processes(str(workspace))) == 2, "the run's two workers are not running"

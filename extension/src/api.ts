@@ -2,6 +2,17 @@
 import { URLExt } from '@jupyterlab/coreutils';
 import { ServerConnection } from '@jupyterlab/services';
 
+/** Where a starting run is (nbtrain/progress.py: Startup.as_json); null once it trains or ended. */
+export interface IPhase {
+  key: string; // workers, imports, process_group, cell, op, engine or first_step
+  label: string; // e.g. "building DeepSpeed op cpu_adam (once for this environment: later runs reuse it)"
+  line: string; // label, time in this phase and since the run started
+  phase_s: number;
+  elapsed_s: number;
+  trail: string; // the phases done with their durations
+  done: { key: string; label: string; seconds: number }[];
+}
+
 export interface IRunSummary {
   id: string;
   name: string;
@@ -18,6 +29,7 @@ export interface IRunSummary {
   loss: number | string | null; // 'NaN' when the loss diverged
   loss_tail: [number, number | string][];
   eta_s: number | null;
+  phase: IPhase | null;
   workers_alive?: number;
   cpu_percent?: number;
   rss_bytes?: number;
@@ -47,6 +59,7 @@ export interface IRunDetail {
   errors: { [rank: string]: { type: string; message: string; traceback: string } };
   ranks: number[];
   total: number | null;
+  phase: IPhase | null;
   workers: IWorker[];
 }
 

@@ -8,6 +8,14 @@ export interface ISeries {
   label: string;
   points: [number, number][];
   color?: string;
+  rightAxis?: boolean; // a scale of its own, on the right (tokens/s next to samples/s)
+}
+
+export interface IChartOptions {
+  emptyText?: string;
+  xFormat?: (x: number) => string; // default: a step number
+  xFromZero?: boolean; // a time axis: seconds since the start, shown from 0
+  yFromZero?: boolean; // values that are never negative (CPU %, memory) on a scale from 0
 }
 
 function element(name: string, attrs: { [key: string]: string | number }): SVGElement {
@@ -32,7 +40,7 @@ export function thin(points: [number, number][], count = MAX_POINTS): [number, n
   return kept;
 }
 
-function bounds(series: ISeries[]): [number, number, number, number] | null {
+function bounds(series: ISeries[], yFromZero = false): [number, number, number, number] | null {
   let x0 = Infinity, x1 = -Infinity, y0 = Infinity, y1 = -Infinity;
   for (const s of series) {
     for (const [x, y] of s.points) {
@@ -44,6 +52,7 @@ function bounds(series: ISeries[]): [number, number, number, number] | null {
     return null;
   }
   if (x1 === x0) { x1 = x0 + 1; }
+  if (yFromZero && y0 >= 0) { y0 = 0; }
   if (y1 === y0) {
     const pad = Math.abs(y0) * 0.1 || 0.5; // a flat line sits in the middle, on its own scale
     y0 -= pad; y1 += pad;
@@ -78,13 +87,41 @@ export function sparkline(tail: [number, number | string][], width = 70, height 
   return svg;
 }
 
-function format(value: number): string {
+export function format(value: number): string {
   const a = Math.abs(value);
   return a !== 0 && (a >= 1e5 || a < 1e-3) ? value.toExponential(1) : String(Number(value.toPrecision(3)));
 }
 
-/** Draw a chart of one or more series with its title, axis ranges and a legend. */
-export function lineChart(title: string, series: ISeries[], emptyText = 'no data yet', width = 420, height = 180): HTMLElement {
+/** Format a time-axis tick: "0 s", "45 s", "2:05". */
+export function formatSeconds(value: number): string {
+  const s = Math.max(0, Math.round(value));
+  if (s < 100) {
+    return `${s} s`;
+  }
+  const h = Math.floor(s / 3600);
+  const m = Math.floor((s % 3600) / 60);
+  const rest = String(s % 60).padStart(2, '0');
+  return h > 0 ? `${h}:${String(m).padStart(2, '0')}:${rest}` : `${m}:${rest}`;
+}
+
+function formatStep(value: number): string {
+  return Number.isInteger(value) ? String(value) : format(value);
+}
+
+function axisLabel(svg: SVGElement, x: number, y: number, anchor: string, text: string, color?: string): void {
+  const label = element('text', { x, y, 'text-anchor': anchor, class: 'nbtrain-chart-axis' });
+  if (color) {
+    label.setAttribute('style', `fill: ${color}`);
+  }
+  label.textContent = text;
+  svg.appendChild(label);
+}
+
+/**
+ * Draw a chart of one or more series with its title, axis ranges and a legend.
+ * Series share the left axis's scale, except those with `rightAxis`, which share one of their own.
+ */
+export function lineChart(title: string, series: ISeries[], options: IChartOptions = {}, width = 420, height = 180): HTMLElement {
   const box = document.createElement('div');
   box.className = 'nbtrain-chart';
   const heading = document.createElement('div');
@@ -94,37 +131,51 @@ export function lineChart(title: string, series: ISeries[], emptyText = 'no data
   const svg = element('svg', { width: '100%', height, viewBox: `0 0 ${width} ${height}`, preserveAspectRatio: 'none' });
   box.appendChild(svg);
   const drawn = series.filter(s => s.points.length > 0);
-  const range = bounds(drawn);
-  if (!range) {
+  const colored = drawn.map((s, i) => ({ ...s, color: s.color || COLORS[i % COLORS.length] }));
+  const left = colored.filter(s => !s.rightAxis);
+  const right = colored.filter(s => s.rightAxis);
+  const leftRange = bounds(left, options.yFromZero);
+  const rightRange = bounds(right, options.yFromZero);
+  if (!leftRange && !rightRange) {
     const empty = element('text', { x: width / 2, y: height / 2, 'text-anchor': 'middle', class: 'nbtrain-chart-empty' });
-    empty.textContent = emptyText;
+    empty.textContent = options.emptyText ?? 'no data yet';
     svg.appendChild(empty);
     return box;
   }
-  const pad: [number, number, number, number] = [48, 8, 8, 18];
+  // One x range for both scales.
+  const all = bounds(colored)!;
+  const x0 = options.xFromZero ? 0 : all[0];
+  const x1 = Math.max(all[1], x0 + 1);
+  const pad: [number, number, number, number] = [48, 8, right.length ? 48 : 8, 18];
   svg.appendChild(element('rect', { x: pad[0], y: pad[1], width: width - pad[0] - pad[2],
                                     height: height - pad[1] - pad[3], class: 'nbtrain-chart-frame' }));
-  const labels: [number, number, string, string][] = [
-    [pad[0] - 4, pad[1] + 8, 'end', format(range[3])],
-    [pad[0] - 4, height - pad[3], 'end', format(range[2])],
-    [pad[0], height - 4, 'start', format(range[0])],
-    [width - pad[2], height - 4, 'end', format(range[1])]
-  ];
-  for (const [x, y, anchor, text] of labels) {
-    const label = element('text', { x, y, 'text-anchor': anchor, class: 'nbtrain-chart-axis' });
-    label.textContent = text;
-    svg.appendChild(label);
+  const xFormat = options.xFormat ?? formatStep;
+  axisLabel(svg, pad[0], height - 4, 'start', xFormat(x0));
+  axisLabel(svg, width - pad[2], height - 4, 'end', xFormat(x1));
+  const twoScales = leftRange !== null && rightRange !== null;
+  if (leftRange) {
+    const color = twoScales ? left[0].color : undefined;
+    axisLabel(svg, pad[0] - 4, pad[1] + 8, 'end', format(leftRange[3]), color);
+    axisLabel(svg, pad[0] - 4, height - pad[3], 'end', format(leftRange[2]), color);
   }
-  drawn.forEach((s, i) => svg.appendChild(polyline(s.points, range, width, height, pad, s.color || COLORS[i % COLORS.length])));
+  if (rightRange) {
+    const color = twoScales ? right[0].color : undefined;
+    axisLabel(svg, width - pad[2] + 4, pad[1] + 8, 'start', format(rightRange[3]), color);
+    axisLabel(svg, width - pad[2] + 4, height - pad[3], 'start', format(rightRange[2]), color);
+  }
+  for (const s of colored) {
+    const range = (s.rightAxis ? rightRange : leftRange)!;
+    svg.appendChild(polyline(s.points, [x0, x1, range[2], range[3]], width, height, pad, s.color));
+  }
   const legend = document.createElement('div');
   legend.className = 'nbtrain-chart-legend';
-  drawn.forEach((s, i) => {
+  for (const s of colored) {
     const item = document.createElement('span');
     const last = s.points[s.points.length - 1][1];
-    item.innerHTML = `<i style="background:${s.color || COLORS[i % COLORS.length]}"></i>`;
-    item.appendChild(document.createTextNode(`${s.label} ${format(last)}`));
+    item.innerHTML = `<i style="background:${s.color}"></i>`;
+    item.appendChild(document.createTextNode(`${s.label} ${format(last)}${s.rightAxis && twoScales ? ' (right axis)' : ''}`));
     legend.appendChild(item);
-  });
+  }
   box.appendChild(legend);
   return box;
 }

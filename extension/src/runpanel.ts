@@ -3,7 +3,8 @@ import { showErrorMessage } from '@jupyterlab/apputils';
 import { Widget } from '@lumino/widgets';
 
 import { api, formatBytes, formatDuration, formatNumber, IMetricRecord, IRunDetail } from './api';
-import { ISeries, lineChart } from './chart';
+import { showPhase } from './phase';
+import { formatSeconds, ISeries, lineChart } from './chart';
 
 const POLL_MS = 1000;
 const KNOWN = new Set(['step', 'rank', 'time', 'loss', 'eval_loss', 'lr', 'samples_per_s', 'tokens_per_s',
@@ -19,7 +20,7 @@ export class RunPanel extends Widget {
     this.title.closable = true;
     this.node.innerHTML = '<div class="nbtrain-panel-header"><h2></h2><span class="nbtrain-badge"></span>'
       + '<button class="jp-mod-styled jp-mod-warn nbtrain-stop">Stop</button></div>'
-      + '<div class="nbtrain-panel-progress"></div><div class="nbtrain-panel-reason"></div>'
+      + '<div class="nbtrain-panel-progress"></div><div class="nbtrain-phase"></div><div class="nbtrain-panel-reason"></div>'
       + '<div class="nbtrain-charts"></div><div class="nbtrain-panel-workers"></div>'
       + '<details open class="nbtrain-config"><summary>DeepSpeed config</summary><pre></pre></details>'
       + '<details class="nbtrain-cell"><summary>Cell</summary><pre></pre></details>'
@@ -82,7 +83,9 @@ export class RunPanel extends Widget {
       }
       const cpu = (this.cpu[w.rank] = this.cpu[w.rank] || []);
       const rss = (this.rss[w.rank] = this.rss[w.rank] || []);
-      cpu.push([now, w.cpu_percent ?? 0]);
+      if (w.cpu_percent !== undefined) { // none yet: the server measures CPU over half a second at least
+        cpu.push([now, w.cpu_percent]);
+      }
       rss.push([now, (w.rss_bytes ?? 0) / (1 << 20)]);
       cpu.splice(0, Math.max(0, cpu.length - MAX_USAGE_POINTS));
       rss.splice(0, Math.max(0, rss.length - MAX_USAGE_POINTS));
@@ -122,16 +125,21 @@ export class RunPanel extends Widget {
     (this.node.querySelector('.nbtrain-panel-progress') as HTMLElement).textContent =
       `step ${step}${detail.total ? '/' + detail.total : ''} · loss ${formatNumber(losses.length ? losses[losses.length - 1][1] : null)}`
       + ` · ${detail.run.nproc ?? '?'} processes · elapsed ${formatDuration(elapsed)} · ${detail.id}`;
+    showPhase(this.node.querySelector('.nbtrain-phase') as HTMLElement, detail.phase);
     const errors = Object.values(detail.errors).map(e => `${e.type}: ${e.message}`).join('\n');
     (this.node.querySelector('.nbtrain-panel-reason') as HTMLElement).textContent = [status.reason, errors]
       .filter(Boolean).join('\n');
 
+    const live = { emptyText: final ? 'sampled only while the run is live' : undefined, xFormat: formatSeconds,
+                   xFromZero: true, yFromZero: true };
+    // tokens/s is ~100x samples/s: each gets its own scale, or samples/s lies flat at the bottom
+    const tokens = this.series('tokens_per_s').map(s => ({ ...s, rightAxis: true }));
     const charts: HTMLElement[] = [
       lineChart('Loss', [...this.series('loss'), ...this.series('eval_loss')]),
       lineChart('Learning rate', this.series('lr')),
-      lineChart('Throughput (per s)', [...this.series('samples_per_s'), ...this.series('tokens_per_s')]),
-      lineChart('CPU % per rank (psutil), s since opened', usage(this.cpu), final ? 'sampled only while the run is live' : undefined),
-      lineChart('Resident memory MiB per rank', usage(this.rss), final ? 'sampled only while the run is live' : undefined)
+      lineChart('Throughput (per s)', [...this.series('samples_per_s'), ...tokens]),
+      lineChart('CPU % per rank (100 = one core), since this panel opened', usage(this.cpu), live),
+      lineChart('Resident memory MiB per rank, since this panel opened', usage(this.rss), live)
     ];
     const extra = new Set<string>();
     this.rows.forEach(row => Object.keys(row).forEach(k => !KNOWN.has(k) && typeof row[k] === 'number' && extra.add(k)));

@@ -5,6 +5,7 @@ import { Widget } from '@lumino/widgets';
 import { api, formatBytes, formatDuration, formatNumber, IMachine, IRunSummary } from './api';
 import { sparkline } from './chart';
 import { RunsModel } from './model';
+import { showPhase } from './phase';
 
 export class RunsSidebar extends Widget {
   constructor(private model: RunsModel, private openRun: (id: string) => void) {
@@ -65,6 +66,7 @@ export class RunsSidebar extends Widget {
     item.innerHTML = '<div class="nbtrain-run-line"><span class="nbtrain-run-name"></span>'
       + '<span class="nbtrain-badge"></span></div><div class="nbtrain-run-line nbtrain-run-numbers">'
       + '<span class="nbtrain-run-step"></span><span class="nbtrain-run-loss"></span><span class="nbtrain-run-spark"></span></div>'
+      + '<div class="nbtrain-phase"></div>'
       + '<div class="nbtrain-run-line"><span class="nbtrain-run-usage"></span>'
       + '<button class="jp-mod-styled jp-mod-warn nbtrain-stop">Stop</button></div>';
     const stop = item.querySelector('.nbtrain-stop') as HTMLButtonElement;
@@ -90,6 +92,7 @@ export class RunsSidebar extends Widget {
     setText(item, '.nbtrain-run-step', `step ${steps}`);
     setText(item, '.nbtrain-run-loss', `loss ${formatNumber(run.loss)}`);
     item.querySelector('.nbtrain-run-spark')!.replaceChildren(sparkline(run.loss_tail));
+    showPhase(item.querySelector('.nbtrain-phase') as HTMLElement, run.phase);
     setText(item, '.nbtrain-run-usage', run.final ? run.reason
       : `${run.workers_alive ?? 0} workers · CPU ${(run.cpu_percent ?? 0).toFixed(0)}% · `
         + `${formatBytes(run.rss_bytes)} · ETA ${formatDuration(run.eta_s)}`);

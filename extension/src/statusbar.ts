@@ -1,4 +1,4 @@
-// The status-bar item: the newest live run's step, loss and ETA; a click opens its panel.
+// The status-bar item: the newest live run's start-up phase, then its step, loss and ETA; a click opens its panel.
 import { Widget } from '@lumino/widgets';
 
 import { formatDuration, formatNumber } from './api';
@@ -25,7 +25,9 @@ export class RunStatusItem extends Widget {
       return;
     }
     const steps = run.total ? `${run.step}/${run.total}` : `${run.step}`;
-    this.node.textContent = `BigTrain ${run.name || run.id}: step ${steps} · loss ${formatNumber(run.loss)} · ETA ${formatDuration(run.eta_s)}`;
+    this.node.textContent = run.phase
+      ? `BigTrain ${run.name || run.id}: starting · ${run.phase.line}`
+      : `BigTrain ${run.name || run.id}: step ${steps} · loss ${formatNumber(run.loss)} · ETA ${formatDuration(run.eta_s)}`;
     this.node.title = `${run.id} (${run.state}); click to open its panel`;
   }
 

@@ -22,12 +22,19 @@ def final_png(metrics: RunMetrics, title: str, dpi: int = 80) -> bytes:
     _plot(loss, "loss", [("loss", metrics.loss, 0.35), ("smoothed", metrics.loss_smooth, 1.0),
                          ("eval loss", metrics.eval_loss, 1.0)], "step")
     _plot(lr, "learning rate", [("lr", metrics.lr, 1.0)], "step")
-    _plot(speed, "throughput", [("samples/s", metrics.samples_per_s, 1.0),
-                                ("tokens/s", metrics.tokens_per_s, 1.0)], "step")
+    _plot(speed, "throughput", [("samples/s", metrics.samples_per_s, 1.0)], "step")
+    if len(metrics.tokens_per_s):  # ~100x samples/s: a scale of its own, or samples/s lies flat
+        tokens = speed.twinx()
+        tokens.plot(metrics.tokens_per_s.xs, metrics.tokens_per_s.ys, color=PALETTE[1], linewidth=1.2)
+        tokens.set_ylabel("tokens/s", fontsize=8, color=PALETTE[1])
+        tokens.tick_params(labelsize=7, colors=PALETTE[1])
+        speed.set_ylabel("samples/s", fontsize=8, color=PALETTE[0])
     gpu = metrics.on_gpu
     curves = [(u.label, u.gpu_util if gpu and u.device == "gpu" else u.cpu_percent, 1.0)
               for u in metrics.utilization.values()]
-    _plot(util, "GPU utilization %" if gpu else "CPU % per rank (100 = one core)", curves, "seconds")
+    _plot(util, "GPU utilization %" if gpu else "CPU % per rank (100 = one core)", curves, "seconds since the run started")
+    util.set_xlim(left=0)
+    util.set_ylim(bottom=0)
     buffer = io.BytesIO()
     figure.savefig(buffer, format="png")
     return buffer.getvalue()

@@ -2,24 +2,23 @@
 
 `RunMetrics.update()` reads only the bytes written since its last call (rank 0's metric
 records and every rank's utilization records) and appends them to bounded series, so a
-tick costs the same at step 10 and at step 100 000.
+tick costs the same at step 10 and at step 100 000. Step, ETA and the start-up phase come
+from `nbtrain.progress`, as in every other view.
 """
 
 from __future__ import annotations
 
-import statistics
 import time
-from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from nbtrain.progress import Startup, StepReader, planned_steps, read_startup
 from nbtrain.rundir import RunDirectory, read_json, read_records
 from nbtrain.utilization import ProcessGpuMemory
 
 MAX_POINTS = 256  # per curve, about one per pixel of a chart; beyond it, points are merged pairwise
 SMOOTHING = 0.9  # weight of the running average of the loss, as TensorBoard's slider
-ETA_WINDOW = 20  # recent steps whose duration predicts the rest
 
 
 class Series:
@@ -85,16 +84,9 @@ def smooth(values: list[float], weight: float = SMOOTHING) -> list[float]:
     return [smoother.add(v) for v in values]
 
 
-def eta_s(step: int, max_steps: int | None, recent_step_times: list[float]) -> float | None:
-    """Return the seconds left: the remaining steps at the median pace of the recent ones."""
-    if not max_steps or step <= 0 or not recent_step_times:
-        return None
-    return max(0, max_steps - step) * statistics.median(recent_step_times)
-
-
 @dataclass
 class RankUtilization:
-    """One rank's utilization over time (x = seconds since the run's first sample)."""
+    """One rank's utilization over time (x = seconds since the run started)."""
 
     rank: int
     device: str = "cpu"
@@ -132,15 +124,12 @@ class RunMetrics:
         self.run = run
         self.loss, self.loss_smooth, self.eval_loss = Series(), Series(), Series()
         self.lr, self.samples_per_s, self.tokens_per_s = Series(), Series(), Series()
-        self.step = 0
+        self.steps = StepReader(run.metrics_file(0))
         self.tokens_seen = 0.0
-        self.recent_step_times: deque[float] = deque(maxlen=ETA_WINDOW)
-        self.first_time: float | None = None
-        self.last_time: float | None = None
         self.engine: dict[str, Any] = {}
         self.utilization: dict[int, RankUtilization] = {}
+        self._run_info = run.run_info()
         self._smoother = Smoother()
-        self._metric_offset = 0
         self._util_offsets: dict[Path, int] = {}
         self._util_start: float | None = None
         # The kernel's own GPU memory (a notebook that ran CUDA holds some), apart from the ranks'.
@@ -150,7 +139,7 @@ class RunMetrics:
     # -- reading -----------------------------------------------------------------------
     def update(self) -> bool:
         """Read what was written since the last call; return whether anything new came."""
-        records, self._metric_offset = read_records(self.run.metrics_file(0), self._metric_offset)
+        records = self.steps.read()
         for record in records:
             self._add_metric(record)
         if not self.engine and self.run.effective_deepspeed_file.exists():
@@ -160,10 +149,7 @@ class RunMetrics:
         return bool(records) or new_util
 
     def _add_metric(self, record: dict[str, Any]) -> None:
-        step = int(record.get("step", 0))
-        self.step = max(self.step, step)
-        self.first_time = self.first_time or record.get("time")
-        self.last_time = record.get("time", self.last_time)
+        step = record["step"]
         loss = record.get("loss")
         if loss is not None:
             self.loss.append(step, loss)
@@ -172,11 +158,8 @@ class RunMetrics:
                             ("samples_per_s", self.samples_per_s), ("tokens_per_s", self.tokens_per_s)):
             if record.get(key) is not None:
                 series.append(step, record[key])
-        step_time = record.get("step_time_s")
-        if step_time is not None:
-            self.recent_step_times.append(float(step_time))
-            if record.get("tokens_per_s") is not None:
-                self.tokens_seen += float(record["tokens_per_s"]) * float(step_time)
+        if record.get("step_time_s") is not None and record.get("tokens_per_s") is not None:
+            self.tokens_seen += float(record["tokens_per_s"]) * float(record["step_time_s"])
 
     def _read_utilization(self) -> bool:
         folder = self.run.path / "utilization"
@@ -204,8 +187,10 @@ class RunMetrics:
             util = self.utilization[rank] = RankUtilization(rank)
             self.utilization = dict(sorted(self.utilization.items()))
         if self._util_start is None:
-            self._util_start = float(record["time"])
-        t = float(record["time"]) - self._util_start
+            status = self.run.status()
+            self._util_start = float(status.get("started") or status.get("created") or record["time"])
+        # Seconds since the run started; a sample of a host whose clock runs behind is put at 0.
+        t = max(0.0, float(record["time"]) - self._util_start)
         util.device = record.get("device", "cpu")
         util.device_name = record.get("device_name", "")
         util.gpu_index = record.get("gpu_index")
@@ -221,13 +206,20 @@ class RunMetrics:
 
     # -- derived -------------------------------------------------------------------------
     @property
+    def step(self) -> int:
+        return self.steps.step
+
+    @property
     def max_steps(self) -> int | None:
-        value = self.engine.get("max_steps")
-        return int(value) if value else None
+        return planned_steps({"engine": self.engine}, self._run_info)
 
     @property
     def eta_s(self) -> float | None:
-        return eta_s(self.step, self.max_steps, list(self.recent_step_times))
+        return self.steps.eta_s(self.max_steps)
+
+    def startup(self) -> Startup | None:
+        """Return the run's start-up phase (reads two small files), None once it trains."""
+        return read_startup(self.run, self.step)
 
     @property
     def on_gpu(self) -> bool:

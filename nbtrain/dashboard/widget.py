@@ -13,6 +13,7 @@ the result where widgets do not render (GitHub, nbconvert, nbval).
 from __future__ import annotations
 
 import base64
+import html
 import sys
 import time
 from collections.abc import Callable
@@ -37,6 +38,7 @@ from nbtrain.dashboard.summary import (
 )
 from nbtrain.dashboard.ui_poll import UiPoller
 from nbtrain.plan import RunPlan
+from nbtrain.progress import Startup
 from nbtrain.result import RunResult
 from nbtrain.rundir import FINAL_STATES, RunDirectory
 
@@ -74,12 +76,14 @@ class Dashboard:
         self.stop_button.on_click(self._on_stop)
         self.bar = w.IntProgress(value=0, min=0, max=1, layout=w.Layout(width="320px"))
         self.progress_text = w.HTML()
+        self.phase = w.HTML()  # the start-up phase, until the first step
         self.charts = w.HTML()
         self.devices = w.HTML()
         self.efficiency = w.HTML()
         self.view = w.VBox([
             w.HBox([self.status, self.stop_button]),
             w.HBox([self.bar, self.progress_text]),
+            self.phase,
             self.charts,
             w.HTML("<b>Devices</b>"), self.devices,
             w.HTML("<b>Efficiency</b>"), self.efficiency,
@@ -116,10 +120,12 @@ class Dashboard:
         if state in FINAL_STATES:
             self._finalize()
             return
+        startup = self.metrics.startup() if self.metrics.step == 0 else None
         if self._stopping:
             self._show_stopping()
         else:
-            self._set_status(state)
+            self._set_status("starting" if startup is not None else state)
+        self._set_phase(startup)
         self._set_progress()
         now = time.monotonic()
         if self._unseen and now - self._last_draw >= self.redraw_every_s:
@@ -178,6 +184,17 @@ class Dashboard:
         self.status.value = (f"<b>bigtrain</b> {self.metrics.run.run_id} · "
                              f"<b style='color:{color}'>{state}</b>")
 
+    def _set_phase(self, startup: Startup | None) -> None:
+        """Say what a starting run is doing and how long each phase took (the same words as JupyterLab's)."""
+        if startup is None:
+            text = ""
+        else:
+            trail = startup.trail()
+            text = (f"<b>starting:</b> {html.escape(startup.line(time.time()))}"
+                    + (f"<br><small style='color:#666'>done: {html.escape(trail)}</small>" if trail else ""))
+        if self.phase.value != text:
+            self.phase.value = text
+
     def _set_progress(self) -> None:
         m = self.metrics
         assert m is not None
@@ -208,8 +225,9 @@ class Dashboard:
                                     svg.Line("smoothed", m.loss_smooth, svg.PALETTE[0], 2.0),
                                     svg.Line("eval loss", m.eval_loss, svg.PALETTE[1], 2.0, dashed=True)]),
             svg.line_chart("learning rate", [svg.Line("lr", m.lr, svg.PALETTE[2])]),
+            # tokens/s is ~100x samples/s: a scale of its own, or samples/s lies flat at the bottom
             svg.line_chart("throughput", [svg.Line("samples/s", m.samples_per_s, svg.PALETTE[3]),
-                                          svg.Line("tokens/s", m.tokens_per_s, svg.PALETTE[4])]),
+                                          svg.Line("tokens/s", m.tokens_per_s, svg.PALETTE[4], right_axis=True)]),
         ]) + self._utilization_charts()
         self.devices.value = rows_html(utilization_rows(m))
         self.efficiency.value = rows_html(efficiency_rows(efficiency(m), tokens_known=bool(len(m.tokens_per_s))))
@@ -227,10 +245,12 @@ class Dashboard:
         else:
             util = [svg.Line(f"rank {u.rank}", u.cpu_percent, svg.PALETTE[i % 8]) for i, u in enumerate(ranks)]
             mem = [svg.Line(f"rank {u.rank}", u.rss_bytes, svg.PALETTE[i % 8]) for i, u in enumerate(ranks)]
-            titles = ("CPU % per rank (no GPU)", "CPU memory (RSS) per rank")
-        return (svg.line_chart(titles[0], util, x_label="seconds", empty_text="waiting for the first sample…")
-                + svg.line_chart(titles[1], mem, y_format=size, x_label="seconds",
-                                 empty_text="waiting for the first sample…"))
+            titles = ("CPU % per rank (100 = one core)", "CPU memory (RSS) per rank")
+        waiting = "waiting for the first sample…"
+        x_label = "since the run started"
+        return (svg.line_chart(titles[0], util, x_label=x_label, empty_text=waiting, time_axis=True, y_from_zero=True)
+                + svg.line_chart(titles[1], mem, y_format=size, x_label=x_label, empty_text=waiting, time_axis=True,
+                                 y_from_zero=True))
 
 
 def _close(widget: w.Widget) -> None:

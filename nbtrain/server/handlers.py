@@ -83,7 +83,7 @@ class RunHandler(BigTrainHandler):
     @authorized
     async def get(self, run_id: str) -> None:
         run = await self.find_run(run_id)
-        self.answer({**runs.detail(run), "workers": self.bigtrain.sampler.sample(run)})
+        self.answer({**runs.detail(run, self.bigtrain.progress), "workers": self.bigtrain.sampler.sample(run)})
 
 
 class MetricsHandler(BigTrainHandler):

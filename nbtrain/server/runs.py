@@ -8,11 +8,13 @@ a run folder is ever unpickled or executed here. Every file read goes through `_
 from __future__ import annotations
 
 import re
+import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from nbtrain.progress import TIMELINE_FILE, StepReader, planned_steps, startup
 from nbtrain.rundir import FINAL_STATES, RunDirectory, list_runs, read_json, read_records
 
 RUN_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,199}")
@@ -111,23 +113,15 @@ class RunRoots:
 
 def total_steps(run: RunDirectory) -> int | None:
     """Return the planned number of optimizer steps (the engine's, else the flag's)."""
-    effective = _json(run, run.effective_deepspeed_file) or {}
-    steps = (effective.get("engine") or {}).get("max_steps") if isinstance(effective, dict) else None
-    if steps is None:
-        steps = ((run.run_info().get("config") or {}).get("steps"))
-    return steps if isinstance(steps, int) else None
+    return planned_steps(_json(run, run.effective_deepspeed_file), run.run_info())
 
 
 @dataclass
 class _Progress:
     """What the sidebar shows of one rank-0 metrics file, kept up to date incrementally."""
 
-    offset: int = 0
-    step: int = 0
-    loss: float | None = None
+    steps: StepReader
     losses: list[tuple[int, float]] = field(default_factory=list)
-    first: tuple[float, int] | None = None  # (time, step) of the first record, for the ETA
-    last: tuple[float, int] | None = None
 
 
 class ProgressCache:
@@ -138,31 +132,22 @@ class ProgressCache:
 
     def progress(self, run: RunDirectory) -> _Progress:
         path = run.metrics_file(0)
-        seen = self._progress.setdefault(run.path, _Progress())
+        seen = self._progress.setdefault(run.path, _Progress(StepReader(path)))
         if not _inside(run.path, path):
             return seen
-        records, seen.offset = read_records(path, seen.offset)
-        for record in records:
-            step, when = record.get("step"), record.get("time")
-            if not isinstance(step, int):
-                continue
-            seen.step = max(seen.step, step)
-            if isinstance(when, (int, float)):
-                seen.first = seen.first or (when, step)
-                seen.last = (when, step)
+        for record in seen.steps.read():
             loss = record.get("loss")
-            if isinstance(loss, (int, float)):
-                seen.loss = float(loss)
-                seen.losses = [*seen.losses[-(4 * LOSS_TAIL):], (step, float(loss))]
+            if isinstance(loss, (int, float)) and not isinstance(loss, bool):
+                seen.losses = [*seen.losses[-(4 * LOSS_TAIL):], (record["step"], float(loss))]
         return seen
 
 
-def _eta(seen: _Progress, total: int | None) -> float | None:
-    """Seconds left at the pace of the run so far, or None where it cannot be told."""
-    if not (total and seen.first and seen.last) or seen.last[1] <= seen.first[1]:
-        return None
-    pace = (seen.last[0] - seen.first[0]) / (seen.last[1] - seen.first[1])
-    return max(0.0, (total - seen.last[1]) * pace)
+def startup_phase(run: RunDirectory, status: dict[str, Any], step: int) -> dict[str, Any] | None:
+    """Return the start-up phase of a run that has not made its first step yet, as the views show it."""
+    if status.get("state") in FINAL_STATES or step > 0:
+        return None  # no read of the timeline for a run that trains or ended
+    found = startup(status, _json(run, run.path / TIMELINE_FILE), step)
+    return found.as_json(time.time()) if found else None
 
 
 def _thin(points: list[tuple[int, float]], count: int) -> list[list[float]]:
@@ -184,8 +169,10 @@ def summary(run: RunDirectory, cache: ProgressCache) -> dict[str, Any]:
         "state": state, "reason": status.get("reason", ""), "final": state in FINAL_STATES,
         "created": status.get("created") or info.get("created"), "started": status.get("started"),
         "ended": status.get("ended"), "nproc": info.get("nproc"),
-        "step": seen.step, "total": total, "loss": seen.loss, "loss_tail": _thin(seen.losses, LOSS_TAIL),
-        "eta_s": None if state in FINAL_STATES else _eta(seen, total),
+        "step": seen.steps.step, "total": total, "loss": seen.steps.latest["loss"],
+        "loss_tail": _thin(seen.losses, LOSS_TAIL),
+        "eta_s": None if state in FINAL_STATES else seen.steps.eta_s(total),
+        "phase": startup_phase(run, status, seen.steps.step),
     }
 
 
@@ -195,17 +182,18 @@ def order_for_sidebar(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return [r for r in newest if not r["final"]] + [r for r in newest if r["final"]]
 
 
-def detail(run: RunDirectory) -> dict[str, Any]:
+def detail(run: RunDirectory, cache: ProgressCache) -> dict[str, Any]:
     """Return what the run panel shows: status, run.json, DeepSpeed configs, cell, errors."""
     cell = run.cell_file.read_text(errors="replace")[:TEXT_LIMIT] if _inside(run.path, run.cell_file) and \
         run.cell_file.is_file() else ""
     errors = {rank: report for rank, report in run.errors().items()
               if _inside(run.path, run.error_file(rank))}
+    status = _json(run, run.status_file) or {}
     return {
-        "id": run.run_id, "root": str(run.path.parent), "status": _json(run, run.status_file) or {},
+        "id": run.run_id, "root": str(run.path.parent), "status": status,
         "run": _json(run, run.run_file) or {}, "deepspeed": _json(run, run.deepspeed_file),
         "effective": _json(run, run.effective_deepspeed_file), "cell": cell, "errors": errors,
-        "ranks": run.ranks(), "total": total_steps(run),
+        "ranks": run.ranks(), "total": total_steps(run), "phase": startup_phase(run, status, cache.progress(run).steps.step),
     }
 
 

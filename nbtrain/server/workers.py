@@ -19,6 +19,7 @@ import psutil
 
 from nbtrain.rundir import FINAL_STATES, RunDirectory
 from nbtrain.server.runs import RequestError
+from nbtrain.utilization import ProcessMeter
 
 STOPPED_REASON = "stopped from JupyterLab"
 
@@ -80,6 +81,9 @@ class WorkerSampler:
 
     def __init__(self) -> None:
         self._procs: dict[int, psutil.Process] = {}
+        # One meter per worker: the sidebar's and the run panel's requests come milliseconds apart,
+        # and psutil's own CPU % over such a gap reads 1000+ % (ProcessMeter does not).
+        self._meters: dict[int, ProcessMeter] = {}
 
     def sample(self, run: RunDirectory) -> list[dict[str, Any]]:
         status = run.status()
@@ -98,8 +102,10 @@ class WorkerSampler:
                 try:
                     if proc is None or proc.create_time() != psutil.Process(pid).create_time():
                         proc = self._procs[pid] = psutil.Process(pid)
+                        self._meters[pid] = ProcessMeter(pid)
                     if _alive(proc) and os.getpgid(pid) == leader.pid:
-                        row.update(alive=True, cpu_percent=proc.cpu_percent(None), rss_bytes=proc.memory_info().rss)
+                        cpu, rss = self._meters[pid].read()
+                        row.update(alive=True, rss_bytes=rss, **({} if cpu is None else {"cpu_percent": cpu}))
                 except (OSError, psutil.Error):
                     pass
             rows.append(row)

@@ -19,6 +19,7 @@ from nbtrain.rundir import MetricWriter, RunDirectory, write_json_atomic
 from nbtrain.worker import checkpoint, qat
 from nbtrain.worker.batches import input_dtype, to_device
 from nbtrain.worker.data import MicroBatchLoader, batches_per_epoch, is_supported
+from nbtrain.worker.timeline import Timeline
 
 
 class BigTrain:
@@ -32,7 +33,7 @@ class BigTrain:
     """
 
     def __init__(self, run: RunDirectory, cfg: TrainConfig, deepspeed_config: dict[str, Any],
-                 timeline: dict[str, float] | None = None):
+                 timeline: Timeline | None = None):
         self.rank = int(os.environ["RANK"])
         self.world_size = int(os.environ["WORLD_SIZE"])
         self.local_rank = int(os.environ.get("LOCAL_RANK", self.rank))
@@ -52,8 +53,8 @@ class BigTrain:
         self._last_step_time = 0.0
         self.samples_per_step = 0
         self.tokens_in_step = 0
-        # When each start-up phase ended (unix s); rank 0 writes it at its first step.
-        self.timeline: dict[str, float] = timeline if timeline is not None else {}
+        # When each start-up phase began (unix s); rank 0 publishes it at each change (worker/timeline.py).
+        self.timeline = timeline if timeline is not None else Timeline()
 
     # -- the cell's API ------------------------------------------------------------------
     def prepare(self, model: torch.nn.Module, data: Any, collate_fn: Callable[[list[Any]], Any] | None = None,
@@ -73,12 +74,12 @@ class BigTrain:
         micro_batch, grad_accum, total_steps, per_epoch = self._plan_length(data)
         self.config = finalize(self.config, micro_batch=micro_batch, total_steps=total_steps)
         self.max_steps = total_steps
-        self.timeline["prepare_called"] = time.time()
+        self.timeline.mark("prepare_called")
         if qat.is_on(self._cfg):  # fake-quantize before DeepSpeed wraps (and may partition) the weights
             qat.prepare(model, str(self._cfg.qat))
         self._skeletons[id(model)] = meta_copy(model)
         self.engine = self._build_engine(model, grad_accum)
-        self.timeline["engine_built"] = time.time()
+        self.timeline.mark("engine_built")
         resumed = self._load_resume_checkpoint()
         self._prepared_model = model
         self.samples_per_step = micro_batch * grad_accum * self.world_size
@@ -201,7 +202,7 @@ class BigTrain:
         # that backs up --hang-timeout); accelerate finds it up and keeps it.
         self.accelerator = Accelerator(deepspeed_plugin=plugin, gradient_accumulation_steps=grad_accum,
                                        kwargs_handlers=[InitProcessGroupKwargs(backend=backend)])
-        self.timeline["accelerator_ready"] = time.time()
+        self.timeline.mark("accelerator_ready")
         optimizer = DummyOptim(model.parameters())
         if "scheduler" in self.config:
             scheduler = DummyScheduler(optimizer, total_num_steps=self.max_steps)
@@ -243,8 +244,7 @@ class BigTrain:
                     self.tokens_in_step = 0
                 self._metrics.write(int(engine.global_steps), **record)
                 if "first_step" not in self.timeline:
-                    self.timeline["first_step"] = now
-                    write_json_atomic(self._run.path / "logs" / "rank-0.timeline.json", self.timeline)
+                    self.timeline.mark("first_step", now)
             if boundary:
                 self._checkpoint_due()
             return result

@@ -25,7 +25,10 @@ import weakref
 from collections.abc import Iterable
 from datetime import timedelta
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn
+
+if TYPE_CHECKING:
+    from nbtrain.worker.timeline import Timeline
 
 CELL_FILENAME = "<bigtrain cell>"
 # What a full disk looks like from a write; the kernel shows these words as the reason.
@@ -62,9 +65,10 @@ class _Tee:
 
 
 class CurrentRun:
-    """The run this worker is working on, if any (the kernel watcher marks it stopped)."""
+    """The run this worker is working on, if any (the kernel watcher marks it stopped), and its timeline."""
 
     path: Path | None = None
+    timeline: Timeline | None = None  # the op-build watcher marks the current run's
 
 
 def watch_kernel(alive_fd: int, rank: int, current: type[CurrentRun]) -> None:
@@ -133,21 +137,24 @@ def main(first_run: Path, rank: int | None = None) -> int:
     from nbtrain.rundir import RunDirectory
 
     CurrentRun.path = first_run
+    CurrentRun.timeline = _timeline(first_run, rank)
+    CurrentRun.timeline.mark("python_started", python_started)  # the views now say "imports"
     try:
-        imports_done = warm_up()
+        warm_up(CurrentRun.timeline)
     except BaseException as exc:  # noqa: BLE001 - reported like a failure of the first run's cell
         _fail(exc, first_run, rank, "")
     from nbtrain.worker.isolation import ProcessState
 
     clean = ProcessState.capture()
-    timeline = {"python_started": python_started, "imports_done": imports_done}
     runs = 0
     for line in jobs:  # blocks while idle: no busy loop
         job = json.loads(line)
         if report is not None:
             report.write("started\n")  # a warm group whose worker died while idle is replaced at once
         CurrentRun.path = Path(job["run"])
-        timeline = {"launched": job["launched_at"], "job_received": time.time(), **timeline}
+        timeline = CurrentRun.timeline = CurrentRun.timeline or _timeline(CurrentRun.path, rank)
+        timeline.mark("launched", job["launched_at"], publish=False)
+        timeline.mark("job_received")
         context = run_job(CurrentRun.path, rank, timeline)
         runs += 1
         if report is not None:
@@ -157,8 +164,7 @@ def main(first_run: Path, rank: int | None = None) -> int:
 
             write_json_atomic(RunDirectory(CurrentRun.path).done_file(rank), {"rank": rank, "time": time.time()})
         notebook_dir = RunDirectory(CurrentRun.path).run_info()["cwd"]
-        CurrentRun.path = None
-        timeline = {}
+        CurrentRun.path = CurrentRun.timeline = None
         if job.get("last"):
             # Across hosts a rank that tears down while rank 0 still writes its results can
             # abort at exit: wait for every rank first.
@@ -179,8 +185,8 @@ def main(first_run: Path, rank: int | None = None) -> int:
     os._exit(0)
 
 
-def warm_up() -> float:
-    """Import the libraries and join the process group once for every run; return when imports were done."""
+def warm_up(timeline: Timeline) -> None:
+    """Import the libraries and join the process group once for every run, marking both in `timeline`."""
     # Imported before any cell: their loggers must bind the real stdout, not the tee.
     import accelerate  # noqa: F401
     import deepspeed  # noqa: F401
@@ -188,16 +194,27 @@ def warm_up() -> float:
     from accelerate.state import PartialState
 
     from nbtrain.launcher import COLLECTIVE_TIMEOUT_ENV
+    from nbtrain.worker.timeline import watch_op_builds
 
-    imports_done = time.time()
+    timeline.mark("imports_done")
+    # Before anything builds an op (the process group may build the shared-memory comm op),
+    # and before the clean process state is captured: the watcher stays for every run.
+    watch_op_builds(lambda: CurrentRun.timeline)
     backend = "nccl" if torch.cuda.is_available() else "gloo"
     # What accelerate's Accelerator would do in the cell (through deepspeed.comm); it then
     # finds the group up. Without an explicit backend accelerate leaves it unset on CPU.
     PartialState(backend=backend, timeout=timedelta(seconds=float(os.environ[COLLECTIVE_TIMEOUT_ENV])))
-    return imports_done
 
 
-def run_job(run_path: Path, rank: int, timeline: dict[str, float]) -> Any:
+def _timeline(run_path: Path, rank: int) -> Timeline:
+    """Return a new timeline for the run at `run_path`; rank 0's is published for the views."""
+    from nbtrain.progress import TIMELINE_FILE
+    from nbtrain.worker.timeline import Timeline
+
+    return Timeline(run_path / TIMELINE_FILE if rank == 0 else None)
+
+
+def run_job(run_path: Path, rank: int, timeline: Timeline) -> Any:
     """Run the cell of `run_path` on this rank; return its BigTrain context. A failure ends the process."""
     from nbtrain import shipping
     from nbtrain.current import running
@@ -233,7 +250,7 @@ def run_job(run_path: Path, rank: int, timeline: dict[str, float]) -> Any:
         set_seed(bt.seed)
         code = compile(cell, CELL_FILENAME, "exec")
         sys.stdout = _Tee(sys.__stdout__, user_stream)  # type: ignore[assignment]
-        timeline["cell_started"] = time.time()
+        timeline.mark("cell_started", publish=False)
         with running(bt):  # `from nbtrain import bigtrain` in the user's own modules
             try:
                 exec(code, namespace)
