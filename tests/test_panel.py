@@ -555,6 +555,26 @@ def test_bigtrain_runs_the_panels_settings(kernel: Any, tmp_path: Path) -> None:
 
 
 @pytest.mark.integration
+def test_a_loaded_config_runs_as_loaded_with_deepspeeds_batch_split(kernel: Any, tmp_path: Path) -> None:
+    """A documented-style config (train_batch_size only) loaded, untouched, run with --config panel."""
+    from tests.conftest import only_run
+    from tests.test_magic import FIT_CELL
+
+    loaded = {"train_batch_size": 32, "optimizer": {"type": "Adam", "params": {"lr": 0.001}},
+              "zero_optimization": {"stage": 1}}
+    printed = kernel.execute(f"import json, nbtrain\npanel = nbtrain.ConfigPanel(config={loaded!r}, nproc=2, "
+                             "steps=3)\nprint(json.dumps(panel.to_deepspeed()))").text
+    assert json.loads(printed.strip().splitlines()[-1]) == loaded, printed
+    out = kernel.execute(f"%%bigtrain --config panel --nproc 2 --steps 3\n{FIT_CELL}")
+    assert "succeeded" in out.value(), out.text
+    engine = json.loads((only_run(tmp_path) / "deepspeed.effective.json").read_text())["engine"]
+    # DeepSpeed's own split: 16 per rank. Regression: nbtrain added grad-accum 1 and its default
+    # micro-batch of 8, and DeepSpeed's batch assertion (32 != 8 x 1 x 2) failed in the workers.
+    assert (engine["train_batch_size"], engine["micro_batch"], engine["grad_accum"], engine["zero_stage"]) == \
+        (32, 16, 1, 1), engine
+
+
+@pytest.mark.integration
 def test_a_saved_notebook_shows_the_panels_summary_without_widgets(tmp_path: Path) -> None:
     import nbformat
     from nbclient import NotebookClient
