@@ -54,14 +54,15 @@ def wait_until_released(before: list[ComputeApp], timeout: float = 30) -> list[C
     return left
 
 
-def settled_new_apps(before: list[ComputeApp], timeout: float = 60) -> list[ComputeApp]:
-    """Return the new processes' GPU memory once it stopped changing (a warm worker cleans up after its run)."""
+def settled_new_apps(before: list[ComputeApp], timeout: float = 60, readings: int = 3) -> list[ComputeApp]:
+    """Return the new processes' GPU memory once `readings` readings 2 s apart agree (a warm worker
+    cleans up after its run: what it holds after that is what it keeps while idle)."""
     deadline = time.monotonic() + timeout
-    last, now = None, new_apps(before)
-    while now != last and time.monotonic() < deadline:
+    seen = [new_apps(before)]
+    while (len(seen) < readings or any(r != seen[-1] for r in seen[-readings:])) and time.monotonic() < deadline:
         time.sleep(2)
-        last, now = now, new_apps(before)
-    return now
+        seen.append(new_apps(before))
+    return seen[-1]
 
 
 def describe(apps: list[ComputeApp]) -> str:
