@@ -729,15 +729,30 @@ def test_a_missing_nvme_path_is_shown_inline_and_never_reaches_a_run(tmp_path: P
     assert panel.problems == () and panel.to_deepspeed() == original
 
 
-def test_a_loaded_setting_the_form_would_not_offer_is_shown_with_its_problem_not_dropped() -> None:
-    # NVMe below stage 3: DeepSpeed would silently keep the state in CPU memory; the form
-    # used to reset it to "none" and hand out a config the user never wrote.
-    original = {"zero_optimization": {"stage": 2, "offload_optimizer": {"device": "nvme", "nvme_path": "/tmp"}}}
+@pytest.mark.parametrize(("original", "field", "shown", "says"), [
+    ({"zero_optimization": {"stage": 2, "offload_optimizer": {"device": "nvme", "nvme_path": "/tmp"}}},
+     "offload_optimizer", "nvme", "ZeRO-3 feature"),
+    ({"fp16": {"enabled": True}}, "precision", "fp16", "only on CUDA devices"),
+    ({"optimizer": {"type": "Lamb", "params": {"lr": 0.01}}}, "optimizer", "lamb", "no CPU implementation"),
+    ({"zero_optimization": {"stage": 3, "zero_quantized_weights": True}}, "qwz", True, "no CPU version"),
+    ({"zero_optimization": {"stage": 2, "zero_hpz_partition_size": 2}}, "hpz", 2, "hpZ needs ZeRO stage 3"),
+])
+def test_a_loaded_setting_the_form_would_not_offer_is_shown_with_its_problem_not_dropped(
+        original: dict, field: str, shown: Any, says: str) -> None:
+    # Regression: the form reset such values (NVMe below stage 3 to "none", fp16 on a CPU to
+    # fp32, ...) with a note and handed out a valid config the user never wrote.
     panel = make_panel(config=copy.deepcopy(original))
-    assert panel.inputs["offload_optimizer"].value == "nvme"
-    assert "ZeRO-3 feature" in panel.inputs["offload_optimizer"].message.value
+    assert panel.inputs[field].value == shown
+    assert says in panel.inputs[field].message.value
+    panel.set(lr=0.5)  # another change keeps it, and its problem
+    assert panel.inputs[field].value == shown and panel.problems
     with pytest.raises(ConfigError):
         panel.to_deepspeed()
+
+
+def test_a_kept_setting_fixed_in_the_form_gives_exactly_that_change() -> None:
+    original = {"zero_optimization": {"stage": 2, "offload_optimizer": {"device": "nvme", "nvme_path": "/tmp"}}}
+    panel = make_panel(config=copy.deepcopy(original))
     panel.set(zero=3)
     assert panel.problems == ()
     assert changed_keys(original, panel.to_deepspeed()) == {"zero_optimization.stage"}
