@@ -22,7 +22,7 @@ from nbtrain.config import TrainConfig
 from nbtrain.errors import ConfigError
 from nbtrain.machine import MachineFacts
 from nbtrain.plan import load_base, plan_run
-from nbtrain.render import FROM_DATALOADER, finalize, get_path, parse_set, render, set_path, unresolved
+from nbtrain.render import FROM_DATALOADER, finalize, get_path, parse_set, render, resolve_batch, set_path, unresolved
 
 GOLDEN = Path(__file__).with_name("golden")
 
@@ -222,3 +222,26 @@ def test_finalize_fills_what_only_the_workers_know() -> None:
                       micro_batch=99, total_steps=30)
     assert cosine["train_micro_batch_size_per_gpu"] == 4, "a micro-batch the user gave is kept"
     assert cosine["scheduler"]["params"]["total_num_steps"] == 30
+
+
+def test_a_global_batch_leaves_micro_batch_and_grad_accum_to_deepspeeds_derivation() -> None:
+    # Regression (issue 15): nbtrain's defaults (grad-accum 1, the DataLoader's micro-batch) beside a
+    # train_batch_size made DeepSpeed's batch assertion fail in the workers.
+    for base, line in (({"train_batch_size": 32}, TrainConfig()),
+                       ({}, TrainConfig(set=("train_batch_size=32",)))):  # --set comes after the defaults
+        ds = render(line, base).deepspeed
+        assert ds["train_batch_size"] == 32
+        assert "gradient_accumulation_steps" not in ds and "train_micro_batch_size_per_gpu" not in ds, ds
+        assert resolve_batch(ds, 2) == {**ds, "train_micro_batch_size_per_gpu": 16, "gradient_accumulation_steps": 1}
+    ds = render(TrainConfig(micro_batch=4), {"train_batch_size": 32}).deepspeed
+    assert "gradient_accumulation_steps" not in ds, "DeepSpeed derives it from the other two"
+    assert resolve_batch(ds, 2)["gradient_accumulation_steps"] == 4
+    kept = render(TrainConfig(grad_accum=2, micro_batch=4), {"train_batch_size": 16}).deepspeed
+    assert resolve_batch(kept, 2) == kept, "all three given: nothing to derive"
+
+
+def test_lamb_with_zero_is_allowed_like_sgd() -> None:
+    # FusedLamb is not in DeepSpeed's ZERO_SUPPORTED_OPTIMIZERS: without this a GPU run of
+    # --optimizer lamb --zero 2 failed at initialize.
+    assert render(TrainConfig(optimizer="lamb", zero=2)).deepspeed["zero_allow_untested_optimizer"] is True
+    assert "zero_allow_untested_optimizer" not in render(TrainConfig(optimizer="adam", zero=3)).deepspeed

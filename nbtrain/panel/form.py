@@ -2,8 +2,10 @@
 
 The panel's state is a base DeepSpeed dict (from `config=`) plus the values of its fields.
 A field becomes a flag or a `--set` only when its value differs from what the base already
-renders to, so a loaded config comes back out unchanged, keys the form does not show
-included. `values_from` reads field values out of a rendered DeepSpeed dict.
+renders to; `changed_dict` then writes into the loaded dict exactly the keys whose rendered
+value the form changed, so a loaded config comes back out equal to itself (keys the form does
+not show included, keys it did not have still absent). `values_from` reads field values out
+of a rendered DeepSpeed dict.
 """
 
 from __future__ import annotations
