@@ -316,6 +316,8 @@ def resolve_batch(ds: Mapping[str, Any], world_size: int) -> dict[str, Any]:
         return done
     micro: Any = done.get("train_micro_batch_size_per_gpu")
     accum: Any = done.get("gradient_accumulation_steps")
+    if any(v is not None and (not isinstance(v, int) or isinstance(v, bool) or v <= 0) for v in (micro, accum)):
+        return done  # a marker or a bad value: nothing DeepSpeed would derive from (check_batch reports it)
     if micro is None and accum is None:
         accum = 1
     if accum is None:
