@@ -1,6 +1,7 @@
 // nbtrain's JupyterLab extension: the BigTrain sidebar, run panels, status item, commands, launcher cards.
 import { ILayoutRestorer, JupyterFrontEnd, JupyterFrontEndPlugin } from '@jupyterlab/application';
 import { ICommandPalette, MainAreaWidget, ToolbarButton, WidgetTracker } from '@jupyterlab/apputils';
+import { PageConfig } from '@jupyterlab/coreutils';
 import { ILauncher } from '@jupyterlab/launcher';
 import { INotebookTracker, NotebookPanel } from '@jupyterlab/notebook';
 import { IStatusBar } from '@jupyterlab/statusbar';
@@ -82,17 +83,22 @@ const plugin: JupyterFrontEndPlugin<void> = {
     });
     launcher?.add({ command: 'nbtrain:new-notebook', category: 'Notebook', rank: 89 });
 
-    // A toolbar button on every notebook.
-    app.docRegistry.addWidgetExtension('Notebook', {
-      createNew: (panel: NotebookPanel) => {
-        const button = new ToolbarButton({
-          icon: bigtrainIcon, label: '%%bigtrain', tooltip: 'Insert %%bigtrain cell',
-          onClick: () => void app.commands.execute('nbtrain:insert-cell')
-        });
-        panel.toolbar.insertItem(10, 'nbtrain-insert', button);
-        return new DisposableDelegate(() => button.dispose());
-      }
-    });
+    // A toolbar button on every notebook; not on Notebook 7's pages without notebooks (tree, edit,
+    // consoles): a widget extension registered there makes its document manager reload its settings
+    // while they load, which fails ("Cannot convert undefined or null to object" in the console).
+    const notebook7Page = PageConfig.getOption('notebookPage');  // empty in JupyterLab
+    if (!notebook7Page || notebook7Page === 'notebooks') {
+      app.docRegistry.addWidgetExtension('Notebook', {
+        createNew: (panel: NotebookPanel) => {
+          const button = new ToolbarButton({
+            icon: bigtrainIcon, label: '%%bigtrain', tooltip: 'Insert %%bigtrain cell',
+            onClick: () => void app.commands.execute('nbtrain:insert-cell')
+          });
+          panel.toolbar.insertItem(10, 'nbtrain-insert', button);
+          return new DisposableDelegate(() => button.dispose());
+        }
+      });
+    }
 
     if (statusBar) {
       const item = new RunStatusItem(model, openRun);

@@ -1,4 +1,4 @@
-"""A real `jupyter lab` for browser tests: free port, token, its own root and settings."""
+"""A real `jupyter lab` or `jupyter notebook` for browser tests: free port, token, its own root and settings."""
 
 from __future__ import annotations
 
@@ -25,8 +25,13 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-class JupyterLab:
-    """`jupyter lab` serving `root`, with news and update checks off and the app exposed to tests."""
+class JupyterServer:
+    """A Jupyter front end (`jupyter lab` or `jupyter notebook`) serving `root`, with news and update
+    checks off and the app exposed to tests as `window.jupyterapp`."""
+
+    command = "lab"
+    app_class = "LabApp"
+    app_args: tuple[str, ...] = ("--LabApp.news_url=",)  # Notebook 7 has no news feed to turn off
 
     def __init__(self, root: Path, home: Path, **bigtrain: object):
         self.root, self.port, self.token = root, free_port(), secrets.token_hex(16)
@@ -41,12 +46,13 @@ class JupyterLab:
         notebooks.mkdir(parents=True)
         (notebooks / "tracker.jupyterlab-settings").write_text(
             json.dumps({"autoStartDefaultKernel": True, "windowingMode": "none"}))
-        self.log = home / "jupyter-lab.log"
-        args = [sys.executable, "-m", "jupyter", "lab", "--no-browser", "--ServerApp.ip=127.0.0.1",
+        self.log = home / f"jupyter-{self.command}.log"
+        app = self.app_class
+        args = [sys.executable, "-m", "jupyter", self.command, "--no-browser", "--ServerApp.ip=127.0.0.1",
                 f"--ServerApp.port={self.port}", "--ServerApp.port_retries=0", f"--IdentityProvider.token={self.token}",
                 "--ServerApp.allow_root=True", f"--ServerApp.root_dir={root}",
-                f"--LabApp.user_settings_dir={home / 'settings'}", f"--LabApp.workspaces_dir={home / 'workspaces'}",
-                "--LabApp.news_url=", "--LabApp.expose_app_in_browser=True",
+                f"--{app}.user_settings_dir={home / 'settings'}", f"--{app}.workspaces_dir={home / 'workspaces'}",
+                f"--{app}.expose_app_in_browser=True", *self.app_args,
                 *[f"--BigTrain.{key}={value}" for key, value in bigtrain.items()]]
         env = {**os.environ, "JUPYTER_RUNTIME_DIR": str(home / "runtime"), "PYTHONUNBUFFERED": "1"}
         with open(self.log, "wb") as log:
@@ -62,14 +68,14 @@ class JupyterLab:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
-                raise RuntimeError(f"jupyter lab exited with {self.process.returncode}:\n{self.log_tail()}")
+                raise RuntimeError(f"jupyter {self.command} exited with {self.process.returncode}:\n{self.log_tail()}")
             try:
                 with urllib.request.urlopen(f"{self.url}/api/status?token={self.token}", timeout=2) as r:
                     if r.status == 200:
                         return
             except OSError:
                 time.sleep(0.3)
-        raise RuntimeError(f"jupyter lab did not answer in {timeout} s:\n{self.log_tail()}")
+        raise RuntimeError(f"jupyter {self.command} did not answer in {timeout} s:\n{self.log_tail()}")
 
     def log_tail(self, lines: int = 40) -> str:
         return "\n".join(self.log.read_text(errors="replace").splitlines()[-lines:])
@@ -82,6 +88,18 @@ class JupyterLab:
         except subprocess.TimeoutExpired:
             os.killpg(self.process.pid, signal.SIGKILL)
             self.process.wait()
+
+
+class JupyterLab(JupyterServer):
+    """`jupyter lab` (JupyterLab 4)."""
+
+
+class JupyterNotebook(JupyterServer):
+    """`jupyter notebook` (Notebook 7): the same settings, its own app class and pages (/tree, /notebooks/…)."""
+
+    command = "notebook"
+    app_class = "JupyterNotebookApp"
+    app_args: tuple[str, ...] = ()
 
 
 def notebook(*sources: str) -> str:
