@@ -116,3 +116,22 @@ def test_the_loader_moves_its_batches_and_without_a_device_leaves_them_alone() -
     assert (moved["input_ids"].device.type, moved["input_ids"].dtype) == ("meta", torch.int64)
     raw = first(dtype=torch.float16)  # device_placement=False: the batch as collated
     assert (raw["x"].device.type, raw["x"].dtype) == ("cpu", torch.float32)
+
+
+def test_a_transformers_batch_encoding_stays_one() -> None:
+    from transformers import BatchEncoding
+
+    encoding = BatchEncoding({"input_ids": torch.tensor([[5, 6]]), "attention_mask": torch.ones(1, 2)})
+    moved = to_device(encoding, "meta", torch.float16)
+    assert type(moved) is BatchEncoding and moved.input_ids.device.type == "meta"
+    assert (moved["input_ids"].dtype, moved["attention_mask"].dtype) == (torch.int64, torch.float16)
+    assert encoding["input_ids"].device.type == "cpu", "the original batch must be left as it was"
+
+
+def test_a_packed_sequence_keeps_its_batch_sizes_on_the_cpu() -> None:
+    from torch.nn.utils.rnn import pack_sequence
+
+    packed = pack_sequence([torch.randn(2, 2), torch.randn(3, 2)], enforce_sorted=False)
+    moved = to_device(packed, "meta", torch.bfloat16)
+    assert (moved.data.device.type, moved.data.dtype) == ("meta", torch.bfloat16)
+    assert moved.sorted_indices.device.type == "meta" and moved.batch_sizes.device.type == "cpu"

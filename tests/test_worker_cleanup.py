@@ -36,7 +36,9 @@ def test_a_class_stored_in_a_module_leaves_the_workers_warm_and_the_run_is_relea
     # Regression (issue 14): after this cell, restore read `co_filename` of FunctionType's
     # `__code__` descriptor; the worker died in its clean-up and the next run said
     # "on fresh workers (worker rank 0 (pid ...) ended with code 1)".
-    first = run(kernel, tmp_path, "first", f"import json, types\njson.FT = types.FunctionType\n{FIT}")
+    # The cell keeps its model and result in its namespace: a namespace that outlived the run would keep them.
+    first = run(kernel, tmp_path, "first", "import json, types\njson.FT = types.FunctionType\n"
+                "model = make_model()\nresult = bigtrain.fit(model, ToyData(), loss_fn=loss_fn)")
     second = run(kernel, tmp_path, "second")
     assert note(second).startswith("warm workers"), note(second)
     assert status_of(second)["pids"] == status_of(first)["pids"]
