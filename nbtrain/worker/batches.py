@@ -32,7 +32,7 @@ def to_device(batch: Any, device: torch.device | str, dtype: torch.dtype | None 
     if isinstance(batch, torch.Tensor):
         return _move(batch, device, dtype)
     if isinstance(batch, torch.nn.utils.rnn.PackedSequence):  # its own .to keeps batch_sizes on the CPU
-        moved = batch.to(device=device)
+        moved = batch.to(device=device)  # type: ignore[call-arg]  # typed as Tensor.to's first overload only
         return moved._replace(data=_move(moved.data, device, dtype))
     if isinstance(batch, Mapping):
         return _rebuilt_mapping(batch, {k: to_device(v, device, dtype) for k, v in batch.items()})
