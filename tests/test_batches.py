@@ -135,3 +135,16 @@ def test_a_packed_sequence_keeps_its_batch_sizes_on_the_cpu() -> None:
     moved = to_device(packed, "meta", torch.bfloat16)
     assert (moved.data.device.type, moved.data.dtype) == ("meta", torch.bfloat16)
     assert moved.sorted_indices.device.type == "meta" and moved.batch_sizes.device.type == "cpu"
+
+
+@pytest.mark.gpu
+def test_on_a_gpu_a_cpu_batch_arrives_whole_through_pinned_memory() -> None:
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU (make test-gpu)")
+    batch = nested_batch()
+    moved = to_device(batch, "cuda:0", torch.bfloat16)
+    torch.cuda.synchronize()  # the copies did not block: wait for them before reading
+    for before, after in zip(leaves(batch), leaves(moved), strict=True):
+        assert after.device == torch.device("cuda:0")
+        assert torch.equal(after.cpu(), before.to(after.dtype)), "a non-blocking copy changed the values"
+    assert not batch["x"].is_pinned(), "the caller's tensor is left as it was"

@@ -5,6 +5,9 @@ A run can change the process it runs in: rebind a module's names (monkeypatching
 reference), replace a class's method, set environment variables, change directory, change
 torch's global settings, create process groups, start child processes. `ProcessState` records
 the process once, warm and before any run, and `restore` puts it back after each run.
+The user's code (whose monkeypatches are always undone, and whose added names go) is the
+cell's, the notebook's and that of modules in the notebook's folder; anything else importable
+from sys.path is a library's (`UserCode`).
 
 What cannot be put back from Python (objects changed in place, C-level state) is why a user
 has `--cold`; a run that leaves threads running retires its workers (see `leftover_threads`).
