@@ -134,8 +134,6 @@ def main(first_run: Path, rank: int | None = None) -> int:
     report = os.fdopen(int(os.environ[REPORT_FD_ENV]), "w", buffering=1) if REPORT_FD_ENV in os.environ else None
     jobs: Iterable[str] = sys.stdin if report is not None else [json.dumps(
         {"run": str(first_run), "launched_at": float(os.environ.get("NBTRAIN_LAUNCHED_AT", "nan")), "last": True})]
-    from nbtrain.rundir import RunDirectory
-
     CurrentRun.path = first_run
     CurrentRun.timeline = _timeline(first_run, rank)
     CurrentRun.timeline.mark("python_started", python_started)  # the views now say "imports"
@@ -160,10 +158,10 @@ def main(first_run: Path, rank: int | None = None) -> int:
         if report is not None:
             report.write("done\n")
         else:
-            from nbtrain.rundir import write_json_atomic
+            from nbtrain.rundir import RunDirectory, write_json_atomic
 
             write_json_atomic(RunDirectory(CurrentRun.path).done_file(rank), {"rank": rank, "time": time.time()})
-        notebook_dir = RunDirectory(CurrentRun.path).run_info()["cwd"]
+        finished_run = CurrentRun.path
         CurrentRun.path = CurrentRun.timeline = None
         if job.get("last"):
             # Across hosts a rank that tears down while rank 0 still writes its results can
@@ -172,7 +170,7 @@ def main(first_run: Path, rank: int | None = None) -> int:
             break
         finished = [context]
         del context  # clean_up holds the run's last reference, and drops it before releasing memory
-        why_not = clean_up(finished, clean, runs, notebook_dir)
+        why_not = clean_up(finished, clean, runs, finished_run)
         assert report is not None  # only a job channel sends a job that is not the last
         report.write(f"retire {why_not}\n" if why_not else "ready\n")
         if why_not:
@@ -272,7 +270,7 @@ def run_job(run_path: Path, rank: int, timeline: Timeline) -> Any:
     return bt
 
 
-def clean_up(finished: list[Any], clean: Any, run_number: int, notebook_dir: str | None = None) -> str | None:
+def clean_up(finished: list[Any], clean: Any, run_number: int, run_path: Path) -> str | None:
     """Put this warm process back as `clean` recorded it; return why it cannot serve again, or None.
 
     `finished` holds the run's context, the last reference to it: it is dropped before the
@@ -281,18 +279,20 @@ def clean_up(finished: list[Any], clean: Any, run_number: int, notebook_dir: str
     workers, and the next run's summary says why.
     """
     try:
-        return _clean_up(finished, clean, notebook_dir)
+        return _clean_up(finished, clean, run_path)
     except Exception as exc:  # noqa: BLE001 - any failure retires the workers, with the reason
         traceback.print_exc()
         return f"clean-up after run {run_number} failed: {type(exc).__name__}: {exc}"
 
 
-def _clean_up(finished: list[Any], clean: Any, notebook_dir: str | None) -> str | None:
+def _clean_up(finished: list[Any], clean: Any, run_path: Path) -> str | None:
     from accelerate.state import AcceleratorState, GradientState
 
+    from nbtrain.rundir import RunDirectory
     from nbtrain.worker.isolation import kill_children, release_memory
 
     bt = finished.pop()
+    notebook_dir = RunDirectory(run_path).run_info()["cwd"]  # the notebook's folder: its modules are the user's
     held = _run_objects(bt)
     _teardown(bt, keep_process_group=True)
     del bt
