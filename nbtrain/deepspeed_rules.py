@@ -10,10 +10,12 @@ to DeepSpeed with the reason.
 
 from __future__ import annotations
 
+import difflib
 from collections.abc import Mapping
 from typing import Any
 
 from nbtrain.config import TrainConfig
+from nbtrain.deepspeed_schema import DeepSpeedSchema
 from nbtrain.errors import Problem
 from nbtrain.render import FROM_DATALOADER, ZERO_TESTED_OPTIMIZERS, get_path
 
@@ -30,9 +32,9 @@ def _whole(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
-def check_rules(cfg: TrainConfig, ds: Mapping[str, Any]) -> list[Problem]:
+def check_rules(cfg: TrainConfig, ds: Mapping[str, Any], schema: DeepSpeedSchema) -> list[Problem]:
     """Return the problems DeepSpeed would assert at initialize, other than the batch rule."""
-    return _precision(ds) + _zero(cfg, ds) + _optimizer(cfg, ds) + _scheduler(cfg, ds)
+    return _precision(ds) + _zero(cfg, ds) + _optimizer(cfg, ds, schema) + _scheduler(cfg, ds)
 
 
 # -- the batch rule (config.py _set_batch_related_parameters, _batch_assertion) ----------------
@@ -171,8 +173,17 @@ def _zero(cfg: TrainConfig, ds: Mapping[str, Any]) -> list[Problem]:
 
 # -- the optimizer (engine.py _configure_basic_optimizer, _do_optimizer_sanity_check) ---------
 
-def _optimizer(cfg: TrainConfig, ds: Mapping[str, Any]) -> list[Problem]:
+def _optimizer(cfg: TrainConfig, ds: Mapping[str, Any], schema: DeepSpeedSchema) -> list[Problem]:
     found: list[Problem] = []
+    given = get_path(ds, "optimizer.type")
+    if isinstance(given, str) and not schema.builds_optimizer(given):
+        # Compared in lower case (DeepSpeed's names match in any case); torch's named as torch spells them.
+        spelled = {name.lower(): name for name in sorted(schema.optimizer_types, key=str.islower)}
+        close = difflib.get_close_matches(given.lower(), spelled, n=1, cutoff=0.7)
+        found.append(Problem(flag_or_key(cfg.optimizer, "--optimizer", "optimizer.type"), given,
+                             f"DeepSpeed {schema.version} builds its own optimizers (adam, adamw, lamb, lion, ...; "
+                             "any case) or a torch.optim class of exactly that name, and this is neither",
+                             f"did you mean {spelled[close[0]]!r}?" if close else "use --optimizer adamw (or adam, sgd)"))
     params = get_path(ds, "optimizer.params", {})
     if isinstance(params, Mapping) and "max_grad_norm" in params:
         found.append(Problem("optimizer.params.max_grad_norm", params["max_grad_norm"],

@@ -7,7 +7,9 @@ are not a hand-kept list but derived from the installed DeepSpeed:
 - sections backed by DeepSpeed's pydantic models: the models' fields and aliases, nested;
 - `scheduler.params` per scheduler type: the scheduler classes' constructor arguments;
 - `optimizer.params` per optimizer type: the constructor arguments of the optimizers
-  DeepSpeed builds for that type, plus the keys DeepSpeed itself pops.
+  DeepSpeed builds for that type, plus the keys DeepSpeed itself pops;
+- `optimizer.type`: DeepSpeed's own optimizer names (any case) and the `torch.optim`
+  classes it falls back to by exact name.
 
 Deriving imports DeepSpeed (over a second), so the result for the DeepSpeed version we
 test against ships as `_deepspeed_schema.json`; `load_schema` derives afresh (and caches)
@@ -40,6 +42,13 @@ class DeepSpeedSchema:
     optimizer_params: dict[str, list[str]]
     # Keys DeepSpeed reads only to refuse them (removed features), dotted -> its message.
     removed: dict[str, str] = field(default_factory=dict)
+    # optimizer.type values DeepSpeed can build: its own names (lower case, matched in any case)
+    # and torch.optim class names (matched exactly: DeepSpeed does getattr(torch.optim, type)).
+    optimizer_types: list[str] = field(default_factory=list)
+
+    def builds_optimizer(self, kind: str) -> bool:
+        """Return whether DeepSpeed can build an optimizer of this `optimizer.type` (True if unknown here)."""
+        return not self.optimizer_types or kind in self.optimizer_types or kind.lower() in self.optimizer_types
 
     def allowed(self, path: str, config: dict[str, Any]) -> list[str] | None:
         """Return the keys accepted under `path`, or None where DeepSpeed does not check."""
@@ -225,6 +234,16 @@ def _optimizer_params() -> dict[str, list[str]]:
     }
 
 
+def _optimizer_types() -> list[str]:
+    import torch
+    from deepspeed.runtime import config as ds_config
+
+    own = {name.lower() for name in ds_config.DEEPSPEED_OPTIMIZERS}
+    torch_classes = {name for name, cls in vars(torch.optim).items()
+                     if isinstance(cls, type) and issubclass(cls, torch.optim.Optimizer) and cls is not torch.optim.Optimizer}
+    return sorted(own | torch_classes)
+
+
 def _removed_keys() -> dict[str, str]:
     """Return the keys DeepSpeed refuses as removed features, with DeepSpeed's message."""
     from deepspeed.runtime import config as ds_config
@@ -253,6 +272,7 @@ def derive_schema() -> DeepSpeedSchema:
     return DeepSpeedSchema(
         version=deepspeed_version(), children=children,
         scheduler_params=_scheduler_params(), optimizer_params=_optimizer_params(), removed=removed,
+        optimizer_types=_optimizer_types(),
     )
 
 

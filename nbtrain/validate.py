@@ -33,8 +33,9 @@ def check(cfg: TrainConfig, ds: Mapping[str, Any], machine: MachineFacts, nproc:
     """Return every problem with these settings (an empty list when they can run)."""
     problems: list[Problem] = []
     problems += _check_numbers(cfg, ds)
-    rules = check_rules(cfg, ds)  # DeepSpeed's cross-key rules; their message beats "unknown key" for one key
-    problems += [p for p in _check_unknown_keys(ds, schema or load_schema()) if p.where not in {r.where for r in rules}]
+    schema = schema or load_schema()
+    rules = check_rules(cfg, ds, schema)  # DeepSpeed's cross-key rules; their message beats "unknown key" for one key
+    problems += [p for p in _check_unknown_keys(ds, schema) if p.where not in {r.where for r in rules}]
     problems += _check_combinations(cfg, ds, nproc)
     problems += rules
     problems += _check_machine(cfg, ds, machine)

@@ -229,6 +229,7 @@ def test_free_form_sections_are_not_checked() -> None:
 
 def test_the_shipped_schema_is_valid_json_with_every_part(tmp_path: Path) -> None:
     data = json.loads(_SHIPPED.read_text())
-    assert set(data) == {"version", "children", "scheduler_params", "optimizer_params", "removed"}
+    assert set(data) == {"version", "children", "scheduler_params", "optimizer_params", "removed", "optimizer_types"}
+    assert {"adamw", "lamb", "SGD", "RMSprop"} <= set(data["optimizer_types"])
     assert "zero_optimization" in data["children"][""]
     assert set(data["scheduler_params"]) == set(SCHEDULERS)

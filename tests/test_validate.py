@@ -220,6 +220,10 @@ BAD_INPUT: dict[str, Bad] = {
                                     "'mean' or 'sum' only"),
     "max_grad_norm as an optimizer parameter": Bad(
         "--set optimizer.params.max_grad_norm=1.0", "optimizer.params.max_grad_norm", "use --grad-clip 1.0"),
+    "an optimizer type torch spells otherwise": Bad("--set optimizer.type=sgd", "optimizer.type",
+                                                    "did you mean 'SGD'?"),
+    "an optimizer type DeepSpeed cannot build": Bad("", "optimizer.type", "did you mean 'adamw'?",
+                                                    base={"optimizer": {"type": "AdamW8bit"}}),
     "an untested optimizer under ZeRO, not allowed": Bad(
         "--optimizer sgd --zero 2 --set zero_allow_untested_optimizer=false", "--optimizer",
         "only with its tested optimizers"),

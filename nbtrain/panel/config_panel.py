@@ -45,7 +45,7 @@ _WHERE = {
     "--warmup-steps": "scheduler.params.warmup_num_steps", "scheduler.type": "scheduler",
     "scheduler.params": "scheduler", "--quant": "qwz", "zero_optimization.zero_quantized_weights": "qwz",
     "zero_optimization.zero_quantized_gradients": "qgz", "zero_optimization.zero_hpz_partition_size": "hpz",
-    "train_batch_size": "micro_batch",
+    "train_batch_size": "micro_batch", "optimizer.type": "optimizer",
 }
 
 # Rows shown only where the other choices make them apply (fp16 loss scaling, Adam's betas, ...).
