@@ -20,7 +20,7 @@ import pytest
 from nbtrain.machine import count_gpus, gpus
 from tests.conftest import losses, only_run, status_of, worker_processes
 from tests.gpu import report
-from tests.gpu.smi import ComputeApp, describe, new_apps, settled_new_apps, wait_until_released
+from tests.gpu.smi import ComputeApp, compute_apps, describe, new_apps, settled_new_apps, wait_until_released
 from tests.kernel import Kernel
 from tests.test_checkpoint import DROPOUT_MODEL, by_step, run_named
 from tests.test_dashboard import click, collect, summary_of, widget_values
@@ -95,8 +95,6 @@ def gpu_baseline(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[ComputeApp]]:
     """Yield the processes on the GPU before the test; after it, none of the test's may hold GPU memory."""
     # cuBLAS is deterministic only with a fixed workspace, set before the workers start.
     monkeypatch.setenv("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-    from tests.gpu.smi import compute_apps
-
     before = compute_apps()
     yield before
     left = wait_until_released(before, timeout=30)

@@ -38,6 +38,13 @@ def compute_apps() -> list[ComputeApp]:
     return apps
 
 
+def used_mib() -> float:
+    """Return the memory in use on all GPUs (MiB), whoever holds it."""
+    out = subprocess.run(["nvidia-smi", "--query-gpu=memory.used", "--format=csv,noheader,nounits"],
+                         capture_output=True, text=True, timeout=60, check=True)
+    return sum(float(line) for line in out.stdout.split() if line.replace(".", "").isdigit())
+
+
 def new_apps(before: list[ComputeApp]) -> list[ComputeApp]:
     """Return the processes holding GPU memory now that did not before."""
     known = {app.pid for app in before}
@@ -66,4 +73,6 @@ def settled_new_apps(before: list[ComputeApp], timeout: float = 60, readings: in
 
 
 def describe(apps: list[ComputeApp]) -> str:
-    return ", ".join(f"pid {a.pid}: {'?' if a.used_mib is None else f'{a.used_mib:.0f}'} MiB" for a in apps) or "none"
+    """Say which processes hold GPU memory, and how much is in use in all (a container may hide the processes)."""
+    listed = ", ".join(f"pid {a.pid}: {'?' if a.used_mib is None else f'{a.used_mib:.0f}'} MiB" for a in apps)
+    return f"{listed or 'no process listed'} (GPU memory in use: {used_mib():.0f} MiB)"
