@@ -10,6 +10,8 @@ from typing import Any
 
 from nbtrain.server.runs import RequestError
 
+DATA = "data"  # the tutorials' data folder, next to them
+
 
 def default_tutorial_dirs() -> list[Path]:
     """Where tutorials are: installed with the wheel, or notebooks/ of a source checkout."""
@@ -41,7 +43,7 @@ def list_tutorials(folder: Path | None) -> list[dict[str, Any]]:
 
 
 def copy_tutorial(folder: Path | None, name: str, workspace: Path) -> str:
-    """Copy tutorial `name` into `workspace` without overwriting; return the new file's name."""
+    """Copy tutorial `name` and the data it reads into `workspace` without overwriting; return the new file's name."""
     known = {t["name"] for t in list_tutorials(folder)}
     if folder is None or name not in known:
         raise RequestError(404, f"no tutorial {name[:80]!r}; the tutorials are: {sorted(known) or 'none installed'}")
@@ -51,4 +53,16 @@ def copy_tutorial(folder: Path | None, name: str, workspace: Path) -> str:
         target = workspace / f"{Path(name).stem}-{number}.ipynb"
         number += 1
     shutil.copyfile(folder / name, target)
+    _copy_missing(folder / DATA, workspace / DATA)
     return target.name
+
+
+def _copy_missing(source: Path, target: Path) -> None:
+    """Copy the files of `source` that `target` lacks (the tutorials read data/… relative to themselves)."""
+    if not source.is_dir():
+        return
+    for path in sorted(source.rglob("*")):
+        copy = target / path.relative_to(source)
+        if path.is_file() and not copy.exists():  # never overwrite the user's own files
+            copy.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(path, copy)
