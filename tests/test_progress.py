@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -127,3 +129,28 @@ def test_an_op_missing_from_the_build_cache_counts_as_built(tmp_path: Path, monk
     assert _built_before("cpu_adam") is False
     (tmp_path / "cpu_adam" / "cpu_adam.so").write_bytes(b"")
     assert _built_before("cpu_adam") is True
+
+
+@pytest.mark.integration
+def test_deepspeeds_just_in_time_op_loads_are_recorded_by_name(tmp_path: Path) -> None:
+    # In a process of its own: the watcher wraps DeepSpeed's OpBuilder for the life of the process.
+    script = """
+import os, sys
+from pathlib import Path
+from nbtrain.launcher import ops_cache_dir
+os.environ.setdefault("TORCH_EXTENSIONS_DIR", ops_cache_dir())  # where set-up built them, as for workers
+from nbtrain.worker.timeline import Timeline, watch_op_builds
+timeline = Timeline(Path(sys.argv[1]))
+watch_op_builds(lambda: timeline)
+watch_op_builds(lambda: timeline)  # a second call must not wrap twice
+from deepspeed.ops.op_builder.cpu import CPUAdamBuilder
+CPUAdamBuilder().load(verbose=False)
+CPUAdamBuilder().load(verbose=False)  # DeepSpeed keeps a loaded op: no second load to record
+"""
+    out = tmp_path / "timeline.json"
+    done = subprocess.run([sys.executable, "-c", script, str(out)], capture_output=True, text=True, timeout=600,
+                          cwd=Path(__file__).parent.parent)
+    assert done.returncode == 0, done.stderr[-3000:]
+    ops = json.loads(out.read_text())["ops"]
+    assert [op["name"] for op in ops] == ["cpu_adam"], ops
+    assert ops[0]["ended"] >= ops[0]["started"] and isinstance(ops[0]["cached"], bool)

@@ -43,7 +43,7 @@ from nbtrain.result import RunResult
 from nbtrain.rundir import FINAL_STATES, RunDirectory
 
 REDRAW_EVERY_S = 0.5  # charts: twice a second
-STATE_COLORS = {"running": "#1f77b4", "succeeded": "#2ca02c", "failed": "#d62728", "stopped": "#ff7f0e"}
+STATE_COLORS = {"starting": "#b8860b", "running": "#1f77b4", "succeeded": "#2ca02c", "failed": "#d62728", "stopped": "#ff7f0e"}
 
 
 class Dashboard:

@@ -10,13 +10,13 @@ it into words for every view. Format: docs/run-directory.md.
 from __future__ import annotations
 
 import functools
+import json
 import math
+import os
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
-
-from nbtrain.rundir import write_json_atomic
 
 
 class Timeline:
@@ -55,10 +55,14 @@ class Timeline:
         """Write the timeline for the views (rank 0 only: the others have nowhere to publish)."""
         if self._path is None:
             return
+        # Replaced whole (readers never see half of it) but not synced: what a starting run is
+        # doing is news, not data, and the last write comes on the first step's path.
+        tmp = self._path.with_name(f".{self._path.name}.tmp")
         try:
-            write_json_atomic(self._path, {**self.marks, "ops": self.ops})
+            tmp.write_text(json.dumps({**self.marks, "ops": self.ops}))
+            os.replace(tmp, self._path)
         except OSError:
-            pass  # what a starting run is doing is news, not data: a full disk is reported by what needs it
+            pass  # a full disk is reported by what needs the disk
 
 
 def watch_op_builds(current: Callable[[], Timeline | None]) -> None:
