@@ -33,6 +33,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 
 from nbtrain.launcher import ops_cache_dir  # noqa: E402
+from tests.gpu.smi import GpuUse, gpu_use, settled_held  # noqa: E402 - nvidia-smi's view, as the GPU tests read it
 from tests.kernel import Kernel  # noqa: E402 - the same real-kernel driver the tests use
 
 STEPS = 60
@@ -85,7 +86,7 @@ def run_ours(kernel: Kernel, workdir: Path, cold: bool, flags: str = FLAGS) -> d
     warm = json.loads((run / "status.json").read_text())["workers"]["warm"]
     assert warm != cold, f"expected {'fresh' if cold else 'warm'} workers"
     return {"times": [r["time"] - execution.started for r in ordered if "lr" in r],
-            "losses": [r["loss"] for r in ordered if "loss" in r], "config": config}
+            "losses": [r["loss"] for r in ordered if "loss" in r], "config": config, "run": run}
 
 
 def idle_worker_mib(kernel: Kernel) -> list[float]:
@@ -109,17 +110,21 @@ def main() -> None:
         gpu_main(args.reps)
         return
     reps = args.reps
+    import dashboard  # noqa: PLC0415 - it imports this module's helpers
+
     workdir = Path(tempfile.mkdtemp(prefix="nbtrain-bench-"))
     kernel = Kernel(workdir)
     try:
         kernel.execute(SETUP)
-        rows = []
+        dashboard.install_probe(kernel)
+        rows, pairs = [], []
         config = None
         for rep in range(reps):
             ours = run_ours(kernel, workdir, cold=True)
             config = config or ours["config"]
             warm = run_ours(kernel, workdir, cold=False)
             idle = idle_worker_mib(kernel)
+            pairs.append(dashboard.telemetry_pair(kernel, workdir, rep))
             plain = run_plain(config, workdir)
             worst = max(abs(a - b) for side in (ours, warm)
                         for a, b in zip(side["losses"], plain["losses"], strict=True))
@@ -132,6 +137,7 @@ def main() -> None:
                   f"(torchrun), warm {rows[-1]['warm_first']:.2f} s; step {rows[-1]['ours_step'] * 1e3:.1f} ms vs "
                   f"{rows[-1]['plain_step'] * 1e3:.1f} ms; idle warm worker {max(idle):.0f} MiB; "
                   f"max loss difference {worst:.2e}", flush=True)
+        trips = dashboard.kernel_rtt_ms(kernel, workdir)
     finally:
         kernel.shutdown()
     med = {k: statistics.median(r[k] for r in rows) for k in rows[0] if k != "rep"}
@@ -152,6 +158,7 @@ def main() -> None:
     print(f"BENCH first_step {med['ours_first'] / med['plain_first']:.3f}")
     print(f"BENCH warm_first_step_s {med['warm_first']:.3f}")
     print(f"BENCH warm_first_step {med['warm_first'] / med['plain_first']:.3f}")
+    print("\n".join(dashboard.bench_lines(pairs, trips)))
 
 
 # -- --gpu: the same comparison on one GPU ---------------------------------------------------
@@ -185,12 +192,10 @@ def mfu(step_s: float, parameters: int, card: str) -> float | None:
     return flops_per_device(parameters, tokens_per_s, 1) / peak if peak else None
 
 
-def idle_worker_gpu_mib(baseline: list) -> float:
+def idle_worker_gpu_mib(baseline: GpuUse) -> float:
     """Return the GPU memory (MiB, nvidia-smi) an idle warm worker holds once it cleaned up after its run."""
-    from tests.gpu.smi import settled_new_apps
-
-    apps = settled_new_apps(baseline)
-    return max((a.used_mib or 0.0 for a in apps), default=0.0)
+    held = settled_held(baseline)
+    return max((a.used_mib or 0.0 for a in held.apps), default=held.more_mib)
 
 
 def gpu_main(reps: int) -> None:
@@ -198,13 +203,12 @@ def gpu_main(reps: int) -> None:
     from workload import make_gpu_model
 
     from nbtrain.launcher import default_threads
-    from tests.gpu.smi import compute_apps
 
     # DeepSpeed's CUDA ops, built before anything is timed (neither side compiles).
     subprocess.run([sys.executable, "-m", "tests.gpu.ops"], cwd=HERE.parent, check=True)
     parameters = sum(p.numel() for p in make_gpu_model().parameters())
     workdir = Path(tempfile.mkdtemp(prefix="nbtrain-gpu-bench-"))
-    baseline = compute_apps()
+    baseline = gpu_use()
     kernel = Kernel(workdir)
     rows = []
     try:

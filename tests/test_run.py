@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from nbtrain.run import RELAY_EVERY_S, _next_beat
 from tests.conftest import LOOP, only_run, status_of, wait_until_gone, worker_processes
 from tests.kernel import Kernel
 
@@ -113,3 +114,12 @@ def test_stopping_a_background_run_keeps_its_metrics(kernel: Kernel, tmp_path: P
     assert kernel.execute("print(len(handle.metrics) >= 5)").text.strip() == "True"
     failed = kernel.execute("handle.wait()", allow_error=True)
     assert failed.error is not None and "stopped" in failed.error.text
+
+
+def test_the_supervisor_relays_on_a_fixed_beat_without_catching_up_in_a_burst() -> None:
+    """The wait for the next relay is the dashboard's delay (benchmarks/dashboard.py): a slow
+    relay must not push the next one later, and one late by more than a beat must not be
+    followed by relays back to back."""
+    beat = RELAY_EVERY_S
+    assert _next_beat(10.0, 10.0 + beat / 2) == pytest.approx(10.0 + beat)
+    assert _next_beat(10.0, 10.0 + 3 * beat) == pytest.approx(10.0 + 4 * beat)

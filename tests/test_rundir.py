@@ -7,6 +7,7 @@ import re
 import threading
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
@@ -20,6 +21,7 @@ from nbtrain.rundir import (
     read_records,
     write_json_atomic,
 )
+from nbtrain.worker.heartbeat import Heartbeat, heartbeat_file, read_heartbeats
 
 
 @pytest.fixture
@@ -160,3 +162,20 @@ def test_list_runs_newest_first_and_only_real_runs(tmp_path: Path) -> None:
     (root / "not-a-run").mkdir()
     assert [r.run_id for r in list_runs(root)] == [new.run_id, old.run_id]
     assert list(list_runs(tmp_path / "missing")) == []
+
+
+def test_a_heartbeat_is_rewritten_in_place_and_always_reads_whole(tmp_path: Path) -> None:
+    """A beat is one write into the same file (was: a new file and a rename each second, ~0.3 ms
+    of a worker's CPU on ext4); a shorter beat over a longer one still reads as itself."""
+    beat = Heartbeat(tmp_path, 1)
+    beat.context = SimpleNamespace(engine=SimpleNamespace(global_steps=123456789))
+    beat.start()
+    beat.stop()
+    assert read_heartbeats(tmp_path, 2)[1]["step"] == 123456789
+    inode = heartbeat_file(tmp_path, 1).stat().st_ino
+    beat.context.engine.global_steps = 7
+    beat._beat()
+    beat.stop()
+    assert read_heartbeats(tmp_path, 2)[1]["step"] == 7
+    assert heartbeat_file(tmp_path, 1).stat().st_ino == inode
+    assert [p.name for p in (tmp_path / "heartbeats").iterdir()] == ["rank-1.json"], "no temporary file"

@@ -41,6 +41,8 @@ class Heartbeat:
         self._since = time.time()
         self._stopped = threading.Event()
         self._thread = threading.Thread(target=self._run, name="nbtrain-heartbeat", daemon=True)
+        self._fd: int | None = None
+        self._width = 0  # bytes of the longest beat written so far
 
     def start(self) -> None:
         self._path.parent.mkdir(parents=True, exist_ok=True)
@@ -50,6 +52,9 @@ class Heartbeat:
         """End the heartbeat (a warm worker between runs beats for no run)."""
         self._stopped.set()
         self._thread.join()
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
 
     def _run(self) -> None:
         while not self._stopped.is_set():
@@ -66,11 +71,18 @@ class Heartbeat:
         now = time.time()
         if self._state != (step, waiting):
             self._state, self._since = (step, waiting), now
-        tmp = self._path.with_suffix(".tmp")
-        # No fsync: a heartbeat is only news while the worker lives.
-        tmp.write_text(json.dumps({"time": now, "rank": self._rank, "step": step, "waiting": waiting,
-                                   "since": self._since, "where": where}))
-        os.replace(tmp, self._path)
+        self._write(json.dumps({"time": now, "rank": self._rank, "step": step, "waiting": waiting,
+                                "since": self._since, "where": where}).encode())
+
+    def _write(self, beat: bytes) -> None:
+        # Rewritten in place, padded with spaces (JSON allows them) to the longest beat so far,
+        # and never synced: a heartbeat is only news while the worker lives. A new file and a
+        # rename each second cost ~0.3 ms of CPU on ext4, and a journal commit; this ~5 us.
+        # A reader that catches a write half done gets invalid JSON and skips this beat.
+        if self._fd is None:
+            self._fd = os.open(self._path, os.O_WRONLY | os.O_CREAT, 0o644)
+        self._width = max(self._width, len(beat))
+        os.pwrite(self._fd, beat.ljust(self._width), 0)
 
 
 def _locate(frame: Any) -> tuple[bool, str]:
