@@ -7,7 +7,7 @@ PYTEST  := $(PY) -m pytest -p no:cacheprovider
 # pytest exits 5 when a phase has no tests yet: say so instead of failing the phase.
 NOTESTS := || { rc=$$?; [ $$rc = 5 ] && echo "(no tests in this phase)" || exit $$rc; }
 
-.PHONY: setup demo test lint test-unit test-integration test-notebooks test-browser test-gpu bench notebooks clean
+.PHONY: setup demo test lint test-unit test-integration test-notebooks test-browser test-package test-gpu bench notebooks clean
 
 $(STAMP): pyproject.toml .ci/setup-env
 	.ci/setup-env
@@ -23,7 +23,7 @@ lint: setup
 	$(PY) -m mypy
 
 test-unit: setup
-	$(PYTEST) -q -m "not integration and not browser and not gpu" tests $(NOTESTS)
+	$(PYTEST) -q -m "not integration and not browser and not gpu and not package" tests $(NOTESTS)
 
 test-integration: setup
 	$(PYTEST) -q -m "integration and not gpu" tests $(NOTESTS)
@@ -33,6 +33,11 @@ test-notebooks: setup
 
 test-browser: setup
 	$(PYTEST) -q -m "browser and not gpu" tests $(NOTESTS)
+
+# Build the wheel and use it in a fresh virtual environment outside the repository; -s prints
+# each step's seconds (PACKAGE lines).
+test-package: setup
+	$(PYTEST) -q -s -m package tests $(NOTESTS)
 
 # The GPU tests (marker gpu), in the modules that hold them. With .venv (a development machine)
 # they run there, and skip with the reason where there is no GPU. On the project's GPU machine
@@ -52,7 +57,7 @@ test:
 	@start=$$(date +%s); fail=0; \
 	t=$$(date +%s); $(MAKE) --no-print-directory setup || exit 1; \
 	echo "== phase setup took $$(( $$(date +%s) - t )) s"; \
-	for phase in lint test-unit test-integration test-notebooks test-browser; do \
+	for phase in lint test-unit test-integration test-notebooks test-browser test-package; do \
 	  t=$$(date +%s); \
 	  $(MAKE) --no-print-directory $$phase || fail=1; \
 	  echo "== phase $$phase took $$(( $$(date +%s) - t )) s"; \
