@@ -3,8 +3,8 @@
 The same user session as tests/test_ui.py, in the other Jupyter front end: the file page
 loads the extension, then one notebook page runs `%%bigtrain` cells in its own kernel:
 a live dashboard stopped with its Stop button, a short run that leaves its final picture,
-a `--background` run whose handle the notebook waits on, and the config panel opened by
-nbtrain's command and changed with the mouse. The tests run in order; the browser
+a `--background` run whose handle the notebook waits on, the config panel opened by
+nbtrain's command and changed with the mouse, and the runs sidebar beside the notebook. The tests run in order; the browser
 console is watched all along, and nothing may fail in it but what Notebook 7 itself
 logs without nbtrain. Screenshots go to $NBTRAIN_UI_ARTIFACTS (default: a temporary folder).
 """
@@ -223,6 +223,24 @@ def test_the_config_panel_opens_from_the_command_and_edits_the_settings(
     playwright.expect(output).to_contain_text("panel flags:")
     assert "--zero 2" in output.inner_text(), output.inner_text()
     panel_cell.screenshot(path=artifacts / "notebook7-config-panel.png")
+
+
+def test_the_runs_sidebar_lists_the_runs_and_opens_one_beside_the_notebook(
+        page: playwright.Page, artifacts: Path) -> None:
+    page.evaluate("() => void window.jupyterapp.commands.execute('nbtrain:show-runs')")
+    sidebar = page.locator("#nbtrain-sidebar")
+    playwright.expect(sidebar).to_be_visible()
+    row = lambda name: sidebar.locator(f'li.nbtrain-run[data-run-id*="-{name}-"]')  # noqa: E731
+    playwright.expect(row("nb7-live").locator(".nbtrain-badge")).to_have_text("stopped")
+    playwright.expect(row("nb7-short").locator(".nbtrain-badge")).to_have_text("succeeded")
+    playwright.expect(row("nb7-short").locator(".nbtrain-run-step")).to_have_text("step 5/5")
+    # Regression: Notebook 7's main area holds the notebook and dropped the run panel (a click did nothing).
+    row("nb7-short").click()
+    panel = page.locator(".nbtrain-run-panel:visible")
+    playwright.expect(panel.locator("h2")).to_have_text("nb7-short")
+    playwright.expect(panel.locator(".nbtrain-chart", has_text="Loss").locator("polyline")).to_have_count(1)
+    playwright.expect(page.locator(".jp-NotebookPanel")).to_be_visible()  # the notebook stays
+    page.screenshot(path=artifacts / "notebook7-sidebar-and-run-panel.png")
 
 
 def test_nothing_failed_in_the_browser_console(console_errors: list[str]) -> None:

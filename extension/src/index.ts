@@ -28,6 +28,7 @@ const plugin: JupyterFrontEndPlugin<void> = {
   activate: (app: JupyterFrontEnd, notebooks: INotebookTracker, palette: ICommandPalette | null,
              launcher: ILauncher | null, statusBar: IStatusBar | null, restorer: ILayoutRestorer | null) => {
     const model = new RunsModel();
+    const notebook7Page = PageConfig.getOption('notebookPage');  // 'tree', 'notebooks', …; empty in JupyterLab
     const panels = new WidgetTracker<MainAreaWidget<RunPanel>>({ namespace: 'nbtrain-run' });
 
     const openRun = (id: string) => {
@@ -42,7 +43,9 @@ const plugin: JupyterFrontEndPlugin<void> = {
       widget.title.label = id;
       widget.title.closable = true;
       void panels.add(widget);
-      app.shell.add(widget, 'main');
+      // Notebook 7's main area holds the page's one document (it drops a second widget): there
+      // the run opens in the right-hand side panel.
+      app.shell.add(widget, notebook7Page ? 'right' : 'main');
       app.shell.activateById(widget.id);
     };
 
@@ -86,7 +89,6 @@ const plugin: JupyterFrontEndPlugin<void> = {
     // A toolbar button on every notebook; not on Notebook 7's pages without notebooks (tree, edit,
     // consoles): a widget extension registered there makes its document manager reload its settings
     // while they load, which fails ("Cannot convert undefined or null to object" in the console).
-    const notebook7Page = PageConfig.getOption('notebookPage');  // empty in JupyterLab
     if (!notebook7Page || notebook7Page === 'notebooks') {
       app.docRegistry.addWidgetExtension('Notebook', {
         createNew: (panel: NotebookPanel) => {
