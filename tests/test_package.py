@@ -19,6 +19,7 @@ import subprocess
 import sys
 import time
 import urllib.request
+import zipfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -40,6 +41,7 @@ class Env:
     def __init__(self, root: Path):
         self.root, self.venv = root, root / "venv"
         self.timings: dict[str, float] = {}
+        self.wheel = root / "dist" / "nbtrain-0.1.0-py3-none-any.whl"
         # Its own Jupyter folders, its own op cache: nothing of this machine's other environments.
         self.env = {key: value for key, value in os.environ.items()
                     if key not in ("PYTHONPATH", "VIRTUAL_ENV", "JUPYTER_PATH", "JUPYTER_CONFIG_PATH")}
@@ -83,11 +85,28 @@ def installed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
     env.run("install torch", env.bin("python"), "-m", "pip", "install", "-q", TORCH)
     env.run("build the wheel", env.bin("python"), "-m", "pip", "wheel", "-q", "--no-deps", "-w", str(dist), str(sources))
     wheels = list(dist.glob("*.whl"))
-    assert [w.name for w in wheels] == ["nbtrain-0.1.0-py3-none-any.whl"], f"expected one wheel, got {wheels}"
-    env.run("install the wheel", env.bin("python"), "-m", "pip", "install", "-q", str(wheels[0]))
+    assert wheels == [env.wheel], f"expected one wheel, got {wheels}"
+    env.run("install the wheel", env.bin("python"), "-m", "pip", "install", "-q", str(env.wheel))
     yield env
     print("PACKAGE total: " + ", ".join(f"{step} {s:.0f} s" for step, s in env.timings.items())
           + f"; {sum(env.timings.values()):.0f} s in all")
+
+
+def test_the_wheel_holds_the_extensions_and_the_tutorials_without_their_outputs(installed: Env) -> None:
+    names = zipfile.ZipFile(installed.wheel).namelist()
+    data = "nbtrain-0.1.0.data/data/"
+    for needed in ("nbtrain/magic.py", "nbtrain/dashboard/widget.py", "nbtrain/panel/config_panel.py",
+                   "nbtrain/_deepspeed_schema.json", f"{data}share/jupyter/labextensions/nbtrain/package.json",
+                   f"{data}etc/jupyter/jupyter_server_config.d/nbtrain.json",
+                   f"{data}share/nbtrain/notebooks/data/owl_and_pussycat.txt"):
+        assert needed in names, f"the wheel lacks {needed}"
+    assert any(n.startswith(f"{data}share/jupyter/labextensions/nbtrain/static/remoteEntry.") for n in names)
+    shipped = sorted(n.removeprefix(f"{data}share/nbtrain/notebooks/") for n in names
+                     if n.startswith(f"{data}share/nbtrain/notebooks/") and "/" not in n.removeprefix(
+                         f"{data}share/nbtrain/notebooks/"))
+    assert shipped == sorted(p.name for p in (REPO / "notebooks").glob("*.ipynb")), (
+        f"the wheel's tutorials {shipped} are not notebooks/*.ipynb: update pyproject's shared-data")
+    assert not [n for n in names if "bigtrain-runs" in n or n.endswith("hosts.txt")], "the wheel carries run outputs"
 
 
 def test_the_environment_runs_the_installed_nbtrain_not_the_checkout(installed: Env) -> None:
