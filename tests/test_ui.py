@@ -222,10 +222,11 @@ def test_a_run_started_in_the_page_shows_live_and_stops_from_the_sidebar(
     # While it starts, the sidebar and the status bar say what it is doing, with its times.
     phase = row.locator(".nbtrain-phase")
     playwright.expect(phase).to_contain_text(re.compile(r"starting: .+ · [\d.]+ s \([\d.]+ s since the run started\)"))
-    playwright.expect(phase).to_contain_text("running the cell up to bigtrain.prepare", timeout=180_000)
+    playwright.expect(page.locator(".nbtrain-status")).to_contain_text("BigTrain ui-live: starting · ")
+    # The cell's 4 s before prepare: seen while it lasts, or (on a busy machine polled late) as done.
+    playwright.expect(phase).to_contain_text(
+        re.compile(r"starting: running the cell up to bigtrain\.prepare|done: .*cell up to prepare \d"), timeout=180_000)
     playwright.expect(phase).to_contain_text("done: workers started")
-    playwright.expect(page.locator(".nbtrain-status")).to_contain_text(
-        "BigTrain ui-live: starting · running the cell up to bigtrain.prepare")
     page.locator("#nbtrain-sidebar").screenshot(path=artifacts / "sidebar-starting-run.png")
     page.wait_for_function(
         "() => /step ([1-9]\\d*)\\/3000/.test(document.querySelector('li.nbtrain-run[data-run-id*=\"-ui-live-\"] "
