@@ -32,7 +32,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 
-from nbtrain.launcher import ops_cache_dir  # noqa: E402
+from nbtrain.launch.launcher import ops_cache_dir  # noqa: E402
 from tests.gpu.smi import GpuUse, gpu_use, settled_held  # noqa: E402 - nvidia-smi's view, as the GPU tests read it
 from tests.kernel import Kernel  # noqa: E402 - the same real-kernel driver the tests use
 
@@ -92,7 +92,7 @@ def run_ours(kernel: Kernel, workdir: Path, cold: bool, flags: str = FLAGS) -> d
 def idle_worker_mib(kernel: Kernel) -> list[float]:
     """Return the memory (RSS, MiB) of each idle warm worker, a moment after its run."""
     time.sleep(2)  # the clean-up after a run
-    shown = kernel.execute("from nbtrain.pool import POOL as _pool\nprint([r['rss_mib'] for r in _pool.describe()])")
+    shown = kernel.execute("from nbtrain.launch.pool import POOL as _pool\nprint([r['rss_mib'] for r in _pool.describe()])")
     return [float(v) for v in json.loads(shown.text.strip())]
 
 
@@ -170,7 +170,7 @@ FIRST_STEPS = 5  # losses compared step by step: bf16 on a GPU is not bit-reprod
 
 def gpu_card() -> str:
     """Return the name of GPU 0 (NVML), or exit saying there is none: nothing is started without one."""
-    from nbtrain.utilization import Gpus
+    from nbtrain.devices import Gpus
 
     gpus = Gpus()
     reading = gpus.read(0) if gpus.count else None
@@ -202,7 +202,7 @@ def gpu_main(reps: int) -> None:
     card = gpu_card()
     from workload import make_gpu_model
 
-    from nbtrain.launcher import default_threads
+    from nbtrain.launch.launcher import default_threads
 
     # DeepSpeed's CUDA ops, built before anything is timed (neither side compiles).
     subprocess.run([sys.executable, "-m", "tests.gpu.ops"], cwd=HERE.parent, check=True)

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from nbtrain.config import TrainConfig
+from nbtrain.config.tree import TrainConfig
 from nbtrain.current import bigtrain
 from nbtrain.errors import ConfigError, Problem, RunFailed, ShippingError
 from nbtrain.result import RunResult

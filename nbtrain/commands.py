@@ -19,10 +19,10 @@ from typing import TYPE_CHECKING, Any, NoReturn
 
 from IPython.core.error import UsageError
 
-from nbtrain.config import DEFAULT_RUN_ROOT
+from nbtrain.config.tree import DEFAULT_RUN_ROOT
 from nbtrain.dashboard.fmt import clock, number
+from nbtrain.launch.run import Progress, RunHandle
 from nbtrain.result import RunResult
-from nbtrain.run import Progress, RunHandle
 
 if TYPE_CHECKING:
     from nbtrain.dashboard.widget import Dashboard
@@ -287,7 +287,7 @@ def _stop_quietly(run: RunDirectory, reason: str) -> None:
 
 
 def _workers_command(command: str) -> None:
-    from nbtrain.pool import POOL
+    from nbtrain.launch.pool import POOL
 
     if command == "workers":
         from nbtrain.magic import describe_workers

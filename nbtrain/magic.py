@@ -12,14 +12,14 @@ from IPython.core.error import UsageError
 from IPython.core.magic import Magics, line_cell_magic, magics_class
 from IPython.display import DisplayHandle, display
 
-from nbtrain.arguments import build_parser, parse_line
 from nbtrain.commands import COMMANDS_HELP, LineCommands
+from nbtrain.config.arguments import build_parser, parse_line
+from nbtrain.config.machine import detect_machine
+from nbtrain.config.plan import RunPlan, load_base, plan_run
 from nbtrain.dashboard.widget import Dashboard
 from nbtrain.errors import ConfigError, ShippingError
-from nbtrain.machine import detect_machine
-from nbtrain.plan import RunPlan, load_base, plan_run
+from nbtrain.launch.run import Progress, start_run
 from nbtrain.result import RunResult
-from nbtrain.run import Progress, start_run
 from nbtrain.rundir import RunDirectory
 
 PROGRESS_EVERY_S = 0.5
@@ -54,7 +54,7 @@ class NotebookSink:
 
     def finished(self, result: RunResult) -> None:
         if self._handle is not None:
-            from nbtrain.run import _RunWatcher  # noqa: PLC0415 - read the final numbers once
+            from nbtrain.launch.run import _RunWatcher  # noqa: PLC0415 - read the final numbers once
 
             final = _RunWatcher(result._run, result._run.status().get("started", time.time())).new_progress()
             self._handle.update(self._bundle(final, result.status), raw=True)
@@ -130,7 +130,7 @@ def describe_workers(rows: list[dict[str, Any]]) -> str:
         return "no warm workers: the next run starts fresh ones"
     if "dropped" in rows[0]:  # a worker of the idle group had ended: never shown as warm
         return f"no warm workers: {rows[0]['dropped']}; the next run starts fresh ones"
-    from nbtrain.pool import gpu_memory_text
+    from nbtrain.launch.pool import gpu_memory_text
 
     first = rows[0]
     on_gpus = first.get("gpu_memory") is not None  # NVML per process; no column without GPUs

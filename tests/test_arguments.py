@@ -6,8 +6,8 @@ import dataclasses
 
 import pytest
 
-from nbtrain.arguments import build_parser, parse_line, to_line
-from nbtrain.config import TrainConfig
+from nbtrain.config.arguments import build_parser, parse_line, to_line
+from nbtrain.config.tree import TrainConfig
 from nbtrain.errors import ConfigError
 
 # The public contract of DESIGN.md ("The %%bigtrain contract"). Notebooks, the config panel

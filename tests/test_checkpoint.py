@@ -9,11 +9,11 @@ from typing import Any
 import pytest
 import torch
 
-from nbtrain.arguments import parse_line
+from nbtrain.config.arguments import parse_line
+from nbtrain.config.machine import MachineFacts
+from nbtrain.config.plan import plan_run
 from nbtrain.errors import ConfigError
-from nbtrain.machine import MachineFacts
-from nbtrain.plan import plan_run
-from nbtrain.worker.checkpoint import find_run, published
+from nbtrain.rundir.checkpoints import find_run, published
 from nbtrain.worker.data import MicroBatchLoader
 from tests.conftest import status_of, worker_processes
 from tests.kernel import Kernel

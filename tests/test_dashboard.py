@@ -17,17 +17,17 @@ from typing import Any
 
 import pytest
 
-from nbtrain.arguments import parse_line
+from nbtrain.config.arguments import parse_line
+from nbtrain.config.machine import MachineFacts
+from nbtrain.config.plan import plan_run
 from nbtrain.dashboard.efficiency import NOT_MEASURABLE, device_peak_flops, efficiency, flops_per_device
 from nbtrain.dashboard.fmt import clock
 from nbtrain.dashboard.picture import final_png
 from nbtrain.dashboard.store import MAX_POINTS, RunMetrics, Series, smooth
 from nbtrain.dashboard.summary import rows_html, rows_text, summary_rows
 from nbtrain.dashboard.svg import Line, line_chart
-from nbtrain.machine import MachineFacts
-from nbtrain.plan import plan_run
-from nbtrain.progress import TIMELINE_FILE
 from nbtrain.rundir import RunDirectory
+from nbtrain.rundir.progress import TIMELINE_FILE
 from tests.conftest import NOTEBOOK_SETUP, losses, only_run, status_of, wait_until_gone, worker_processes
 from tests.kernel import Kernel
 
@@ -279,7 +279,7 @@ def test_the_widget_says_which_start_up_phase_runs_until_the_first_step(tmp_path
 def test_every_view_gives_the_same_eta_for_one_run_directory(tmp_path: Path) -> None:
     # Regression: the cell said ETA 2:39 and the sidebar 3:21 for the same run at the same moment.
     from nbtrain.dashboard import Dashboard
-    from nbtrain.run import _RunWatcher
+    from nbtrain.launch.run import _RunWatcher
     from nbtrain.server.runs import ProgressCache, summary
 
     run = make_run(tmp_path, {"max_steps": 200})

@@ -10,10 +10,10 @@ import json
 from pathlib import Path
 from typing import Any
 
+from nbtrain.config.machine import MachineFacts
 from nbtrain.dashboard.efficiency import BEFORE_FIRST_STEP, NOT_MEASURABLE, efficiency
 from nbtrain.dashboard.store import RunMetrics
 from nbtrain.dashboard.summary import summary_rows
-from nbtrain.machine import MachineFacts
 from nbtrain.rundir import RunDirectory
 
 H100 = "NVIDIA H100 80GB HBM3"

@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import pytest
 
-from nbtrain.config import TrainConfig
-from nbtrain.estimate import describe, estimate
-from nbtrain.render import render
+from nbtrain.config.estimate import describe, estimate
+from nbtrain.config.render import render
+from nbtrain.config.tree import TrainConfig
 
 
 def ds_for(**flags: object) -> dict:

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from nbtrain.machine import count_gpus, gpus
+from nbtrain.config.machine import count_gpus, gpus
 from tests.conftest import losses, only_run, status_of, worker_processes
 from tests.gpu import report
 from tests.gpu.smi import GpuUse, Held, gpu_use, held_since, settled_held, wait_until_released

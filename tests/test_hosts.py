@@ -17,8 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from nbtrain.errors import ConfigError
-from nbtrain.hosts import (
+from nbtrain.config.hosts import (
     Host,
     _Answer,
     _judge,
@@ -34,6 +33,7 @@ from nbtrain.hosts import (
     ssh_command,
     world_info,
 )
+from nbtrain.errors import ConfigError
 from tests.nvml import fake_nvml_environment
 
 # Hostfiles DeepSpeed accepts or refuses; nbtrain must agree on every one (same hosts, same order).

@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from nbtrain.config import DEFAULT_HANG_TIMEOUT_S
-from nbtrain.pool import LaunchShape
+from nbtrain.config.tree import DEFAULT_HANG_TIMEOUT_S
+from nbtrain.launch.pool import LaunchShape
 from nbtrain.worker.isolation import ProcessState, UserCode, library_roots
 
 

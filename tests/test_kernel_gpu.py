@@ -16,8 +16,8 @@ import pytest
 
 from nbtrain.dashboard.store import RunMetrics
 from nbtrain.dashboard.summary import KERNEL_GPU_LABEL, summary_rows, utilization_rows
+from nbtrain.devices import Gpus, ProcessGpuMemory, gpu_memory_of
 from nbtrain.rundir import RunDirectory
-from nbtrain.utilization import Gpus, ProcessGpuMemory, gpu_memory_of
 from tests.conftest import NOTEBOOK_SETUP, status_of, wait_until_gone
 from tests.kernel import Kernel
 from tests.nvml import fake_nvml_environment, use_fake_nvml

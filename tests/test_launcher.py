@@ -6,7 +6,7 @@ import os
 import time
 from pathlib import Path
 
-from nbtrain.launcher import clear_stale_op_locks
+from nbtrain.launch.launcher import clear_stale_op_locks
 
 
 def test_a_stale_op_build_lock_is_removed_and_a_fresh_one_kept(tmp_path: Path) -> None:

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from nbtrain.machine import MachineFacts, count_gpus, detect_machine
+from nbtrain.config.machine import MachineFacts, count_gpus, detect_machine
 from tests.nvml import use_fake_nvml
 
 
@@ -58,7 +58,7 @@ def test_cuda_visible_devices_is_honoured(four_gpus: None, monkeypatch: pytest.M
 
 
 def test_counting_does_not_import_torch() -> None:
-    code = "import sys; from nbtrain.machine import detect_machine; detect_machine(); print('torch' in sys.modules)"
+    code = "import sys; from nbtrain.config.machine import detect_machine; detect_machine(); print('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False", "asking about GPUs must not import torch (or touch CUDA) in the kernel"
 

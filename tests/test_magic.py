@@ -116,7 +116,7 @@ def test_dry_run_json_is_what_the_engine_ran_with(kernel: Kernel, tmp_path: Path
 def test_a_kernel_with_torch_threads_and_its_own_process_group_still_runs(kernel: Kernel) -> None:
     kernel.execute("""
 import threading, os, torch.distributed as dist
-from nbtrain.launcher import free_port
+from nbtrain.launch.launcher import free_port
 stop = threading.Event()
 spinner = threading.Thread(target=lambda: stop.wait(), daemon=True); spinner.start()
 os.environ.update(MASTER_ADDR='127.0.0.1', MASTER_PORT=str(free_port()), RANK='0', WORLD_SIZE='1')

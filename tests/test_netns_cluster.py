@@ -17,7 +17,7 @@ from typing import Any
 
 import pytest
 
-from nbtrain.hosts import check_reachable
+from nbtrain.config.hosts import check_reachable
 from tests.netns import Cluster, cluster
 
 pytestmark = pytest.mark.integration

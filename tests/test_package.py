@@ -96,7 +96,7 @@ def test_the_wheel_holds_the_extensions_and_the_tutorials_without_their_outputs(
     names = zipfile.ZipFile(installed.wheel).namelist()
     data = "nbtrain-0.1.0.data/data/"
     for needed in ("nbtrain/magic.py", "nbtrain/dashboard/widget.py", "nbtrain/panel/config_panel.py",
-                   "nbtrain/_deepspeed_schema.json", f"{data}share/jupyter/labextensions/nbtrain/package.json",
+                   "nbtrain/config/_deepspeed_schema.json", f"{data}share/jupyter/labextensions/nbtrain/package.json",
                    f"{data}etc/jupyter/jupyter_server_config.d/nbtrain.json",
                    f"{data}share/nbtrain/notebooks/data/owl_and_pussycat.txt"):
         assert needed in names, f"the wheel lacks {needed}"

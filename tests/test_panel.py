@@ -16,16 +16,16 @@ from deepspeed.runtime import lr_schedules
 from traitlets import TraitError
 
 from nbtrain import ConfigError
-from nbtrain.arguments import parse_line
-from nbtrain.config import TrainConfig
-from nbtrain.deepspeed_schema import load_schema
-from nbtrain.estimate import GIB
-from nbtrain.machine import MachineFacts
+from nbtrain.config.arguments import parse_line
+from nbtrain.config.estimate import GIB
+from nbtrain.config.machine import MachineFacts
+from nbtrain.config.plan import load_base, plan_run
+from nbtrain.config.render import get_path, render
+from nbtrain.config.schema import load_schema
+from nbtrain.config.tree import TrainConfig
+from nbtrain.config.validate import NOT_AVAILABLE_YET
 from nbtrain.panel import ConfigPanel, form
 from nbtrain.panel.fields import scheduler_param_fields
-from nbtrain.plan import load_base, plan_run
-from nbtrain.render import get_path, render
-from nbtrain.validate import NOT_AVAILABLE_YET
 
 CPU = MachineFacts(gpu_count=0, has_libaio=True)
 GPUS = MachineFacts(gpu_count=2, has_libaio=True)

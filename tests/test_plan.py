@@ -7,12 +7,12 @@ from pathlib import Path
 
 import pytest
 
-from nbtrain.arguments import parse_line
+from nbtrain.config.arguments import parse_line
+from nbtrain.config.machine import MachineFacts, detect_machine
+from nbtrain.config.plan import default_nproc, load_base, plan_run
+from nbtrain.config.render import FROM_DATALOADER
+from nbtrain.config.validate import check
 from nbtrain.errors import ConfigError, Problem
-from nbtrain.machine import MachineFacts, detect_machine
-from nbtrain.plan import default_nproc, load_base, plan_run
-from nbtrain.render import FROM_DATALOADER
-from nbtrain.validate import check
 from tests.kernel import Kernel
 from tests.nvml import fake_nvml_environment, use_fake_nvml
 

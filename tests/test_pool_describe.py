@@ -18,9 +18,9 @@ from collections.abc import Iterator
 import psutil
 import pytest
 
-from nbtrain.launcher import WorkerGroup
+from nbtrain.launch.launcher import WorkerGroup
+from nbtrain.launch.pool import LaunchShape, WorkerPool, Workers
 from nbtrain.magic import describe_workers
-from nbtrain.pool import LaunchShape, WorkerPool, Workers
 from tests.nvml import use_fake_nvml
 
 SHAPE = LaunchShape(nproc=2, hosts=("localhost",), backend="nccl", threads=1, collective_timeout_s=120.0,

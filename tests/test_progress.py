@@ -1,4 +1,4 @@
-"""Where a run stands (nbtrain/progress.py): step, ETA and the start-up phase every view shows."""
+"""Where a run stands (nbtrain/rundir/progress.py): step, ETA and the start-up phase every view shows."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from nbtrain.progress import TIMELINE_FILE, StepReader, eta_s, planned_steps, read_startup, startup
 from nbtrain.rundir import MetricWriter, RunDirectory
+from nbtrain.rundir.progress import TIMELINE_FILE, StepReader, eta_s, planned_steps, read_startup, startup
 from nbtrain.worker.timeline import Timeline, _built_before
 
 T0 = 1_795_595_825.0  # the run's start (status.json "started")
@@ -137,7 +137,7 @@ def test_deepspeeds_just_in_time_op_loads_are_recorded_by_name(tmp_path: Path) -
     script = """
 import os, sys
 from pathlib import Path
-from nbtrain.launcher import ops_cache_dir
+from nbtrain.launch.launcher import ops_cache_dir
 os.environ.setdefault("TORCH_EXTENSIONS_DIR", ops_cache_dir())  # where set-up built them, as for workers
 from nbtrain.worker.timeline import Timeline, watch_op_builds
 timeline = Timeline(Path(sys.argv[1]))

@@ -20,23 +20,19 @@ from pathlib import Path
 
 import pytest
 
-from nbtrain.relay import (
+from nbtrain.relay.head import Relay, RelayError, ensure_head_token, relay_argv, relay_command
+from nbtrain.relay.protocol import (
     HEAD_TOKEN,
     TAG_VARIABLE,
     FileWatcher,
     FrameReader,
     ProtocolError,
-    Relay,
-    RelayError,
     apply_change,
     encode,
-    ensure_head_token,
     header_line,
-    relay_argv,
-    relay_command,
     relayed_files,
-    tagged_processes,
 )
+from nbtrain.relay.remote import tagged_processes
 from nbtrain.rundir import new_run_id, read_json, read_records
 from tests.netns import Cluster, cluster
 
@@ -524,7 +520,7 @@ def test_killing_the_head_side_ssh_ends_the_host_s_workers(private_cluster: Clus
 KERNEL = '''
 import sys, time
 from pathlib import Path
-from nbtrain.relay import Relay
+from nbtrain.relay.head import Relay
 relay = Relay("node1", Path(sys.argv[1]), [1], timeout_s=30)
 relay.handshake(timeout=20)
 pid = relay.start_workers([sys.executable, "-c", "import time\\nwhile True: time.sleep(1)"])

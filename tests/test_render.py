@@ -17,12 +17,21 @@ from typing import Any
 
 import pytest
 
-from nbtrain.arguments import parse_line
-from nbtrain.config import TrainConfig
+from nbtrain.config.arguments import parse_line
+from nbtrain.config.machine import MachineFacts
+from nbtrain.config.plan import load_base, plan_run
+from nbtrain.config.render import (
+    FROM_DATALOADER,
+    finalize,
+    get_path,
+    parse_set,
+    render,
+    resolve_batch,
+    set_path,
+    unresolved,
+)
+from nbtrain.config.tree import TrainConfig
 from nbtrain.errors import ConfigError
-from nbtrain.machine import MachineFacts
-from nbtrain.plan import load_base, plan_run
-from nbtrain.render import FROM_DATALOADER, finalize, get_path, parse_set, render, resolve_batch, set_path, unresolved
 
 GOLDEN = Path(__file__).with_name("golden")
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from nbtrain.run import RELAY_EVERY_S, _next_beat
+from nbtrain.launch.run import RELAY_EVERY_S, _next_beat
 from tests.conftest import LOOP, only_run, status_of, wait_until_gone, worker_processes
 from tests.kernel import Kernel
 

@@ -21,7 +21,8 @@ from nbtrain.rundir import (
     read_records,
     write_json_atomic,
 )
-from nbtrain.worker.heartbeat import Heartbeat, heartbeat_file, read_heartbeats
+from nbtrain.rundir.heartbeats import heartbeat_file, read_heartbeats
+from nbtrain.worker.heartbeat import Heartbeat
 
 
 @pytest.fixture

@@ -6,7 +6,7 @@ import pytest
 import torch
 from deepspeed.runtime import lr_schedules
 
-from nbtrain.schedules import ScheduleError, lr_curve, sample_steps
+from nbtrain.config.schedules import ScheduleError, lr_curve, sample_steps
 
 SCHEDULES = {
     "WarmupLR": {"warmup_min_lr": 0.0, "warmup_max_lr": 0.01, "warmup_num_steps": 30, "warmup_type": "log"},

@@ -23,8 +23,8 @@ import pytest
 from pytest_jupyter.jupyter_server import *  # noqa: F403 - the fixtures, for this module only
 from tornado.httpclient import HTTPClientError, HTTPResponse
 
-from nbtrain.progress import TIMELINE_FILE
 from nbtrain.rundir import MetricWriter
+from nbtrain.rundir.progress import TIMELINE_FILE
 from tests.ui.rundirs import make_run
 
 pytestmark = pytest.mark.integration

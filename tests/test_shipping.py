@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 
 from nbtrain.errors import ShippingError
-from nbtrain.shipping import collect, dumps, names_used
+from nbtrain.launch.shipping import collect, dumps, names_used
 
 REPO = Path(__file__).resolve().parents[1]
 # How the kernel names a cell's code: tracebacks in the worker point at these lines.
@@ -47,11 +47,11 @@ def notebook_namespace() -> dict[str, Any]:
 
 
 def run_in_fresh_process(payload: bytes, code: str, tmp_path: Path) -> str:
-    """Load `payload` with nbtrain.shipping.install in a new Python and run `code` there."""
+    """Load `payload` with nbtrain.launch.shipping.install in a new Python and run `code` there."""
     (tmp_path / "inputs.pkl").write_bytes(payload)
     child = textwrap.dedent('''
         import pickle, sys
-        from nbtrain import shipping
+        from nbtrain.launch import shipping
         ns = shipping.install(pickle.loads(open(sys.argv[1], "rb").read()))
         import __main__
         assert not hasattr(__main__, "Doubler"), "the child's __main__ must not know the notebook"

@@ -13,14 +13,14 @@ from typing import Any
 
 import pytest
 
-from nbtrain.arguments import parse_line
-from nbtrain.config import TrainConfig
-from nbtrain.deepspeed_rules import check_batch
+from nbtrain.config.arguments import parse_line
+from nbtrain.config.deepspeed_rules import check_batch
+from nbtrain.config.machine import MachineFacts
+from nbtrain.config.plan import plan_run
+from nbtrain.config.render import ZERO_TESTED_OPTIMIZERS, render, resolve_batch
+from nbtrain.config.tree import TrainConfig
+from nbtrain.config.validate import check
 from nbtrain.errors import ConfigError, Problem
-from nbtrain.machine import MachineFacts
-from nbtrain.plan import plan_run
-from nbtrain.render import ZERO_TESTED_OPTIMIZERS, render, resolve_batch
-from nbtrain.validate import check
 
 CPU = MachineFacts(gpu_count=0, has_libaio=True)
 GPU = MachineFacts(gpu_count=8, has_libaio=True)
@@ -174,7 +174,7 @@ BAD_INPUT: dict[str, Bad] = {
         "--nproc 2 --hosts a,b --set train_batch_size=8 --micro-batch 2 --grad-accum 2", "train_batch_size",
         "2 x 2 x 4 = 16 (world size 4: --nproc 2 on each of 2 hosts)"),
     "global batch of 0": Bad("--set train_batch_size=0", "train_batch_size", "greater than 0"),
-    # -- DeepSpeed's other checks at initialize (nbtrain/deepspeed_rules.py) ---------------
+    # -- DeepSpeed's other checks at initialize (nbtrain/config/deepspeed_rules.py) ---------------
     "warm-up of 0 steps": Bad("--scheduler warmup --warmup-steps 0", "--warmup-steps", "greater than 0"),
     "warm-up of 0 steps in the file": Bad(
         "", "scheduler.params.warmup_num_steps", "WarmupLR needs warmup_num_steps to be a whole number greater than 0",
@@ -362,7 +362,7 @@ def test_the_magic_refuses_the_batch_before_anything_starts(tmp_path: Any, monke
     from IPython.core.error import UsageError
     from IPython.core.interactiveshell import InteractiveShell
 
-    from nbtrain.pool import POOL
+    from nbtrain.launch.pool import POOL
 
     monkeypatch.chdir(tmp_path)
     shell = InteractiveShell.instance()

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from nbtrain.launcher import ops_cache_dir
+from nbtrain.launch.launcher import ops_cache_dir
 from tests.conftest import NOTEBOOK_SETUP, losses, only_run
 from tests.kernel import Kernel
 

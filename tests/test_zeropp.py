@@ -9,11 +9,11 @@ from pathlib import Path
 
 import pytest
 
-from nbtrain.arguments import parse_line
+from nbtrain.config.arguments import parse_line
+from nbtrain.config.machine import MachineFacts
+from nbtrain.config.plan import plan_run
+from nbtrain.config.render import get_path
 from nbtrain.errors import ConfigError, Problem
-from nbtrain.machine import MachineFacts
-from nbtrain.plan import plan_run
-from nbtrain.render import get_path
 from tests.conftest import losses
 from tests.kernel import Kernel
 

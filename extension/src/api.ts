@@ -2,7 +2,7 @@
 import { URLExt } from '@jupyterlab/coreutils';
 import { ServerConnection } from '@jupyterlab/services';
 
-/** Where a starting run is (nbtrain/progress.py: Startup.as_json); null once it trains or ended. */
+/** Where a starting run is (nbtrain/rundir/progress.py: Startup.as_json); null once it trains or ended. */
 export interface IPhase {
   key: string; // workers, imports, process_group, cell, op, engine or first_step
   label: string; // e.g. "building DeepSpeed op cpu_adam (once for this environment: later runs reuse it)"

@@ -1,4 +1,4 @@
-// The start-up phase of a run (nbtrain/progress.py computes it; the server sends it as `phase`).
+// The start-up phase of a run (nbtrain/rundir/progress.py computes it; the server sends it as `phase`).
 import { IPhase } from './api';
 
 /** Show what a starting run is doing, and the phases it is done with, in `node`; hide it once the run trains. */

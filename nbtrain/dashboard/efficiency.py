@@ -9,8 +9,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from nbtrain.config.machine import gpus as gpus_words
 from nbtrain.dashboard.store import RunMetrics
-from nbtrain.machine import gpus as gpus_words
 from nbtrain.rundir import FINAL_STATES
 
 NOT_MEASURABLE = "not measurable on this machine"

@@ -3,7 +3,7 @@
 `RunMetrics.update()` reads only the bytes written since its last call (rank 0's metric
 records and every rank's utilization records) and appends them to bounded series, so a
 tick costs the same at step 10 and at step 100 000. Step, ETA and the start-up phase come
-from `nbtrain.progress`, as in every other view.
+from `nbtrain.rundir.progress`, as in every other view.
 """
 
 from __future__ import annotations
@@ -13,9 +13,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from nbtrain.progress import Startup, StepReader, planned_steps, read_startup
+from nbtrain.devices import ProcessGpuMemory
 from nbtrain.rundir import RunDirectory, read_json, read_records
-from nbtrain.utilization import ProcessGpuMemory
+from nbtrain.rundir.progress import Startup, StepReader, planned_steps, read_startup
 
 MAX_POINTS = 256  # per curve, about one per pixel of a chart; beyond it, points are merged pairwise
 SMOOTHING = 0.9  # weight of the running average of the loss, as TensorBoard's slider

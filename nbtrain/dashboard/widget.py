@@ -1,6 +1,6 @@
 """`Dashboard`: the live view of a run in the cell output (standard ipywidgets only).
 
-It is a `ProgressSink` (see `nbtrain.run`): the supervising loop calls `progress()` five
+It is a `ProgressSink` (see `nbtrain.launch.run`): the supervising loop calls `progress()` five
 times a second on the kernel's main thread, which is also the only thread that writes
 widget state. Each tick reads the run directory's new bytes; the text parts change when
 their values do, the charts (SVG strings, see `svg.py`) are redrawn at most twice a
@@ -22,6 +22,7 @@ from typing import Any
 import ipywidgets as w
 from IPython.display import DisplayHandle, display
 
+from nbtrain.config.plan import RunPlan
 from nbtrain.dashboard import svg
 from nbtrain.dashboard.efficiency import efficiency
 from nbtrain.dashboard.fmt import clock, number, si, size
@@ -37,10 +38,9 @@ from nbtrain.dashboard.summary import (
     utilization_rows,
 )
 from nbtrain.dashboard.ui_poll import UiPoller
-from nbtrain.plan import RunPlan
-from nbtrain.progress import Startup
 from nbtrain.result import RunResult
 from nbtrain.rundir import FINAL_STATES, RunDirectory
+from nbtrain.rundir.progress import Startup
 
 REDRAW_EVERY_S = 0.5  # charts: twice a second
 STATE_COLORS = {"starting": "#b8860b", "running": "#1f77b4", "succeeded": "#2ca02c", "failed": "#d62728", "stopped": "#ff7f0e"}

@@ -22,16 +22,16 @@ from typing import Any
 import ipywidgets as w
 from traitlets import TraitError
 
-from nbtrain.arguments import to_line
-from nbtrain.config import TrainConfig
+from nbtrain.config.arguments import to_line
+from nbtrain.config.machine import MachineFacts, detect_machine
+from nbtrain.config.plan import RunPlan, default_nproc, load_base, plan_run
+from nbtrain.config.render import SCHEDULER_TYPES, get_path, render_collecting, resolve_batch
+from nbtrain.config.schedules import LrCurve, ScheduleError, lr_curve
+from nbtrain.config.tree import TrainConfig
 from nbtrain.errors import ConfigError, Problem
-from nbtrain.machine import MachineFacts, detect_machine
 from nbtrain.panel import form, views
 from nbtrain.panel.fields import SECTIONS, STAGE_HELP, all_fields, scheduler_param_fields
 from nbtrain.panel.inputs import FieldInput
-from nbtrain.plan import RunPlan, default_nproc, load_base, plan_run
-from nbtrain.render import SCHEDULER_TYPES, get_path, render_collecting, resolve_batch
-from nbtrain.schedules import LrCurve, ScheduleError, lr_curve
 
 DEFAULT_PREVIEW_STEPS = 100
 # Problems name flags or DeepSpeed keys; these show next to a field of another name.

@@ -16,12 +16,12 @@ from collections.abc import Collection, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from nbtrain.config import DEFAULT_MICRO_BATCH, TrainConfig
-from nbtrain.deepspeed_schema import load_schema
-from nbtrain.machine import MachineFacts
+from nbtrain.config.machine import MachineFacts
+from nbtrain.config.render import SCHEDULER_TYPES, WARMUP_SCHEDULERS, get_path, render, set_path
+from nbtrain.config.schema import load_schema
+from nbtrain.config.tree import DEFAULT_MICRO_BATCH, TrainConfig
+from nbtrain.config.validate import NOT_AVAILABLE_YET
 from nbtrain.panel.fields import _SCHEDULER_PARAMS, field_by_name, scheduler_param_fields
-from nbtrain.render import SCHEDULER_TYPES, WARMUP_SCHEDULERS, get_path, render, set_path
-from nbtrain.validate import NOT_AVAILABLE_YET
 
 FLAG_FIELDS = ("zero", "offload_optimizer", "offload_param", "precision", "micro_batch", "grad_accum", "grad_clip",
                "optimizer", "lr", "weight_decay", "scheduler", "hpz", "qat")

@@ -7,10 +7,10 @@ import io
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from nbtrain.config.estimate import GIB, estimate
+from nbtrain.config.render import get_path
+from nbtrain.config.schedules import LrCurve
 from nbtrain.errors import Problem
-from nbtrain.estimate import GIB, estimate
-from nbtrain.render import get_path
-from nbtrain.schedules import LrCurve
 
 REFERENCE_SIZES = (125_000_000, 1_300_000_000, 7_000_000_000)
 

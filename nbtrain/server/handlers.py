@@ -16,7 +16,8 @@ import tornado.web
 from jupyter_server.auth.decorator import authorized
 from jupyter_server.base.handlers import APIHandler
 
-from nbtrain.server import runs, tutorials, utilization, workers
+from nbtrain.devices import machine_stats
+from nbtrain.server import runs, tutorials, workers
 from nbtrain.server.runs import RequestError
 
 if TYPE_CHECKING:
@@ -129,7 +130,7 @@ class MachineHandler(BigTrainHandler):
     @tornado.web.authenticated
     @authorized
     async def get(self) -> None:
-        self.answer(utilization.machine_stats())
+        self.answer(machine_stats())
 
 
 class TutorialsHandler(BigTrainHandler):

@@ -14,8 +14,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from nbtrain.progress import TIMELINE_FILE, StepReader, planned_steps, startup
 from nbtrain.rundir import FINAL_STATES, RunDirectory, list_runs, read_json, read_records
+from nbtrain.rundir.progress import TIMELINE_FILE, StepReader, planned_steps, startup
 
 RUN_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,199}")
 RANK_LIMIT = 4096

@@ -17,9 +17,9 @@ from typing import Any
 
 import psutil
 
+from nbtrain.devices import ProcessMeter
 from nbtrain.rundir import FINAL_STATES, RunDirectory
 from nbtrain.server.runs import RequestError
-from nbtrain.utilization import ProcessMeter
 
 STOPPED_REASON = "stopped from JupyterLab"
 
@@ -32,7 +32,7 @@ def _alive(proc: psutil.Process) -> bool:
 
 
 def _is_worker_of(proc: psutil.Process, run: RunDirectory) -> bool:
-    # A warm worker (nbtrain.pool) was started for an earlier run, whose folder its command
+    # A warm worker (nbtrain.launch.pool) was started for an earlier run, whose folder its command
     # line names: it counts when it is a worker child of the kernel that started this run.
     try:
         cmdline = proc.cmdline()

@@ -12,10 +12,11 @@ from typing import Any
 
 import torch
 
-from nbtrain import config as defaults
-from nbtrain.config import TrainConfig
-from nbtrain.render import FROM_DATALOADER, finalize, get_path
+from nbtrain.config import tree as defaults
+from nbtrain.config.render import FROM_DATALOADER, finalize, get_path
+from nbtrain.config.tree import TrainConfig
 from nbtrain.rundir import MetricWriter, RunDirectory, write_json_atomic
+from nbtrain.rundir.checkpoints import published
 from nbtrain.worker import checkpoint, qat
 from nbtrain.worker.batches import input_dtype, to_device
 from nbtrain.worker.data import MicroBatchLoader, batches_per_epoch, is_supported
@@ -156,7 +157,7 @@ class BigTrain:
         target = self._run.run_info().get("resume_from")
         if not target:
             return {}
-        found = checkpoint.published(Path(target["run"]))
+        found = published(Path(target["run"]))
         if found is None or found.tag != target["tag"]:
             raise RuntimeError(f"the checkpoint to resume from is gone: {target['run']}/checkpoints/{target['tag']}")
         state = checkpoint.load(self.engine, found, self.rank)

@@ -1,8 +1,8 @@
 """One worker process: run cells on this rank, report, and leave nothing behind.
 
-Started by `nbtrain.launcher` as `python -m nbtrain.worker FIRST_RUN_DIR RANK`; each run's
-directory then arrives as one JSON line on stdin. What the kernel side (`nbtrain.run`,
-`nbtrain.launcher`) relies on:
+Started by `nbtrain.launch.launcher` as `python -m nbtrain.worker FIRST_RUN_DIR RANK`; each run's
+directory then arrives as one JSON line on stdin. What the kernel side (`nbtrain.launch.run`,
+`nbtrain.launch.launcher`) relies on:
 `done` on the report pipe = the cell succeeded on this rank (rank 0 has written the `--out` values);
 exit 1 = the cell raised (errors/rank-N.json says where); any other exit = killed;
 `ready` = warm again for the next run; `retire REASON` = ending instead (a clean-up that
@@ -125,7 +125,7 @@ def main(first_run: Path, rank: int | None = None) -> int:
     to the kernel: the worker runs `first_run` only, says `done` with `results/rank-N.done`,
     and its host's relay (`nbtrain.relay`) carries its files and ends it if the head goes silent.
     """
-    from nbtrain.launcher import ALIVE_FD_ENV, REPORT_FD_ENV
+    from nbtrain.launch.launcher import ALIVE_FD_ENV, REPORT_FD_ENV
 
     python_started = time.time()
     rank = int(os.environ["RANK"]) if rank is None else rank
@@ -138,7 +138,7 @@ def main(first_run: Path, rank: int | None = None) -> int:
     CurrentRun.timeline = _timeline(first_run, rank)
     CurrentRun.timeline.mark("python_started", python_started)  # the views now say "imports"
     try:
-        warm_up(CurrentRun.timeline)
+        join_process_group(CurrentRun.timeline)
     except BaseException as exc:  # noqa: BLE001 - reported like a failure of the first run's cell
         _fail(exc, first_run, rank, "")
     from nbtrain.worker.isolation import ProcessState
@@ -183,7 +183,7 @@ def main(first_run: Path, rank: int | None = None) -> int:
     os._exit(0)
 
 
-def warm_up(timeline: Timeline) -> None:
+def join_process_group(timeline: Timeline) -> None:
     """Import the libraries and join the process group once for every run, marking both in `timeline`."""
     # Imported before any cell: their loggers must bind the real stdout, not the tee.
     import accelerate  # noqa: F401
@@ -191,7 +191,7 @@ def warm_up(timeline: Timeline) -> None:
     import torch
     from accelerate.state import PartialState
 
-    from nbtrain.launcher import COLLECTIVE_TIMEOUT_ENV
+    from nbtrain.launch.launcher import COLLECTIVE_TIMEOUT_ENV
     from nbtrain.worker.timeline import watch_op_builds
 
     timeline.mark("imports_done")
@@ -206,7 +206,7 @@ def warm_up(timeline: Timeline) -> None:
 
 def _timeline(run_path: Path, rank: int) -> Timeline:
     """Return a new timeline for the run at `run_path`; rank 0's is published for the views."""
-    from nbtrain.progress import TIMELINE_FILE
+    from nbtrain.rundir.progress import TIMELINE_FILE
     from nbtrain.worker.timeline import Timeline
 
     return Timeline(run_path / TIMELINE_FILE if rank == 0 else None)
@@ -214,8 +214,8 @@ def _timeline(run_path: Path, rank: int) -> Timeline:
 
 def run_job(run_path: Path, rank: int, timeline: Timeline) -> Any:
     """Run the cell of `run_path` on this rank; return its BigTrain context. A failure ends the process."""
-    from nbtrain import shipping
     from nbtrain.current import running
+    from nbtrain.launch import shipping
     from nbtrain.rundir import RunDirectory, read_json
     from nbtrain.worker.heartbeat import Heartbeat
     from nbtrain.worker.utilization import start_sampler
@@ -235,7 +235,7 @@ def run_job(run_path: Path, rank: int, timeline: Timeline) -> Any:
     try:
         from accelerate.utils import set_seed
 
-        from nbtrain.config import TrainConfig
+        from nbtrain.config.tree import TrainConfig
         from nbtrain.worker.context import BigTrain
 
         cfg = TrainConfig(**_tupled(info["config"]))
@@ -340,7 +340,7 @@ def _run_objects(bt: Any) -> dict[str, weakref.ref[Any]]:
 
 def _forget_sources() -> None:
     """Drop the finished run's cell and notebook sources from linecache (the next run brings its own)."""
-    from nbtrain.shipping import is_notebook_source
+    from nbtrain.launch.shipping import is_notebook_source
 
     for filename in [f for f in linecache.cache if f == CELL_FILENAME or is_notebook_source(f)]:
         linecache.cache.pop(filename, None)
@@ -358,7 +358,7 @@ def _output_to(log_file: Path) -> None:
 
 def _fail(exc: BaseException, run_path: Path, rank: int, cell: str) -> NoReturn:
     """Report this rank's error into the run directory and end the process at once."""
-    from nbtrain.launcher import SPACE_RESERVE
+    from nbtrain.launch.launcher import SPACE_RESERVE
     from nbtrain.rundir import RunDirectory, write_json_atomic
 
     report = error_report(exc, rank, cell)

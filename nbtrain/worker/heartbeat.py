@@ -6,7 +6,7 @@ that has been so, and where in the cell it is. The kernel (`find_hang`) calls a 
 rank has waited in a collective for longer than the hang timeout while another rank made no
 progress outside one (or stopped beating altogether): that other rank is the hung one.
 
-Only the standard library here: the kernel imports `find_hang`.
+The readers (`read_heartbeats`, `find_hang`) live in `nbtrain.rundir.heartbeats`: the kernel uses them.
 """
 
 from __future__ import annotations
@@ -19,14 +19,12 @@ import time
 from pathlib import Path
 from typing import Any
 
+from nbtrain.rundir.heartbeats import heartbeat_file
+
 BEAT_S = 1.0
 CELL_FILENAME = "<bigtrain cell>"
 # Frames of these files mean "waiting for the other ranks".
 _COLLECTIVE_PARTS = ("/torch/distributed/", "/deepspeed/comm/")
-
-
-def heartbeat_file(run_path: Path, rank: int) -> Path:
-    return run_path / "heartbeats" / f"rank-{rank}.json"
 
 
 class Heartbeat:
@@ -98,38 +96,3 @@ def _locate(frame: Any) -> tuple[bool, str]:
             cell_line = f"cell line {frame.f_lineno}"
         frame = frame.f_back
     return waiting, cell_line or innermost or "?"
-
-
-def read_heartbeats(run_path: Path, ranks: int) -> dict[int, dict[str, Any]]:
-    """Return the ranks' latest heartbeats (ranks that never beat are left out)."""
-    found = {}
-    for rank in range(ranks):
-        try:
-            found[rank] = json.loads(heartbeat_file(run_path, rank).read_text())
-        except (OSError, ValueError):
-            continue
-    return found
-
-
-def find_hang(beats: dict[int, dict[str, Any]], timeout: float, now: float) -> tuple[int, str] | None:
-    """Return the hung rank and the reason, or None while nothing looks hung."""
-    waiting = [r for r, b in beats.items() if b["waiting"] and now - b["since"] > timeout
-               and now - b["time"] < timeout]
-    if not waiting:
-        return None
-    silent = [r for r, b in beats.items() if now - b["time"] > timeout]
-    stuck = [r for r, b in beats.items() if not b["waiting"] and now - b["since"] > timeout]
-    for rank in silent + stuck:
-        beat = beats[rank]
-        others = ", ".join(str(r) for r in waiting)
-        if rank in silent:  # its last beat may be up to a second older than its last step
-            what = f"sent no heartbeat for {now - beat['time']:.0f} s (frozen or stopped; last heard of at step"
-        else:
-            what = f"hung for {now - beat['since']:.0f} s at {beat['where']} (no progress since step"
-        return rank, (f"rank {rank} {what} {beat['step']}) while rank(s) {others} waited for it "
-                      f"(--hang-timeout {timeout:g} s)")
-    if len(waiting) == len(beats):
-        where = "; ".join(f"rank {r} at {beats[r]['where']}" for r in waiting)
-        return waiting[0], (f"every rank waited in a collective for over {timeout:g} s (a deadlock: the ranks "
-                            f"called different collectives): {where}")
-    return None

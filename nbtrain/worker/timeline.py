@@ -3,7 +3,7 @@
 Start-up can take minutes (on a GPU the first run JIT-builds DeepSpeed's ops: fused_adam,
 cpu_adam, the ZeRO++ quantizer), and a view that only waits for the first step says nothing
 all that time. Rank 0 therefore rewrites `logs/rank-0.timeline.json` whenever a phase begins,
-a handful of small writes per run, none once training runs; `nbtrain.progress.startup` turns
+a handful of small writes per run, none once training runs; `nbtrain.rundir.progress.startup` turns
 it into words for every view. Format: docs/run-directory.md.
 """
 

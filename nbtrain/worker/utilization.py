@@ -14,8 +14,8 @@ import time
 from pathlib import Path
 from typing import IO, Any
 
+from nbtrain.devices import Gpus, ProcessMeter, Rapl, cpu_name, gpu_index_for, visible_devices
 from nbtrain.rundir import RunDirectory
-from nbtrain.utilization import Gpus, ProcessMeter, Rapl, cpu_name, gpu_index_for, visible_devices
 
 SAMPLE_EVERY_S = 1.0
 

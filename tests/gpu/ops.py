@@ -1,6 +1,6 @@
 """Build DeepSpeed's CUDA ops once, in one process, before the GPU tests (`python -m tests.gpu.ops`).
 
-What `nbtrain.warmup` does for the CPU ops: the first run on a machine JIT-compiles the ops it
+What `nbtrain.launch.ops` does for the CPU ops: the first run on a machine JIT-compiles the ops it
 uses, and two ranks compiling one op at once can fail; a build inside a test would also count
 against its time (on an H100: fused_adam ~25 s, cpu_adam ~35 s, the ZeRO++ quantizer ~70 s).
 TORCH_EXTENSIONS_DIR and TORCH_CUDA_ARCH_LIST come from the caller (`.ci/gpu-kit test`).
@@ -40,7 +40,7 @@ def main() -> int:
     import logging
     import os
 
-    from nbtrain.launcher import ops_cache_dir
+    from nbtrain.launch.launcher import ops_cache_dir
 
     os.environ.setdefault("TORCH_EXTENSIONS_DIR", ops_cache_dir())  # where the workers look
     logging.disable(logging.WARNING)

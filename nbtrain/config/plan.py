@@ -12,14 +12,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from nbtrain import estimate
-from nbtrain.config import DEFAULT_CPU_PROCESSES, TrainConfig
-from nbtrain.deepspeed_rules import check_batch
+from nbtrain.config import estimate
+from nbtrain.config.deepspeed_rules import check_batch
+from nbtrain.config.hosts import Host, resolve_hosts
+from nbtrain.config.machine import MachineFacts
+from nbtrain.config.render import FROM_DATALOADER, render_collecting, resolve_batch, unresolved
+from nbtrain.config.tree import DEFAULT_CPU_PROCESSES, TrainConfig
+from nbtrain.config.validate import check, check_resume
 from nbtrain.errors import ConfigError, Problem
-from nbtrain.hosts import Host, resolve_hosts
-from nbtrain.machine import MachineFacts
-from nbtrain.render import FROM_DATALOADER, render_collecting, resolve_batch, unresolved
-from nbtrain.validate import check, check_resume
 
 
 @dataclass(frozen=True)
@@ -103,7 +103,7 @@ def plan_run(cfg: TrainConfig, machine: MachineFacts, base: Mapping[str, Any] | 
         except ConfigError as e:
             problems += e.problems
         if hosts:
-            from nbtrain.cluster import check_launcher  # noqa: PLC0415 - only multi-node runs need it
+            from nbtrain.launch.cluster import check_launcher  # noqa: PLC0415 - only multi-node runs need it
 
             problems += check_launcher(cfg.multinode_launcher or "pdsh")
     if hosts or not multinode:  # the batch rule needs the world size: nproc on each host

@@ -3,7 +3,7 @@
 `TrainConfig` holds what the user asked for and nothing more: a field is `None` when the
 user did not set it, so that a DeepSpeed config file keeps its values unless a flag
 overrides them (precedence: config file < flags < `--set`). Defaults are applied when the
-DeepSpeed dict is rendered (`nbtrain.render`), in one place.
+DeepSpeed dict is rendered (`nbtrain.config.render`), in one place.
 
 Every field maps to the `%%bigtrain` flag of the same name with dashes (`micro_batch` is
 `--micro-batch`); its `help` metadata is the flag's help text. This module imports

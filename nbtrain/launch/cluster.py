@@ -13,7 +13,7 @@ kernel's machine (the head):
   `python -m nbtrain.worker RUN_DIR` per rank: the same worker as on one machine, for one
   run (warm workers stay single-machine for now).
 
-The supervisor (`nbtrain.run`) sees a `ClusterGroup`, which answers like a local
+The supervisor (`nbtrain.launch.run`) sees a `ClusterGroup`, which answers like a local
 `WorkerGroup`: a rank is done once its `results/rank-N.done` arrived, failed once its error
 report arrived, and every rank of a host that was lost has failed with the host named.
 We do not use DeepSpeed's runner process itself: on a stop it runs `pkill -f "python -u -m
@@ -38,9 +38,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from nbtrain.config.hosts import Host, check_reachable, world_info
 from nbtrain.errors import ConfigError, Problem
-from nbtrain.hosts import Host, check_reachable, world_info
-from nbtrain.launcher import (
+from nbtrain.launch.launcher import (
     COLLECTIVE_TIMEOUT_ENV,
     STOP_GRACE_S,
     collective_timeout_s,
@@ -52,7 +52,7 @@ from nbtrain.launcher import (
 from nbtrain.rundir import RunDirectory
 
 if TYPE_CHECKING:
-    from nbtrain.relay import Relay
+    from nbtrain.relay.head import Relay
 
 # Launchers nbtrain can start today, and what each needs on the head.
 LAUNCHERS = {"pdsh": "pdsh", "standard": "ssh"}
@@ -100,7 +100,7 @@ def check_launcher(launcher: str) -> list[Problem]:
 
 def worker_exports(nproc: int, hang_timeout_s: float, tag: str) -> dict[str, str]:
     """Return the variables every remote worker gets: nbtrain's, the forwarded ones, ~/.deepspeed_env's."""
-    from nbtrain.relay import TAG_VARIABLE
+    from nbtrain.relay.protocol import TAG_VARIABLE
 
     local = worker_environment(0, nproc, 0, -1, default_threads(nproc))
     exports = {k: v for k, v in local.items() if k in FORWARDED or k.startswith(FORWARDED_PREFIXES)}
@@ -236,7 +236,7 @@ def preflight(hosts: Sequence[Host], launcher: str, nproc: int | None = None) ->
 def launch_cluster(run: RunDirectory, hosts: Sequence[Host], nproc: int, launcher: str,
                    hang_timeout_s: float) -> ClusterGroup:
     """Check the hosts, start a relay on each and the workers through `launcher`; return the group."""
-    from nbtrain.relay import Relay
+    from nbtrain.relay.head import Relay
 
     addresses = [host_address(h.name) for h in hosts]
     port = free_port()  # a free port here is almost surely free on the first host too; gloo says if not

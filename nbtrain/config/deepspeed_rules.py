@@ -14,10 +14,10 @@ import difflib
 from collections.abc import Mapping
 from typing import Any
 
-from nbtrain.config import TrainConfig
-from nbtrain.deepspeed_schema import DeepSpeedSchema
+from nbtrain.config.render import FROM_DATALOADER, ZERO_TESTED_OPTIMIZERS, get_path
+from nbtrain.config.schema import DeepSpeedSchema
+from nbtrain.config.tree import TrainConfig
 from nbtrain.errors import Problem
-from nbtrain.render import FROM_DATALOADER, ZERO_TESTED_OPTIMIZERS, get_path
 
 MICRO, ACCUM, GLOBAL = "train_micro_batch_size_per_gpu", "gradient_accumulation_steps", "train_batch_size"
 WARMUP_TYPES = ("log", "linear")

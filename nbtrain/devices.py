@@ -1,7 +1,8 @@
 """Read what the devices are doing: a process's CPU and memory, GPUs through NVML, CPU energy through RAPL.
 
-Shared by the workers' sampler (`nbtrain.worker.utilization`) and any view that wants
-machine-wide readings (the JupyterLab server API). Every reader works where its device
+The one reader of devices: the workers' sampler (`nbtrain.worker.utilization`), the server
+API's machine-wide readings (`machine_stats`) and the kernel's GPU count
+(`nbtrain.config.machine.count_gpus`) all read through it. Every reader works where its device
 is missing: NVML without a driver or library reports no GPU (with the reason), RAPL
 without a readable counter reports None; nothing here raises because a machine lacks
 hardware. NVML is imported only when a `Gpus` is made, never at `import nbtrain`.
@@ -101,6 +102,32 @@ class Gpus:
             except self._nvml.NVMLError:
                 pass
             self._nvml = None
+
+
+def gpu_stats() -> list[dict[str, Any]]:
+    """Return each GPU's utilization and memory, or [] where NVML cannot read them all."""
+    gpus = Gpus()
+    try:
+        readings = [gpus.read(index) for index in range(gpus.count)]
+    finally:
+        gpus.close()
+    if any(reading is None for reading in readings):  # a GPU that fell off the bus mid-query: report none
+        return []
+    return [{"index": r.index, "name": r.name, "utilization_percent": r.util_percent,
+             "memory_used_bytes": r.mem_used_bytes, "memory_total_bytes": r.mem_total_bytes}
+            for r in readings if r is not None]
+
+
+def machine_stats() -> dict[str, Any]:
+    """Return the machine's CPU (since the previous call) and RAM use, and the GPUs."""
+    import psutil
+
+    memory = psutil.virtual_memory()
+    return {
+        "cpu_percent": psutil.cpu_percent(None), "cpu_count": psutil.cpu_count(),
+        "memory_used_bytes": int(memory.total - memory.available), "memory_total_bytes": int(memory.total),
+        "memory_percent": float(memory.percent), "gpus": gpu_stats(),
+    }
 
 
 def gpu_memory_of(pids: Iterable[int]) -> dict[int, dict[int, int | None]] | None:

@@ -20,13 +20,13 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from nbtrain.config import DEFAULT_HANG_TIMEOUT_S, DEFAULT_KEEP_WARM_S
-from nbtrain.launcher import WorkerGroup, collective_timeout_s, default_threads, launch_workers
-from nbtrain.plan import RunPlan
+from nbtrain.config.plan import RunPlan
+from nbtrain.config.tree import DEFAULT_HANG_TIMEOUT_S, DEFAULT_KEEP_WARM_S
+from nbtrain.launch.launcher import WorkerGroup, collective_timeout_s, default_threads, launch_workers
 from nbtrain.rundir import RunDirectory
 
 if TYPE_CHECKING:
-    from nbtrain.cluster import ClusterGroup
+    from nbtrain.launch.cluster import ClusterGroup
 
 # A warm worker cleans up right after its run; the next run waits for that at most this long.
 READY_TIMEOUT_S = 60.0
@@ -123,7 +123,7 @@ class WorkerPool:
     def _fresh(self, run: RunDirectory, plan: RunPlan, shape: LaunchShape, why_fresh: str) -> Workers:
         hang = plan.config.hang_timeout or DEFAULT_HANG_TIMEOUT_S
         if plan.hosts:
-            from nbtrain.cluster import launch_cluster
+            from nbtrain.launch.cluster import launch_cluster
 
             cluster = launch_cluster(run, plan.hosts, plan.nproc, plan.launcher, hang)
             return Workers(cluster, shape, warm=False,
@@ -183,7 +183,7 @@ class WorkerPool:
         """
         import psutil
 
-        from nbtrain.utilization import gpu_memory_of
+        from nbtrain.devices import gpu_memory_of
 
         with self._lock:
             idle, since, keep_s = self._idle, self._idle_since, self._keep_s

@@ -21,16 +21,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
-from nbtrain import shipping
-from nbtrain.config import DEFAULT_HANG_TIMEOUT_S, DEFAULT_KEEP_WARM_S, DEFAULT_RUN_ROOT
+from nbtrain.config.plan import RunPlan
+from nbtrain.config.tree import DEFAULT_HANG_TIMEOUT_S, DEFAULT_KEEP_WARM_S, DEFAULT_RUN_ROOT
 from nbtrain.dashboard.fmt import clock
 from nbtrain.errors import RunFailed
-from nbtrain.plan import RunPlan
-from nbtrain.pool import POOL, Workers
-from nbtrain.progress import StepReader, planned_steps, read_startup
+from nbtrain.launch import shipping
+from nbtrain.launch.pool import POOL, Workers
 from nbtrain.result import RunResult
 from nbtrain.rundir import RunDirectory, new_run_id, read_json, write_json_atomic
-from nbtrain.worker.heartbeat import find_hang, read_heartbeats
+from nbtrain.rundir.heartbeats import find_hang, read_heartbeats
+from nbtrain.rundir.progress import StepReader, planned_steps, read_startup
 
 POLL_S = 0.15  # exits and Stop
 # Rank 0's output and progress, to the sink: a value a worker logs is in the dashboard's widgets
@@ -51,8 +51,8 @@ class Progress:
     lr: float | None = None
     samples_per_s: float | None = None
     elapsed_s: float = 0.0
-    eta_s: float | None = None  # nbtrain.progress's: the same as every other view shows
-    phase: str = ""  # the start-up phase, until the first step (nbtrain.progress.Startup.line)
+    eta_s: float | None = None  # nbtrain.rundir.progress's: the same as every other view shows
+    phase: str = ""  # the start-up phase, until the first step (nbtrain.rundir.progress.Startup.line)
 
     def line(self) -> str:
         total = f"/{self.max_steps}" if self.max_steps else ""
@@ -173,7 +173,7 @@ class ActiveRun:
     def supervise(self) -> tuple[str, str, int | None]:
         """Relay output and progress until the run ends; stop every worker unless it succeeded.
 
-        The workers of a succeeded run stay warm for the next one (`nbtrain.pool`), unless
+        The workers of a succeeded run stay warm for the next one (`nbtrain.launch.pool`), unless
         `--keep-warm 0`; a failed, stopped or interrupted run's workers are all ended.
         """
         state = "failed"
@@ -221,7 +221,7 @@ def launch(plan: RunPlan, cell: str, namespace: MutableMapping[str, Any], sink: 
     started = time.time()
     inputs = shipping.dumps(shipping.collect(cell, namespace))
     if plan.hosts:
-        from nbtrain.cluster import preflight
+        from nbtrain.launch.cluster import preflight
 
         preflight(plan.hosts, plan.launcher, plan.nproc)
     run = create_run_directory(plan, cell, inputs)

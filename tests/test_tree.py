@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from nbtrain.config import TrainConfig, choices_of, config_fields, flag_name, freeze_mapping
+from nbtrain.config.tree import TrainConfig, choices_of, config_fields, flag_name, freeze_mapping
 
 
 def test_the_config_is_frozen_and_changes_through_replace() -> None:
@@ -57,7 +57,7 @@ def test_freeze_mapping_copies_deeply() -> None:
 
 def test_importing_nbtrain_stays_light() -> None:
     # The magic, the config panel and the server import nbtrain; none may pay for torch.
-    code = ("import sys, nbtrain, nbtrain.plan, nbtrain.arguments; "
+    code = ("import sys, nbtrain, nbtrain.config.plan, nbtrain.config.arguments; "
             "heavy = [m for m in ('torch', 'deepspeed', 'IPython', 'ipywidgets', 'accelerate') if m in sys.modules]; "
             "print(heavy)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)

@@ -2,7 +2,7 @@
 
 Hosts come from DeepSpeed's hostfile (`--hostfile`, lines `node-a slots=8`) or from the
 `--hosts node-a,node-b` shorthand (slots unknown, so no cap). Every check returns
-`Problem`s, like `nbtrain.validate`, so that the validator reports them all at once;
+`Problem`s, like `nbtrain.config.validate`, so that the validator reports them all at once;
 `resolve_hosts` raises them as one `ConfigError`.
 
 >>> hosts, problems = parse_hostfile_lines(["# two nodes", "node-a slots=2", "node-b slots=2"], "hosts.txt")
@@ -31,8 +31,8 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
+from nbtrain.config.machine import gpus, too_few_gpus
 from nbtrain.errors import ConfigError, Problem
-from nbtrain.machine import gpus, too_few_gpus
 
 # DeepSpeed's own rule (deepspeed/launcher/runner.py, _parse_hostfile), applied with
 # re.search to the stripped line: anything after `slots=N` is ignored, so OpenMPI's
@@ -190,7 +190,7 @@ def probe_script(python: str, workdir: str | None = None) -> str:
         steps.append(f"cd {wd} 2>/dev/null || {{ echo {_PROBE_MARK} no-workdir; exit 0; }}")
     # The GPU count ignores the login shell's CUDA_VISIBLE_DEVICES: DeepSpeed's launch sets it
     # on each host to the run's local slots (0..nproc-1), so the host's GPUs are what count.
-    code = ('import os, sys, nbtrain; from nbtrain.machine import count_gpus; '
+    code = ('import os, sys, nbtrain; from nbtrain.config.machine import count_gpus; '
             'os.environ.pop("CUDA_VISIBLE_DEVICES", None); '
             f'print("{_PROBE_MARK} ok", "%d.%d" % sys.version_info[:2], nbtrain.__version__, count_gpus())')
     steps.append(f"{py} -c {shlex.quote(code)} 2>&1")

@@ -13,7 +13,7 @@ are not a hand-kept list but derived from the installed DeepSpeed:
 
 Deriving imports DeepSpeed (over a second), so the result for the DeepSpeed version we
 test against ships as `_deepspeed_schema.json`; `load_schema` derives afresh (and caches)
-when the installed version differs. `python -m nbtrain.deepspeed_schema` rewrites it.
+when the installed version differs. `python -m nbtrain.config.schema` rewrites it.
 """
 
 from __future__ import annotations

@@ -14,8 +14,8 @@ from types import ModuleType
 
 import pytest
 
+from nbtrain.devices import MIN_CPU_INTERVAL_S, Gpus, ProcessMeter, Rapl, gpu_index_for
 from nbtrain.rundir import RunDirectory
-from nbtrain.utilization import MIN_CPU_INTERVAL_S, Gpus, ProcessMeter, Rapl, gpu_index_for
 from nbtrain.worker.utilization import UtilizationSampler, start_sampler, utilization_file
 
 FAKE = Path(__file__).parent / "fakes" / "pynvml.py"

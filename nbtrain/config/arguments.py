@@ -12,7 +12,7 @@ import dataclasses
 import shlex
 from typing import Any, NoReturn
 
-from nbtrain.config import TrainConfig, choices_of, config_fields, flag_name
+from nbtrain.config.tree import TrainConfig, choices_of, config_fields, flag_name
 from nbtrain.errors import ConfigError, Problem
 
 _COMMA_LISTS = {"hosts", "out"}

@@ -11,7 +11,7 @@ workers end themselves (see `nbtrain.worker.entry`), so no worker outlives its k
 
 Runs reach the workers as jobs: one JSON line on each worker's stdin per run. A worker
 answers on its own report pipe: `done` when the cell succeeded on its rank, then `ready`
-once it is clean for another run (`nbtrain.pool` keeps such groups warm). A failed rank
+once it is clean for another run (`nbtrain.launch.pool` keeps such groups warm). A failed rank
 exits instead, so a group that failed is never reused.
 """
 
@@ -67,7 +67,7 @@ class WorkerGroup:
     reserve: Path | None = None  # the current run's SPACE_RESERVE file
     runs_served: int = 0
     # Why the run failed when no rank's own error says it (a lost host of a multi-node run,
-    # see nbtrain.cluster); a local group's ranks always speak for themselves.
+    # see nbtrain.launch.cluster); a local group's ranks always speak for themselves.
     failure: str | None = None
     failed_rank: int | None = None
     _reports: list[list[str]] = field(default_factory=list)  # per rank, since the last job

@@ -17,8 +17,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from nbtrain import config as defaults
-from nbtrain.config import TrainConfig
+from nbtrain.config import tree as defaults
+from nbtrain.config.tree import TrainConfig
 from nbtrain.errors import ConfigError, Problem
 
 FROM_DATALOADER = "from the DataLoader"

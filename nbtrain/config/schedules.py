@@ -14,9 +14,9 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from nbtrain.config import DEFAULT_LR
+from nbtrain.config.render import get_path
+from nbtrain.config.tree import DEFAULT_LR
 from nbtrain.errors import Problem
-from nbtrain.render import get_path
 
 # A preview never needs more points than a plot has pixels; longer runs are sampled.
 MAX_POINTS = 1000

@@ -15,10 +15,10 @@ from typing import Any
 
 import pytest
 
-from nbtrain.config import TrainConfig
-from nbtrain.deepspeed_schema import _SHIPPED, DeepSpeedSchema, derive_schema, load_schema
-from nbtrain.machine import MachineFacts
-from nbtrain.validate import check
+from nbtrain.config.machine import MachineFacts
+from nbtrain.config.schema import _SHIPPED, DeepSpeedSchema, derive_schema, load_schema
+from nbtrain.config.tree import TrainConfig
+from nbtrain.config.validate import check
 
 # Judge the keys, not this machine: a GPU machine may run every one of these configs.
 GPU = MachineFacts(gpu_count=2, has_libaio=True)
@@ -143,7 +143,7 @@ def test_the_shipped_schema_is_what_the_installed_deepspeed_says() -> None:
     shipped = json.loads(_SHIPPED.read_text())
     assert derived == shipped, (
         f"{_SHIPPED.name} is out of date for DeepSpeed {derived['version']} (it was made for {shipped['version']}): "
-        "run `python -m nbtrain.deepspeed_schema` and commit the result")
+        "run `python -m nbtrain.config.schema` and commit the result")
 
 
 def test_load_schema_reads_the_shipped_file_for_this_version() -> None:

@@ -1,4 +1,4 @@
-"""Build DeepSpeed's CPU ops once, in one process (`python -m nbtrain.warmup`).
+"""Build DeepSpeed's CPU ops once, in one process (`python -m nbtrain.launch.ops`).
 
 The first run on a machine JIT-compiles the ops; two ranks compiling the same op at once
 can fail. Building them here first (set-up does) makes the first run as fast as the next.
@@ -29,7 +29,7 @@ if __name__ == "__main__":
     import logging
     import os
 
-    from nbtrain.launcher import ops_cache_dir
+    from nbtrain.launch.launcher import ops_cache_dir
 
     os.environ.setdefault("TORCH_EXTENSIONS_DIR", ops_cache_dir())  # where the workers look
 

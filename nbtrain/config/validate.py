@@ -2,7 +2,7 @@
 
 `check(cfg, ds, machine)` returns every problem at once; each names the flag or dotted
 key, the value, the rule and the fix. It never imports DeepSpeed: the keys DeepSpeed
-accepts come from `nbtrain.deepspeed_schema`.
+accepts come from `nbtrain.config.schema`.
 """
 
 from __future__ import annotations
@@ -15,13 +15,13 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from nbtrain.config import DEEPSPEED_DEFAULT_WARMUP_STEPS, DEFAULT_RUN_ROOT, TrainConfig
-from nbtrain.deepspeed_rules import check_rules
-from nbtrain.deepspeed_rules import flag_or_key as _where
-from nbtrain.deepspeed_schema import DeepSpeedSchema, load_schema
+from nbtrain.config.deepspeed_rules import check_rules
+from nbtrain.config.deepspeed_rules import flag_or_key as _where
+from nbtrain.config.machine import MachineFacts, too_few_gpus
+from nbtrain.config.render import FROM_DATALOADER, WARMUP_SCHEDULERS, get_path
+from nbtrain.config.schema import DeepSpeedSchema, load_schema
+from nbtrain.config.tree import DEEPSPEED_DEFAULT_WARMUP_STEPS, DEFAULT_RUN_ROOT, TrainConfig
 from nbtrain.errors import Problem
-from nbtrain.machine import MachineFacts, too_few_gpus
-from nbtrain.render import FROM_DATALOADER, WARMUP_SCHEDULERS, get_path
 
 # Flags that parse and show in --dry-run but whose effect is not built yet.
 NOT_AVAILABLE_YET: dict[str, str] = {}
@@ -221,7 +221,7 @@ def _check_device_count(cfg: TrainConfig, machine: MachineFacts, nproc: int) -> 
     """Refuse more processes than this machine shows GPUs: each rank needs one of its own.
 
     A CPU machine (no GPU visible) runs CPU processes, any number. A multi-node run's
-    hosts are checked one by one when they are reached (`nbtrain.hosts.check_reachable`):
+    hosts are checked one by one when they are reached (`nbtrain.config.hosts.check_reachable`):
     this machine's GPUs say nothing about theirs.
     """
     if not machine.cuda or not isinstance(nproc, int) or nproc <= machine.gpu_count \
@@ -242,7 +242,7 @@ def _check_libaio(ds: Mapping[str, Any], machine: MachineFacts) -> list[Problem]
 
 def check_resume(cfg: TrainConfig, ds: Mapping[str, Any], nproc: int) -> tuple[dict[str, Any] | None, list[Problem]]:
     """Find the checkpoint `--resume` continues; refuse one that is missing or cannot be loaded here."""
-    from nbtrain.worker.checkpoint import find_run, published
+    from nbtrain.rundir.checkpoints import find_run, published
 
     if cfg.resume is None:
         return None, []

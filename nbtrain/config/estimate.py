@@ -10,7 +10,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from nbtrain.render import get_path
+from nbtrain.config.render import get_path
 
 GIB = 1024**3
 

@@ -58,16 +58,13 @@ def count_gpus() -> int:
     visible = os.environ.get("CUDA_VISIBLE_DEVICES")
     if visible is not None and visible.strip() in ("", "-1"):
         return 0
-    try:
-        import pynvml
+    from nbtrain.devices import Gpus
 
-        pynvml.nvmlInit()
-        try:
-            count = int(pynvml.nvmlDeviceGetCount())
-        finally:
-            pynvml.nvmlShutdown()
-    except Exception:  # noqa: BLE001 - no driver, no library: no GPU, which is a normal state
-        return 0
+    gpus = Gpus()  # no driver, no library: no GPU, which is a normal state
+    try:
+        count = gpus.count
+    finally:
+        gpus.close()
     if visible is not None:
         count = _visible_count(visible, count)
     return count
