@@ -23,6 +23,7 @@ from __future__ import annotations
 import os
 import re
 import shlex
+import shutil
 import subprocess
 import sys
 import time
@@ -33,6 +34,9 @@ from pathlib import Path
 
 from nbtrain.config.machine import gpus, too_few_gpus
 from nbtrain.errors import ConfigError, Problem
+
+# Launchers nbtrain can start today, and what each needs on the head.
+LAUNCHERS = {"pdsh": "pdsh", "standard": "ssh"}
 
 # DeepSpeed's own rule (deepspeed/launcher/runner.py, _parse_hostfile), applied with
 # re.search to the stripped line: anything after `slots=N` is ignored, so OpenMPI's
@@ -310,3 +314,16 @@ def _version() -> str:
     from nbtrain import __version__
 
     return __version__
+
+
+def check_launcher(launcher: str) -> list[Problem]:
+    """Refuse a launcher nbtrain cannot start (yet), or whose program is missing on the head."""
+    if launcher not in LAUNCHERS:
+        return [Problem("--multinode-launcher", launcher,
+                        "only pdsh and standard (ssh to each host) are supported by nbtrain so far",
+                        "use --multinode-launcher pdsh (DeepSpeed's default) or standard")]
+    program = LAUNCHERS[launcher]
+    if shutil.which(program) is None:
+        return [Problem("--multinode-launcher", launcher, f"needs `{program}` on this machine's PATH",
+                        f"install it (Debian: apt-get install {'pdsh' if program == 'pdsh' else 'openssh-client'})")]
+    return []

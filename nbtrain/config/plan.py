@@ -14,7 +14,7 @@ from typing import Any
 
 from nbtrain.config import estimate
 from nbtrain.config.deepspeed_rules import check_batch
-from nbtrain.config.hosts import Host, resolve_hosts
+from nbtrain.config.hosts import Host, check_launcher, resolve_hosts
 from nbtrain.config.machine import MachineFacts
 from nbtrain.config.render import FROM_DATALOADER, render_collecting, resolve_batch, unresolved
 from nbtrain.config.tree import DEFAULT_CPU_PROCESSES, TrainConfig
@@ -103,8 +103,6 @@ def plan_run(cfg: TrainConfig, machine: MachineFacts, base: Mapping[str, Any] | 
         except ConfigError as e:
             problems += e.problems
         if hosts:
-            from nbtrain.launch.cluster import check_launcher  # noqa: PLC0415 - only multi-node runs need it
-
             problems += check_launcher(cfg.multinode_launcher or "pdsh")
     if hosts or not multinode:  # the batch rule needs the world size: nproc on each host
         problems += check_batch(cfg, rendered.deepspeed, nproc, len(hosts))

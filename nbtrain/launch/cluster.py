@@ -27,7 +27,6 @@ import argparse
 import base64
 import json
 import os
-import shutil
 import signal
 import socket
 import subprocess
@@ -38,7 +37,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from nbtrain.config.hosts import Host, check_reachable, world_info
+from nbtrain.config.hosts import Host, check_launcher, check_reachable, world_info
 from nbtrain.errors import ConfigError, Problem
 from nbtrain.launch.launcher import (
     COLLECTIVE_TIMEOUT_ENV,
@@ -54,8 +53,6 @@ from nbtrain.rundir import RunDirectory
 if TYPE_CHECKING:
     from nbtrain.relay.head import Relay
 
-# Launchers nbtrain can start today, and what each needs on the head.
-LAUNCHERS = {"pdsh": "pdsh", "standard": "ssh"}
 # Variables the workers need besides what DeepSpeed's runner forwards by prefix (PYTHON*, …);
 # the kernel's other variables stay on the head (they may hold secrets).
 FORWARDED = ("OMP_NUM_THREADS", "TORCH_EXTENSIONS_DIR", "ACCELERATE_USE_DEEPSPEED", "NBTRAIN_LAUNCHED_AT",
@@ -83,19 +80,6 @@ def host_address(host: str, environ: Mapping[str, str] | None = None) -> str:
     except OSError as e:
         raise ConfigError([Problem("--hosts", host, f"its address cannot be resolved here ({e})",
                                    "use a name this machine resolves, or its address")]) from e
-
-
-def check_launcher(launcher: str) -> list[Problem]:
-    """Refuse a launcher nbtrain cannot start (yet), or whose program is missing on the head."""
-    if launcher not in LAUNCHERS:
-        return [Problem("--multinode-launcher", launcher,
-                        "only pdsh and standard (ssh to each host) are supported by nbtrain so far",
-                        "use --multinode-launcher pdsh (DeepSpeed's default) or standard")]
-    program = LAUNCHERS[launcher]
-    if shutil.which(program) is None:
-        return [Problem("--multinode-launcher", launcher, f"needs `{program}` on this machine's PATH",
-                        f"install it (Debian: apt-get install {'pdsh' if program == 'pdsh' else 'openssh-client'})")]
-    return []
 
 
 def worker_exports(nproc: int, hang_timeout_s: float, tag: str) -> dict[str, str]:
