@@ -92,7 +92,8 @@ def run_ours(kernel: Kernel, workdir: Path, cold: bool, flags: str = FLAGS) -> d
 def idle_worker_mib(kernel: Kernel) -> list[float]:
     """Return the memory (RSS, MiB) of each idle warm worker, a moment after its run."""
     time.sleep(2)  # the clean-up after a run
-    shown = kernel.execute("from nbtrain.launch.pool import POOL as _pool\nprint([r['rss_mib'] for r in _pool.describe()])")
+    shown = kernel.execute("_pool = get_ipython().magics_manager.registry['BigTrainMagics'].state.pool\n"
+                           "print([r['rss_mib'] for r in _pool.describe()])")
     return [float(v) for v in json.loads(shown.text.strip())]
 
 

@@ -21,11 +21,12 @@ from IPython.core.error import UsageError
 
 from nbtrain.config.tree import DEFAULT_RUN_ROOT
 from nbtrain.dashboard.fmt import clock, number
-from nbtrain.launch.run import Progress, RunHandle
+from nbtrain.launch.run import KernelState, Progress, RunHandle
 from nbtrain.result import RunResult
 
 if TYPE_CHECKING:
     from nbtrain.dashboard.widget import Dashboard
+    from nbtrain.launch.pool import WorkerPool
 from nbtrain.rundir import FINAL_STATES, RunDirectory, list_runs
 
 ATTACH_TICK_S = 0.5  # an attached dashboard reads the run directory as often as a cell's does
@@ -159,7 +160,8 @@ def runs_table(root: Path, now: float | None = None) -> str:
 class LineCommands:
     """The line commands of one kernel; it remembers this kernel's background runs to stop them."""
 
-    def __init__(self) -> None:
+    def __init__(self, state: KernelState) -> None:
+        self._state = state
         self._handles: dict[Path, RunHandle] = {}
 
     def remember(self, value: Any) -> None:
@@ -171,7 +173,7 @@ class LineCommands:
     def run(self, line: str) -> Any:
         args = parse_command(line)
         if args.command in ("workers", "shutdown", "restart"):
-            return _workers_command(args.command)
+            return _workers_command(args.command, self._state.pool)
         root = _root(args)
         if args.command == "runs":
             print(runs_table(root))
@@ -286,12 +288,10 @@ def _stop_quietly(run: RunDirectory, reason: str) -> None:
         print(e)
 
 
-def _workers_command(command: str) -> None:
-    from nbtrain.launch.pool import POOL
-
+def _workers_command(command: str, pool: WorkerPool) -> None:
     if command == "workers":
         from nbtrain.magic import describe_workers
 
-        print(describe_workers(POOL.describe()))
+        print(describe_workers(pool.describe()))
     else:
-        print(POOL.shutdown() + ("; the next run starts on fresh workers" if command == "restart" else ""))
+        print(pool.shutdown() + ("; the next run starts on fresh workers" if command == "restart" else ""))

@@ -18,7 +18,7 @@ from nbtrain.config.machine import detect_machine
 from nbtrain.config.plan import RunPlan, load_base, plan_run
 from nbtrain.dashboard.widget import Dashboard
 from nbtrain.errors import ConfigError, ShippingError
-from nbtrain.launch.run import Progress, start_run
+from nbtrain.launch.run import KernelState, Progress, start_run
 from nbtrain.result import RunResult
 from nbtrain.rundir import RunDirectory
 
@@ -94,7 +94,7 @@ class BigTrainMagics(Magics):
             return None
         try:
             sink = NotebookSink() if cfg.no_plot else Dashboard()
-            result = start_run(plan, cell, self._user_namespace(), sink)
+            result = start_run(plan, cell, self._user_namespace(), sink, self.state)
         except (ShippingError, ConfigError) as e:  # ConfigError: a host of a multi-node run is unreachable
             raise UsageError(str(e)) from None
         self._commands.remember(result)  # `%bigtrain stop` stops a background run through its supervisor
@@ -104,7 +104,8 @@ class BigTrainMagics(Magics):
 
     def __init__(self, shell: Any = None, **kwargs: Any):
         super().__init__(shell=shell, **kwargs)
-        self._commands = LineCommands()
+        self.state = KernelState()  # this kernel's warm workers, for its runs and its line commands
+        self._commands = LineCommands(self.state)
 
     def _user_namespace(self) -> dict[str, Any]:
         assert self.shell is not None, "the magic runs inside an IPython shell"

@@ -281,6 +281,7 @@ def test_the_magics_help_documents_the_line_commands_and_keeps_the_flags() -> No
 
 def test_compare_refuses_a_run_named_twice(root: Path) -> None:
     from nbtrain.commands import LineCommands
+    from nbtrain.launch.run import KernelState
 
     with pytest.raises(UsageError, match=r"20261126-091500-sweep-bbbb named more than once \(sweep 20261126-0915\)"):
-        LineCommands().run(f"compare sweep 20261126-0915 --run-dir {root}")
+        LineCommands(KernelState()).run(f"compare sweep 20261126-0915 --run-dir {root}")

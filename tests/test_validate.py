@@ -362,7 +362,6 @@ def test_the_magic_refuses_the_batch_before_anything_starts(tmp_path: Any, monke
     from IPython.core.error import UsageError
     from IPython.core.interactiveshell import InteractiveShell
 
-    from nbtrain.launch.pool import POOL
 
     monkeypatch.chdir(tmp_path)
     shell = InteractiveShell.instance()
@@ -373,7 +372,7 @@ def test_the_magic_refuses_the_batch_before_anything_starts(tmp_path: Any, monke
     assert "train_batch_size = 7" in str(err.value) and "2 x 2 x 2 = 8" in str(err.value)
     assert str(err.value).startswith("1 problem in the %%bigtrain settings (nothing was started)")
     assert list(tmp_path.iterdir()) == [], "a run directory or the cell's file appeared"
-    assert POOL.describe() == [], "workers were started"
+    assert shell.magics_manager.registry["BigTrainMagics"].state.pool.describe() == [], "workers were started"
 
 
 def test_an_untested_optimizer_under_zero_is_allowed_as_deepspeed_needs() -> None:

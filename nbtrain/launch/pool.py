@@ -16,6 +16,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -93,9 +94,14 @@ class Workers:
 
 
 class WorkerPool:
-    """The kernel's warm workers: at most one idle group."""
+    """The kernel's warm workers: at most one idle group.
 
-    def __init__(self) -> None:
+    `launch` starts a fresh group on this machine (`launch_workers`'s signature); tests give a
+    stand-in to check the pool's decisions in-process.
+    """
+
+    def __init__(self, launch: Callable[..., WorkerGroup] = launch_workers) -> None:
+        self._launch = launch
         self._lock = threading.Lock()
         self._idle: Workers | None = None
         self._idle_since = 0.0
@@ -128,7 +134,7 @@ class WorkerPool:
             cluster = launch_cluster(run, plan.hosts, plan.nproc, plan.launcher, hang)
             return Workers(cluster, shape, warm=False,
                            note=f"fresh workers on {len(plan.hosts)} hosts (multi-node runs start fresh workers)")
-        group = launch_workers(run, plan.nproc, hang_timeout=hang, threads=shape.threads)
+        group = self._launch(run, plan.nproc, hang_timeout=hang, threads=shape.threads)
         return Workers(group, shape, warm=False, note=f"fresh workers ({why_fresh})")
 
     def start(self, run: RunDirectory, plan: RunPlan, last: bool) -> Workers:
@@ -271,7 +277,3 @@ def gpu_memory_text(per_gpu: dict[int, int | None]) -> str:
     return ", ".join(("not reported" if used is None else f"{used / 2**20:.0f} MiB") + f" (GPU {index})"
                      for index, used in sorted(per_gpu.items()))
 
-
-# The kernel's one pool (module state: the kernel is one process, and its magics, panels and
-# background runs must all see the same warm workers).
-POOL = WorkerPool()

@@ -17,7 +17,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable, MutableMapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -26,7 +26,7 @@ from nbtrain.config.tree import DEFAULT_HANG_TIMEOUT_S, DEFAULT_KEEP_WARM_S, DEF
 from nbtrain.dashboard.fmt import clock
 from nbtrain.errors import RunFailed
 from nbtrain.launch import shipping
-from nbtrain.launch.pool import POOL, Workers
+from nbtrain.launch.pool import WorkerPool, Workers
 from nbtrain.result import RunResult
 from nbtrain.rundir import RunDirectory, new_run_id, read_json, write_json_atomic
 from nbtrain.rundir.heartbeats import find_hang, read_heartbeats
@@ -155,11 +155,24 @@ def create_run_directory(plan: RunPlan, cell: str, inputs: bytes) -> RunDirector
     return run
 
 
+@dataclass
+class KernelState:
+    """What one kernel keeps from run to run: its warm workers (owned by the magics object).
+
+    Every run of the kernel (foreground, background, the line commands) must see the same
+    pool, so the magics object makes one and passes it along; nothing here is module state.
+    """
+
+    pool: WorkerPool = field(default_factory=WorkerPool)
+
+
 class ActiveRun:
     """A launched run and its supervision: the same code for foreground and background."""
 
-    def __init__(self, plan: RunPlan, run: RunDirectory, workers: Workers, sink: ProgressSink, started: float):
+    def __init__(self, plan: RunPlan, run: RunDirectory, workers: Workers, sink: ProgressSink, started: float,
+                 pool: WorkerPool):
         self.plan, self.run, self.workers, self.sink, self.started = plan, run, workers, sink, started
+        self.pool = pool  # where the workers of a succeeded run wait for the next one
         self.group = workers.group
         self.timings = {"launch_s": time.time() - started}
         self.watcher = _RunWatcher(run, started)
@@ -188,7 +201,7 @@ class ActiveRun:
             if state == "succeeded":
                 self.group.release_reserve()
                 keep = self.plan.config.keep_warm
-                POOL.keep(self.workers, 0 if self.plan.hosts else DEFAULT_KEEP_WARM_S if keep is None else keep)
+                self.pool.keep(self.workers, 0 if self.plan.hosts else DEFAULT_KEEP_WARM_S if keep is None else keep)
             else:
                 self.group.stop()
                 self.group.close()
@@ -216,7 +229,8 @@ class ActiveRun:
         return result
 
 
-def launch(plan: RunPlan, cell: str, namespace: MutableMapping[str, Any], sink: ProgressSink) -> ActiveRun:
+def launch(plan: RunPlan, cell: str, namespace: MutableMapping[str, Any], sink: ProgressSink,
+           state: KernelState) -> ActiveRun:
     """Write the run directory and start the workers of `cell`."""
     started = time.time()
     inputs = shipping.dumps(shipping.collect(cell, namespace))
@@ -225,23 +239,24 @@ def launch(plan: RunPlan, cell: str, namespace: MutableMapping[str, Any], sink: 
 
         preflight(plan.hosts, plan.launcher, plan.nproc)
     run = create_run_directory(plan, cell, inputs)
-    workers = POOL.start(run, plan, last=plan.config.keep_warm == 0 or bool(plan.hosts))
+    workers = state.pool.start(run, plan, last=plan.config.keep_warm == 0 or bool(plan.hosts))
     run.write_status(state="running", started=started, pids=workers.group.pids, port=workers.group.port,
                      workers={"warm": workers.warm, "note": workers.note,
                               "runs_served": workers.group.runs_served})
-    active = ActiveRun(plan, run, workers, sink, started)
+    active = ActiveRun(plan, run, workers, sink, started, state.pool)
     sink.started(run, plan, active.request_stop)
     return active
 
 
-def start_run(plan: RunPlan, cell: str, namespace: MutableMapping[str, Any], sink: ProgressSink) -> RunResult:
-    """Run `cell` as planned (on warm workers when they fit); bind `--out` names in `namespace` on success.
+def start_run(plan: RunPlan, cell: str, namespace: MutableMapping[str, Any], sink: ProgressSink,
+              state: KernelState) -> RunResult:
+    """Run `cell` as planned (on `state`'s warm workers when they fit); bind `--out` names in `namespace` on success.
 
     With `--background` it returns a RunHandle at once; the run is supervised by a thread.
     Raises RunFailed when a rank fails (every worker is stopped first) and
     KeyboardInterrupt, after stopping every worker, when the kernel is interrupted.
     """
-    active = launch(plan, cell, namespace, sink)
+    active = launch(plan, cell, namespace, sink, state)
     if plan.config.background:
         return RunHandle(active, namespace)
     active.supervise()

@@ -23,6 +23,7 @@ import time
 import traceback
 import weakref
 from collections.abc import Iterable
+from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn
@@ -64,14 +65,18 @@ class _Tee:
         return False
 
 
+@dataclass
 class CurrentRun:
-    """The run this worker is working on, if any (the kernel watcher marks it stopped), and its timeline."""
+    """The run this worker is working on, if any (the kernel watcher marks it stopped), and its timeline.
+
+    One per worker process, made by `main` and handed to the threads that read it.
+    """
 
     path: Path | None = None
     timeline: Timeline | None = None  # the op-build watcher marks the current run's
 
 
-def watch_kernel(alive_fd: int, rank: int, current: type[CurrentRun]) -> None:
+def watch_kernel(alive_fd: int, rank: int, current: CurrentRun) -> None:
     """End this process when the kernel dies (its end of the liveness pipe closes)."""
 
     def wait_for_eof() -> None:
@@ -114,7 +119,7 @@ def disk_full(exc: BaseException, run_path: Path) -> str | None:
 
 
 def main(first_run: Path, rank: int | None = None) -> int:
-    """Warm up, then run each job the kernel sends (one line on stdin per run) until stdin closes.
+    """Join the process group, then run each job the kernel sends (a line on stdin per run) until stdin closes.
 
     The first job is the run the workers were started for; later ones reuse this warm
     process (issue: warm workers). After a job this worker reports `done` on its report pipe
@@ -129,16 +134,17 @@ def main(first_run: Path, rank: int | None = None) -> int:
 
     python_started = time.time()
     rank = int(os.environ["RANK"]) if rank is None else rank
+    current = CurrentRun(first_run)
     if ALIVE_FD_ENV in os.environ:
-        watch_kernel(int(os.environ[ALIVE_FD_ENV]), rank, CurrentRun)
+        watch_kernel(int(os.environ[ALIVE_FD_ENV]), rank, current)
     report = os.fdopen(int(os.environ[REPORT_FD_ENV]), "w", buffering=1) if REPORT_FD_ENV in os.environ else None
     jobs: Iterable[str] = sys.stdin if report is not None else [json.dumps(
         {"run": str(first_run), "launched_at": float(os.environ.get("NBTRAIN_LAUNCHED_AT", "nan")), "last": True})]
-    CurrentRun.path = first_run
-    CurrentRun.timeline = _timeline(first_run, rank)
-    CurrentRun.timeline.mark("python_started", python_started)  # the views now say "imports"
+    current.path = first_run
+    current.timeline = _timeline(first_run, rank)
+    current.timeline.mark("python_started", python_started)  # the views now say "imports"
     try:
-        join_process_group(CurrentRun.timeline)
+        join_process_group(current)
     except BaseException as exc:  # noqa: BLE001 - reported like a failure of the first run's cell
         _fail(exc, first_run, rank, "")
     from nbtrain.worker.isolation import ProcessState
@@ -149,20 +155,20 @@ def main(first_run: Path, rank: int | None = None) -> int:
         job = json.loads(line)
         if report is not None:
             report.write("started\n")  # a warm group whose worker died while idle is replaced at once
-        CurrentRun.path = Path(job["run"])
-        timeline = CurrentRun.timeline = CurrentRun.timeline or _timeline(CurrentRun.path, rank)
+        current.path = Path(job["run"])
+        timeline = current.timeline = current.timeline or _timeline(current.path, rank)
         timeline.mark("launched", job["launched_at"], publish=False)
         timeline.mark("job_received")
-        context = run_job(CurrentRun.path, rank, timeline)
+        context = run_job(current.path, rank, timeline)
         runs += 1
         if report is not None:
             report.write("done\n")
         else:
             from nbtrain.rundir import RunDirectory, write_json_atomic
 
-            write_json_atomic(RunDirectory(CurrentRun.path).done_file(rank), {"rank": rank, "time": time.time()})
-        finished_run = CurrentRun.path
-        CurrentRun.path = CurrentRun.timeline = None
+            write_json_atomic(RunDirectory(current.path).done_file(rank), {"rank": rank, "time": time.time()})
+        finished_run = current.path
+        current.path = current.timeline = None
         if job.get("last"):
             # Across hosts a rank that tears down while rank 0 still writes its results can
             # abort at exit: wait for every rank first.
@@ -183,8 +189,8 @@ def main(first_run: Path, rank: int | None = None) -> int:
     os._exit(0)
 
 
-def join_process_group(timeline: Timeline) -> None:
-    """Import the libraries and join the process group once for every run, marking both in `timeline`."""
+def join_process_group(current: CurrentRun) -> None:
+    """Import the libraries and join the process group once for every run, marking both in the run's timeline."""
     # Imported before any cell: their loggers must bind the real stdout, not the tee.
     import accelerate  # noqa: F401
     import deepspeed  # noqa: F401
@@ -194,10 +200,11 @@ def join_process_group(timeline: Timeline) -> None:
     from nbtrain.launch.launcher import COLLECTIVE_TIMEOUT_ENV
     from nbtrain.worker.timeline import watch_op_builds
 
-    timeline.mark("imports_done")
+    assert current.timeline is not None, "the first run's timeline is made before the imports"
+    current.timeline.mark("imports_done")
     # Before anything builds an op (the process group may build the shared-memory comm op),
     # and before the clean process state is captured: the watcher stays for every run.
-    watch_op_builds(lambda: CurrentRun.timeline)
+    watch_op_builds(lambda: current.timeline)
     backend = "nccl" if torch.cuda.is_available() else "gloo"
     # What accelerate's Accelerator would do in the cell (through deepspeed.comm); it then
     # finds the group up. Without an explicit backend accelerate leaves it unset on CPU.
