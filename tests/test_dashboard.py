@@ -27,7 +27,7 @@ from nbtrain.dashboard.store import MAX_POINTS, RunMetrics, Series, smooth
 from nbtrain.dashboard.summary import rows_html, rows_text, summary_rows
 from nbtrain.dashboard.svg import Line, line_chart
 from nbtrain.rundir import RunDirectory
-from nbtrain.rundir.progress import TIMELINE_FILE
+from nbtrain.rundir.layout import TIMELINE as TIMELINE_FILE
 from tests.conftest import NOTEBOOK_SETUP, losses, only_run, status_of, wait_until_gone, worker_processes
 from tests.kernel import Kernel
 

@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 
 from nbtrain.rundir import MetricWriter, RunDirectory
-from nbtrain.rundir.progress import TIMELINE_FILE, StepReader, eta_s, planned_steps, read_startup, startup
+from nbtrain.rundir.layout import TIMELINE as TIMELINE_FILE
+from nbtrain.rundir.progress import StepReader, eta_s, planned_steps, read_startup, startup
 from nbtrain.worker.timeline import Timeline, _built_before
 
 T0 = 1_795_595_825.0  # the run's start (status.json "started")

@@ -24,7 +24,7 @@ from pytest_jupyter.jupyter_server import *  # noqa: F403 - the fixtures, for th
 from tornado.httpclient import HTTPClientError, HTTPResponse
 
 from nbtrain.rundir import MetricWriter
-from nbtrain.rundir.progress import TIMELINE_FILE
+from nbtrain.rundir.layout import TIMELINE as TIMELINE_FILE
 from tests.ui.rundirs import make_run
 
 pytestmark = pytest.mark.integration

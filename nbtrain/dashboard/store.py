@@ -162,7 +162,7 @@ class RunMetrics:
             self.tokens_seen += float(record["tokens_per_s"]) * float(record["step_time_s"])
 
     def _read_utilization(self) -> bool:
-        folder = self.run.path / "utilization"
+        folder = self.run.utilization_file(0).parent
         new = False
         for path in sorted(folder.glob("rank-*.jsonl")) if folder.is_dir() else ():
             records, self._util_offsets[path] = read_records(path, self._util_offsets.get(path, 0))

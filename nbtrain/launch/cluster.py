@@ -163,7 +163,7 @@ class ClusterGroup:
                 return
             if not all(self.run.done_file(rank).exists() for rank in range(self.world_size)):
                 self.failure = (f"the pdsh launcher ended with code {self.runner.returncode} before every rank "
-                                f"finished (see {self.run.path / 'logs' / 'launcher.log'})")
+                                f"finished (see {self.run.launcher_log})")
                 self.failed_rank = next(r for r, c in enumerate(codes) if c is None)
 
     def alive(self) -> bool:
@@ -266,7 +266,7 @@ def _start_pdsh(run: RunDirectory, hosts: Sequence[Host], world_info_base64: str
     for key, value in exports.items():
         runner.add_export(key, value)
     cmd, _kills_other_runs_too, env = runner.get_cmd(dict(os.environ), {h.name: [] for h in hosts})
-    log = open(run.path / "logs" / "launcher.log", "ab")
+    log = open(run.launcher_log, "ab")
     try:
         return subprocess.Popen(cmd, env=env, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
                                 start_new_session=True)

@@ -30,6 +30,7 @@ from nbtrain.launch.pool import WorkerPool, Workers
 from nbtrain.result import RunResult
 from nbtrain.rundir import RunDirectory, new_run_id, read_json, write_json_atomic
 from nbtrain.rundir.heartbeats import find_hang, read_heartbeats
+from nbtrain.rundir.layout import LOG, rank_file
 from nbtrain.rundir.progress import StepReader, planned_steps, read_startup
 
 POLL_S = 0.15  # exits and Stop
@@ -111,7 +112,7 @@ class _RunWatcher:
         self.first_step_time: float | None = None
 
     def new_output(self) -> str:
-        path = self.run.path / "logs" / "rank-0.out"
+        path = self.run.output_file(0)
         try:
             with open(path, "rb") as f:
                 f.seek(self._out_offset)
@@ -403,7 +404,7 @@ def _failure_reason(run: RunDirectory, codes: list[int | None]) -> tuple[str, in
                     "the metrics and checkpoints written before are intact"), rank
         return f"rank {rank} raised {report['type']}: {report['message']}{where}", rank
     rank = next(r for r, code in enumerate(codes) if code not in (None, 0))
-    return f"rank {rank} exited with code {codes[rank]} without a Python error (see logs/rank-{rank}.log)", rank
+    return f"rank {rank} exited with code {codes[rank]} without a Python error (see {rank_file(LOG, rank)})", rank
 
 
 def _bind_outputs(run: RunDirectory, names: tuple[str, ...],

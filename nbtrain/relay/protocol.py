@@ -13,6 +13,8 @@ from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import IO, Any, Literal
 
+from nbtrain.rundir import layout
+
 PROTOCOL = 1
 HEAD_TOKEN = ".head-token"  # written by the head; a remote that reads the same value shares the filesystem
 TAG_VARIABLE = "NBTRAIN_WORKER_TAG"  # marks a host's worker processes (set through DS_ENV_FILE)
@@ -23,14 +25,13 @@ DEFAULT_GRACE_S = 2.0  # SIGTERM → SIGKILL
 MAX_CHUNK = 1 << 20  # one message at most: a big log never holds back the beats for long
 MAX_HEADER = 1 << 16
 # The head sends these (what the workers read before the run) unless the filesystem is shared.
-HEAD_FILES = ("run.json", "deepspeed.json", "cell.py", "inputs.pkl")
+HEAD_FILES = (layout.RUN_FILE, layout.DEEPSPEED_FILE, layout.CELL_FILE, layout.INPUTS_FILE)
 # Each rank's files, as the workers write them (docs/run-directory.md).
-APPENDED = ("metrics/rank-{r}.jsonl", "utilization/rank-{r}.jsonl", "logs/rank-{r}.log", "logs/rank-{r}.out")
-REPLACED = ("heartbeats/rank-{r}.json", "errors/rank-{r}.json", "results/rank-{r}.done")
-RANK0_REPLACED = ("deepspeed.effective.json", "results/outputs.pkl", "logs/rank-0.timeline.json")
-# Folders a worker expects to find in its run directory (RunDirectory.create makes them on the head).
-RUN_FOLDERS = ("metrics", "logs", "errors", "results", "checkpoints", "heartbeats", "utilization")
-_DURABLE = ("errors/", "results/", "deepspeed.effective.json")  # fsync these; heartbeats come again in 1 s
+APPENDED = (layout.METRICS, layout.UTILIZATION, layout.LOG, layout.OUTPUT)
+REPLACED = (layout.HEARTBEAT, layout.ERROR, layout.DONE)
+RANK0_REPLACED = (layout.EFFECTIVE_DEEPSPEED_FILE, layout.OUTPUTS_FILE, layout.TIMELINE)
+# fsync these; heartbeats come again in 1 s
+_DURABLE = (layout.ERROR.split("/")[0] + "/", layout.DONE.split("/")[0] + "/", layout.EFFECTIVE_DEEPSPEED_FILE)
 
 FileKind = Literal["append", "replace"]
 
@@ -100,8 +101,8 @@ def relayed_files(ranks: Iterable[int], host: str | None = None) -> dict[str, Fi
     """Return the run-directory files of `ranks` that a relay carries, and how (by relative path)."""
     files: dict[str, FileKind] = {}
     for r in sorted(set(ranks)):
-        files.update({p.format(r=r): "append" for p in APPENDED})
-        files.update({p.format(r=r): "replace" for p in REPLACED})
+        files.update({layout.rank_file(p, r): "append" for p in APPENDED})
+        files.update({layout.rank_file(p, r): "replace" for p in REPLACED})
         if r == 0:
             files.update({p: "replace" for p in RANK0_REPLACED})
     if host:
@@ -111,7 +112,7 @@ def relayed_files(ranks: Iterable[int], host: str | None = None) -> dict[str, Fi
 
 def launch_log(host: str) -> str:
     """Return where a command the relay started on `host` writes its own output."""
-    return f"logs/launch-{host}.log"
+    return layout.HOST_LAUNCH_LOG.format(host=host)
 
 
 def inside_run(run_path: Path, relative: str) -> Path:

@@ -26,7 +26,6 @@ from nbtrain.relay.protocol import (
     DEFAULT_TIMEOUT_S,
     HEAD_TOKEN,
     PROTOCOL,
-    RUN_FOLDERS,
     TAG_VARIABLE,
     FileWatcher,
     FrameReader,
@@ -37,6 +36,7 @@ from nbtrain.relay.protocol import (
     relayed_files,
     write_atomic,
 )
+from nbtrain.rundir.layout import FOLDERS
 
 # -- finding and ending a host's workers ---------------------------------------------------
 
@@ -229,7 +229,7 @@ class RemoteRelay:
         error = None
         if not self.shared:
             try:
-                for folder in RUN_FOLDERS:
+                for folder in FOLDERS:
                     (self.run_path / folder).mkdir(parents=True, exist_ok=True)
             except OSError as e:
                 error = f"cannot create the run directory {self.run_path} there: {e.strerror or e}"

@@ -11,6 +11,8 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+from nbtrain.rundir.layout import CHECKPOINTS, RUN_FILE
+
 POINTER = "latest.json"
 PARTIAL_PREFIX = ".partial-"
 
@@ -27,13 +29,13 @@ class Published:
 
     @property
     def path(self) -> Path:
-        return self.run / "checkpoints" / self.tag
+        return self.run / CHECKPOINTS / self.tag
 
 
 def published(run: Path) -> Published | None:
     """Return the run's last published checkpoint, or None when it has none."""
     try:
-        pointer = json.loads((run / "checkpoints" / POINTER).read_text())
+        pointer = json.loads((run / CHECKPOINTS / POINTER).read_text())
         found = Published(run, str(pointer["tag"]), int(pointer["step"]), int(pointer["world_size"]),
                           int(pointer["zero_stage"]))
     except (OSError, ValueError, KeyError, TypeError):
@@ -44,7 +46,7 @@ def published(run: Path) -> Published | None:
 def find_run(root: Path, wanted: str) -> tuple[Path | None, str]:
     """Return the run directory `--resume wanted` means, or None and why there is none."""
     if wanted == "latest":
-        runs = sorted((p for p in root.iterdir() if (p / "run.json").is_file()), reverse=True) \
+        runs = sorted((p for p in root.iterdir() if (p / RUN_FILE).is_file()), reverse=True) \
             if root.is_dir() else []
         for run in runs:
             if published(run) is not None:
@@ -52,6 +54,6 @@ def find_run(root: Path, wanted: str) -> tuple[Path | None, str]:
         return None, f"no run under {root} has a published checkpoint"
     candidate = Path(wanted).expanduser()
     for path in (candidate, root / wanted):
-        if (path / "run.json").is_file():
+        if (path / RUN_FILE).is_file():
             return path.resolve(), ""
     return None, f"no run {wanted!r} under {root}"

@@ -13,9 +13,11 @@ import json
 from pathlib import Path
 from typing import Any
 
+from nbtrain.rundir.layout import RunDirectory
+
 
 def heartbeat_file(run_path: Path, rank: int) -> Path:
-    return run_path / "heartbeats" / f"rank-{rank}.json"
+    return RunDirectory(run_path).heartbeat_file(rank)
 
 
 def read_heartbeats(run_path: Path, ranks: int) -> dict[int, dict[str, Any]]:

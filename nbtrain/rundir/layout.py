@@ -28,6 +28,35 @@ def new_run_id(name: str | None = None, now: float | None = None) -> str:
     return f"{stamp}-{name or 'run'}-{secrets.token_hex(2)}"
 
 
+# Every path inside a run directory, relative to it, spelled here once (docs/run-directory.md).
+# `{r}` is a rank. The relay, the workers, the supervisor and every view build paths from these.
+RUN_FILE = "run.json"
+STATUS_FILE = "status.json"
+DEEPSPEED_FILE = "deepspeed.json"
+EFFECTIVE_DEEPSPEED_FILE = "deepspeed.effective.json"
+CELL_FILE = "cell.py"
+INPUTS_FILE = "inputs.pkl"
+OUTPUTS_FILE = "results/outputs.pkl"
+CHECKPOINTS = "checkpoints"
+METRICS = "metrics/rank-{r}.jsonl"
+UTILIZATION = "utilization/rank-{r}.jsonl"
+LOG = "logs/rank-{r}.log"  # the rank's whole stdout and stderr
+OUTPUT = "logs/rank-{r}.out"  # what the cell printed (rank 0's is relayed to the notebook)
+HEARTBEAT = "heartbeats/rank-{r}.json"
+ERROR = "errors/rank-{r}.json"
+DONE = "results/rank-{r}.done"
+TIMELINE = "logs/rank-0.timeline.json"
+LAUNCHER_LOG = "logs/launcher.log"  # a multi-node runner's own output, on the head
+HOST_LAUNCH_LOG = "logs/launch-{host}.log"  # a command a relay started on a host
+# The folders of a run, all made when it is created (on the head; a relay makes them on a host).
+FOLDERS = ("metrics", "logs", "errors", "results", CHECKPOINTS, "heartbeats", "utilization")
+
+
+def rank_file(template: str, rank: int) -> str:
+    """Return the relative path of `rank`'s file of kind `template` (e.g. METRICS)."""
+    return template.format(r=rank)
+
+
 @dataclass(frozen=True)
 class RunDirectory:
     """Paths and reads/writes of one run's folder."""
@@ -41,55 +70,72 @@ class RunDirectory:
 
     @property
     def status_file(self) -> Path:
-        return self.path / "status.json"
+        return self.path / STATUS_FILE
 
     @property
     def run_file(self) -> Path:
-        return self.path / "run.json"
+        return self.path / RUN_FILE
 
     @property
     def deepspeed_file(self) -> Path:
-        return self.path / "deepspeed.json"
+        return self.path / DEEPSPEED_FILE
 
     @property
     def effective_deepspeed_file(self) -> Path:
-        return self.path / "deepspeed.effective.json"
+        return self.path / EFFECTIVE_DEEPSPEED_FILE
 
     @property
     def cell_file(self) -> Path:
-        return self.path / "cell.py"
+        return self.path / CELL_FILE
 
     @property
     def inputs_file(self) -> Path:
-        return self.path / "inputs.pkl"
+        return self.path / INPUTS_FILE
 
     @property
     def outputs_file(self) -> Path:
-        return self.path / "results" / "outputs.pkl"
+        return self.path / OUTPUTS_FILE
 
     @property
     def checkpoints(self) -> Path:
-        return self.path / "checkpoints"
+        return self.path / CHECKPOINTS
+
+    @property
+    def timeline_file(self) -> Path:
+        return self.path / TIMELINE
+
+    @property
+    def launcher_log(self) -> Path:
+        return self.path / LAUNCHER_LOG
 
     def metrics_file(self, rank: int) -> Path:
-        return self.path / "metrics" / f"rank-{rank}.jsonl"
+        return self.path / rank_file(METRICS, rank)
+
+    def utilization_file(self, rank: int) -> Path:
+        return self.path / rank_file(UTILIZATION, rank)
 
     def log_file(self, rank: int) -> Path:
-        return self.path / "logs" / f"rank-{rank}.log"
+        return self.path / rank_file(LOG, rank)
+
+    def output_file(self, rank: int) -> Path:
+        return self.path / rank_file(OUTPUT, rank)
+
+    def heartbeat_file(self, rank: int) -> Path:
+        return self.path / rank_file(HEARTBEAT, rank)
 
     def error_file(self, rank: int) -> Path:
-        return self.path / "errors" / f"rank-{rank}.json"
+        return self.path / rank_file(ERROR, rank)
 
     def done_file(self, rank: int) -> Path:
         """Where a rank started by a multi-node runner says its part of the cell succeeded."""
-        return self.path / "results" / f"rank-{rank}.done"
+        return self.path / rank_file(DONE, rank)
 
     # -- writing -----------------------------------------------------------------------
     @classmethod
     def create(cls, root: Path, run_id: str, run_info: dict[str, Any]) -> RunDirectory:
         """Make a new run folder under `root` with its run.json and a 'starting' status."""
         run = cls(Path(root).resolve() / run_id)
-        for sub in ("metrics", "logs", "errors", "results", "checkpoints"):
+        for sub in FOLDERS:
             (run.path / sub).mkdir(parents=True, exist_ok=True)
         write_json_atomic(run.run_file, {"format_version": FORMAT_VERSION, "run_id": run_id, **run_info})
         run.write_status(state="starting", created=time.time())
@@ -125,7 +171,7 @@ class RunDirectory:
     def ranks(self) -> list[int]:
         """Return the ranks that wrote metrics, in order."""
         found = []
-        for path in (self.path / "metrics").glob("rank-*.jsonl"):
+        for path in self.metrics_file(0).parent.glob("rank-*.jsonl"):
             try:
                 found.append(int(path.stem.split("-")[1]))
             except ValueError:
@@ -142,7 +188,7 @@ class RunDirectory:
     def errors(self) -> dict[int, dict[str, Any]]:
         """Return the error reports of the ranks that failed, by rank."""
         found = {}
-        for path in sorted((self.path / "errors").glob("rank-*.json")):
+        for path in sorted(self.error_file(0).parent.glob("rank-*.json")):
             report = read_json(path)
             if report:
                 found[int(path.stem.split("-")[1])] = report
@@ -154,5 +200,5 @@ def list_runs(root: Path) -> Iterator[RunDirectory]:
     if not root.is_dir():
         return
     for path in sorted(root.iterdir(), reverse=True):
-        if (path / "run.json").is_file():
+        if (path / RUN_FILE).is_file():
             yield RunDirectory(path)

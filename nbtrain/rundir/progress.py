@@ -24,7 +24,6 @@ from typing import Any, TypeGuard
 from nbtrain.rundir import FINAL_STATES, RunDirectory, read_json, read_records
 
 ETA_WINDOW = 20  # recent steps whose median duration predicts the rest (the first, slow step soon drops out)
-TIMELINE_FILE = "logs/rank-0.timeline.json"
 SCALARS = ("loss", "eval_loss", "lr", "samples_per_s", "tokens_per_s")
 
 
@@ -206,4 +205,4 @@ def _op(entry: dict[str, Any]) -> Phase | None:
 
 def read_startup(run: RunDirectory, step: int = 0) -> Startup | None:
     """Return `startup(...)` of `run`, reading its status and rank 0's timeline."""
-    return startup(run.status(), read_json(run.path / TIMELINE_FILE), step)
+    return startup(run.status(), read_json(run.timeline_file), step)

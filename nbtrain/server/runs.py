@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from nbtrain.rundir import FINAL_STATES, RunDirectory, list_runs, read_json, read_records
-from nbtrain.rundir.progress import TIMELINE_FILE, StepReader, planned_steps, startup
+from nbtrain.rundir.progress import StepReader, planned_steps, startup
 
 RUN_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,199}")
 RANK_LIMIT = 4096
@@ -106,7 +106,7 @@ class RunRoots:
         parse_run_id(run_id)
         for root in self.roots:
             path = root / run_id
-            if path.is_dir() and not path.is_symlink() and _inside(root, path) and (path / "run.json").is_file():
+            if path.is_dir() and not path.is_symlink() and _inside(root, path) and RunDirectory(path).run_file.is_file():
                 return RunDirectory(path)
         raise RequestError(404, f"no run {run_id!r} under the run roots {[str(r) for r in self.roots]}")
 
@@ -146,7 +146,7 @@ def startup_phase(run: RunDirectory, status: dict[str, Any], step: int) -> dict[
     """Return the start-up phase of a run that has not made its first step yet, as the views show it."""
     if status.get("state") in FINAL_STATES or step > 0:
         return None  # no read of the timeline for a run that trains or ended
-    found = startup(status, _json(run, run.path / TIMELINE_FILE), step)
+    found = startup(status, _json(run, run.timeline_file), step)
     return found.as_json(time.time()) if found else None
 
 

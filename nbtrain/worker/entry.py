@@ -213,10 +213,10 @@ def join_process_group(current: CurrentRun) -> None:
 
 def _timeline(run_path: Path, rank: int) -> Timeline:
     """Return a new timeline for the run at `run_path`; rank 0's is published for the views."""
-    from nbtrain.rundir.progress import TIMELINE_FILE
+    from nbtrain.rundir import RunDirectory
     from nbtrain.worker.timeline import Timeline
 
-    return Timeline(run_path / TIMELINE_FILE if rank == 0 else None)
+    return Timeline(RunDirectory(run_path).timeline_file if rank == 0 else None)
 
 
 def run_job(run_path: Path, rank: int, timeline: Timeline) -> Any:
@@ -237,7 +237,7 @@ def run_job(run_path: Path, rank: int, timeline: Timeline) -> Any:
     os.chdir(info["cwd"])
     cell = run.cell_file.read_text()
     linecache.cache[CELL_FILENAME] = (len(cell), None, cell.splitlines(True), CELL_FILENAME)
-    user_stream = open(run.path / "logs" / f"rank-{rank}.out", "a", buffering=1)
+    user_stream = open(run.output_file(rank), "a", buffering=1)
     bt = None
     try:
         from accelerate.utils import set_seed

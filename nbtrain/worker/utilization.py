@@ -21,7 +21,7 @@ SAMPLE_EVERY_S = 1.0
 
 
 def utilization_file(run: RunDirectory, rank: int) -> Path:
-    return run.path / "utilization" / f"rank-{rank}.jsonl"
+    return run.utilization_file(rank)
 
 
 class UtilizationSampler:
