@@ -67,3 +67,12 @@ def test_the_relay_and_rundir_use_only_the_standard_library() -> None:
                     else:
                         assert top in sys.stdlib_module_names or top == "__future__", \
                             f"{package}/{path.name} imports {name}, which is not in the standard library"
+
+
+def test_the_kernel_side_never_imports_worker_code() -> None:
+    # worker/ runs in the worker processes only (nbtrain/worker/__init__.py says so): the kernel
+    # starts it by name (`python -m nbtrain.worker`) and reads what it writes through rundir/.
+    crossing = {f"{path.relative_to(PACKAGE)}: {name}" for path in PACKAGE.rglob("*.py")
+                if "worker" not in path.relative_to(PACKAGE).parts[:1]
+                for name in _nbtrain_imports(path) if name.startswith("nbtrain.worker")}
+    assert not crossing, f"kernel-side modules import worker code: {sorted(crossing)}"

@@ -23,7 +23,6 @@ from nbtrain.config.plan import load_base, plan_run
 from nbtrain.config.render import get_path, render
 from nbtrain.config.schema import load_schema
 from nbtrain.config.tree import TrainConfig
-from nbtrain.config.validate import NOT_AVAILABLE_YET
 from nbtrain.panel import ConfigPanel, form
 from nbtrain.panel.fields import scheduler_param_fields
 
@@ -151,11 +150,8 @@ def test_quantization_is_offered_but_unavailable_without_cuda() -> None:
         assert visible(panel, name), f"{name} must be offered"
         assert panel.inputs[name].parts[0].disabled, f"{name} must be unavailable without CUDA"
         assert "no GPU" in panel.inputs[name].message.value
-    if "qat" in NOT_AVAILABLE_YET:
-        assert panel.inputs["qat"].parts[0].disabled and "not available yet" in panel.inputs["qat"].message.value
-    else:
-        panel.set(qat="int8")
-        assert "--qat int8" in panel.flags
+    panel.set(qat="int8")
+    assert "--qat int8" in panel.flags
     # hpZ runs on CPU: available at stage 3, and checked against the process count.
     assert not panel.inputs["hpz"].parts[0].disabled
     panel.set(nproc=4, hpz=3)

@@ -23,8 +23,6 @@ from nbtrain.config.schema import DeepSpeedSchema, load_schema
 from nbtrain.config.tree import DEEPSPEED_DEFAULT_WARMUP_STEPS, DEFAULT_RUN_ROOT, TrainConfig
 from nbtrain.errors import Problem
 
-# Flags that parse and show in --dry-run but whose effect is not built yet.
-NOT_AVAILABLE_YET: dict[str, str] = {}
 _NAME_RULE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 
 
@@ -280,10 +278,4 @@ def _check_bookkeeping(cfg: TrainConfig) -> list[Problem]:
     if cfg.name is not None and not _NAME_RULE.match(cfg.name):
         found.append(Problem("--name", cfg.name, "run names use letters, digits, '_', '.', '-' (at most 64)",
                              "e.g. --name gpt2-zero3"))
-    for field_name, feature in NOT_AVAILABLE_YET.items():
-        if getattr(cfg, field_name) not in (None, False, (), "none"):
-            flag = "--" + field_name.replace("_", "-")
-            found.append(Problem(flag, getattr(cfg, field_name),
-                                 f"{feature}: not available yet in this nbtrain version",
-                                 f"drop {flag} for now"))
     return found

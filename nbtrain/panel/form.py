@@ -20,7 +20,6 @@ from nbtrain.config.machine import MachineFacts
 from nbtrain.config.render import SCHEDULER_TYPES, WARMUP_SCHEDULERS, get_path, render, set_path
 from nbtrain.config.schema import load_schema
 from nbtrain.config.tree import DEFAULT_MICRO_BATCH, TrainConfig
-from nbtrain.config.validate import NOT_AVAILABLE_YET
 from nbtrain.panel.fields import _SCHEDULER_PARAMS, field_by_name, scheduler_param_fields
 
 FLAG_FIELDS = ("zero", "offload_optimizer", "offload_param", "precision", "micro_batch", "grad_accum", "grad_clip",
@@ -298,8 +297,7 @@ def allowed_choices(values: Mapping[str, Any], machine: MachineFacts,
         else Choice(("fp32", "bf16"), "fp16: DeepSpeed runs fp16 only on CUDA devices; this machine has no GPU"),
         "optimizer": Choice(("adamw", "adam", "sgd", "lamb")) if machine.cuda
         else Choice(("adamw", "adam", "sgd"), "lamb: DeepSpeed's Lamb has no CPU implementation; no GPU here"),
-        "qat": Choice(("none",), f"{NOT_AVAILABLE_YET['qat']} is not available yet in this nbtrain version")
-        if "qat" in NOT_AVAILABLE_YET else Choice(("none", "int8", "int4")),
+        "qat": Choice(("none", "int8", "int4")),
     }
     if values["optimizer"] not in SUPPORTED_OPTIMIZERS:
         # A loaded config's own optimizer (e.g. OneBitAdam): keep offering it; the validator judges it.

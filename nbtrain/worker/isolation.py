@@ -25,7 +25,7 @@ import sysconfig
 import threading
 import types
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from types import ModuleType
 from typing import Any
@@ -114,25 +114,29 @@ class ProcessState:
         return [t.name for t in threading.enumerate() if (t.ident or 0) not in self.threads and t.is_alive()]
 
 
-def _put_back(names: dict[str, Any], recorded: dict[str, Any], users: UserCode) -> list[str]:
-    """Undo a run's changes to a module's names; return the names put back."""
+def _changes(current: Mapping[str, Any], recorded: dict[str, Any], users: UserCode) -> tuple[list[str], list[str]]:
+    """Return the names a run rebound that go back, and the names it added that go."""
     changed = [key for key, value in recorded.items()
-               if names.get(key, _MISSING) is not value and _undo(recorded[key], names.get(key, _MISSING), users)]
-    for key in changed:
-        names[key] = recorded[key]
+               if current.get(key, _MISSING) is not value and _undo(value, current.get(key, _MISSING), users)]
     # Names a run added: only the user's own functions go. A library may add names as a
     # side effect of an import during the run, and that import will not run again.
-    added = [key for key in names.keys() - recorded.keys() if users.wrote(names[key])]
+    added = [key for key in current.keys() - recorded.keys() if users.wrote(current[key])]
+    return changed, added
+
+
+def _put_back(names: dict[str, Any], recorded: dict[str, Any], users: UserCode) -> list[str]:
+    """Undo a run's changes to a module's names; return the names put back."""
+    changed, added = _changes(names, recorded, users)
+    for key in changed:
+        names[key] = recorded[key]
     for key in added:
         del names[key]
     return changed + added
 
 
 def _put_back_class(cls: type, recorded: dict[str, Any], users: UserCode) -> list[str]:
-    current = vars(cls)
-    changed = [key for key, value in recorded.items()
-               if current.get(key, _MISSING) is not value and _undo(value, current.get(key, _MISSING), users)]
-    added = [key for key in current.keys() - recorded.keys() if users.wrote(current[key])]
+    """Undo a run's changes to a class's attributes; return the names put back."""
+    changed, added = _changes(vars(cls), recorded, users)
     for key in changed:
         with contextlib.suppress(AttributeError, TypeError):  # read-only attributes of built-in types
             setattr(cls, key, recorded[key])
