@@ -11,13 +11,22 @@ from typing import Any
 class Problem:
     """One thing wrong with a run's settings, phrased so that the user can fix it.
 
-    `where` is the flag (`--zero`) or dotted DeepSpeed key (`zero_optimization.stage`).
+    `where` is what the message names: the flag (`--zero`) when the user set it, else the
+    dotted DeepSpeed key (`zero_optimization.stage`). `key` is the DeepSpeed key the problem
+    is about either way (None for settings that are no DeepSpeed key, such as `--nproc`): the
+    config panel shows the problem next to that key's field (config/keys.py maps them).
     """
 
     where: str
     value: Any
     rule: str
     fix: str
+    key: str | None = None
+
+    @classmethod
+    def about(cls, flag_value: Any, flag: str, key: str, value: Any, rule: str, fix: str) -> Problem:
+        """Return a problem with `key`, named by `flag` when the user set it (`flag_value`), else by `key`."""
+        return cls(flag if flag_value is not None else key, value, rule, fix, key=key)
 
     def __str__(self) -> str:
         return f"{self.where} = {self.value!r}: {self.rule}. Fix: {self.fix}"

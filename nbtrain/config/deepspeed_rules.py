@@ -14,6 +14,7 @@ import difflib
 from collections.abc import Mapping
 from typing import Any
 
+from nbtrain.config.keys import WARMUP_SCHEDULERS
 from nbtrain.config.render import FROM_DATALOADER, ZERO_TESTED_OPTIMIZERS, get_path
 from nbtrain.config.schema import DeepSpeedSchema
 from nbtrain.config.tree import TrainConfig
@@ -180,7 +181,7 @@ def _optimizer(cfg: TrainConfig, ds: Mapping[str, Any], schema: DeepSpeedSchema)
         # Compared in lower case (DeepSpeed's names match in any case); torch's named as torch spells them.
         spelled = {name.lower(): name for name in sorted(schema.optimizer_types, key=str.islower)}
         close = difflib.get_close_matches(given.lower(), spelled, n=1, cutoff=0.7)
-        found.append(Problem(flag_or_key(cfg.optimizer, "--optimizer", "optimizer.type"), given,
+        found.append(Problem.about(cfg.optimizer, "--optimizer", "optimizer.type", given,
                              f"DeepSpeed {schema.version} builds its own optimizers (adam, adamw, lamb, lion, ...; "
                              "any case) or a torch.optim class of exactly that name, and this is neither",
                              f"did you mean {spelled[close[0]]!r}?" if close else "use --optimizer adamw (or adam, sgd)"))
@@ -193,7 +194,7 @@ def _optimizer(cfg: TrainConfig, ds: Mapping[str, Any], schema: DeepSpeedSchema)
     stage = get_path(ds, "zero_optimization.stage", 0)
     allowed = ds.get("zero_allow_untested_optimizer") is True
     if kind and kind not in ZERO_TESTED_OPTIMIZERS and isinstance(stage, int) and stage > 0 and not allowed:
-        found.append(Problem(flag_or_key(cfg.optimizer, "--optimizer", "optimizer.type"), get_path(ds, "optimizer.type"),
+        found.append(Problem.about(cfg.optimizer, "--optimizer", "optimizer.type", get_path(ds, "optimizer.type"),
                              f"DeepSpeed runs ZeRO (stage {stage}) only with its tested optimizers "
                              f"({', '.join(ZERO_TESTED_OPTIMIZERS)}) unless zero_allow_untested_optimizer is true",
                              "drop zero_allow_untested_optimizer=false (nbtrain then allows it), or use --optimizer "
@@ -216,7 +217,7 @@ def _scheduler(cfg: TrainConfig, ds: Mapping[str, Any]) -> list[Problem]:
             found.append(Problem(f"scheduler.params.{name}", value, f"{kind} needs {name} to be a whole number "
                                  "greater than 0", f"give scheduler.params.{name} a value of 1 or more"))
 
-    if kind in ("WarmupLR", "WarmupDecayLR", "WarmupCosineLR"):
+    if kind in WARMUP_SCHEDULERS:
         if cfg.warmup_steps is None:  # --warmup-steps has its own check
             positive("warmup_num_steps", 1000)
         kind_of_warmup = params.get("warmup_type", "log")

@@ -18,19 +18,20 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from nbtrain.config import tree as defaults
+from nbtrain.config.keys import (
+    DECAYING_SCHEDULERS,
+    FLAG_KEYS,
+    NVME_PATH_KEYS,
+    OPTIMIZER_TYPES,
+    WARMUP_MAX_LR_SCHEDULERS,
+    WARMUP_SCHEDULERS,
+)
 from nbtrain.config.tree import TrainConfig
 from nbtrain.errors import ConfigError, Problem
 
 FROM_DATALOADER = "from the DataLoader"
 _MISSING = object()
 
-SCHEDULER_TYPES = {
-    "warmup": "WarmupLR", "warmup_decay": "WarmupDecayLR", "warmup_cosine": "WarmupCosineLR",
-    "one_cycle": "OneCycle", "lr_range_test": "LRRangeTest",
-}
-# The schedulers that read warmup_num_steps (--warmup-steps).
-WARMUP_SCHEDULERS = ("WarmupLR", "WarmupDecayLR", "WarmupCosineLR")
-OPTIMIZER_TYPES = {"adamw": "AdamW", "adam": "Adam", "sgd": "SGD", "lamb": "Lamb"}
 # Optimizer types whose DeepSpeed-built optimizer is in ZERO_SUPPORTED_OPTIMIZERS (zero/utils.py):
 # adam/adamw -> FusedAdam, DeepSpeedCPUAdam or torch's Adam(W); adagrad -> torch's Adagrad or
 # DeepSpeedCPUAdagrad; lion -> FusedLion or DeepSpeedCPULion; muon -> MuonWithAuxAdam. Any other
@@ -66,42 +67,15 @@ def parse_set(item: str) -> tuple[str, Any]:
 
 
 def flag_settings(cfg: TrainConfig) -> list[tuple[str, Any, str]]:
-    """Return (dotted DeepSpeed key, value, flag) for every flag the user set."""
+    """Return (dotted DeepSpeed key, value, flag) for every flag the user set (from keys.FLAG_KEYS)."""
     out: list[tuple[str, Any, str]] = []
-
-    def put(key: str, value: Any, flag: str) -> None:
-        out.append((key, value, flag))
-
-    if cfg.zero is not None:
-        put("zero_optimization.stage", cfg.zero, "--zero")
-    for kind, flag in (("offload_optimizer", "--offload-optimizer"), ("offload_param", "--offload-param")):
-        device = getattr(cfg, kind)
-        if device is not None:
-            put(f"zero_optimization.{kind}.device", device, flag)
-            if device == "nvme" and cfg.nvme_path is not None:
-                put(f"zero_optimization.{kind}.nvme_path", cfg.nvme_path, "--nvme-path")
-    if cfg.precision is not None:
-        put("bf16.enabled", cfg.precision == "bf16", "--precision")
-        put("fp16.enabled", cfg.precision == "fp16", "--precision")
-    if cfg.micro_batch is not None:
-        put("train_micro_batch_size_per_gpu", cfg.micro_batch, "--micro-batch")
-    if cfg.grad_accum is not None:
-        put("gradient_accumulation_steps", cfg.grad_accum, "--grad-accum")
-    if cfg.grad_clip is not None:
-        put("gradient_clipping", cfg.grad_clip, "--grad-clip")
-    if cfg.optimizer is not None:
-        put("optimizer.type", OPTIMIZER_TYPES[cfg.optimizer], "--optimizer")
-    if cfg.lr is not None:
-        put("optimizer.params.lr", cfg.lr, "--lr")
-    if cfg.weight_decay is not None:
-        put("optimizer.params.weight_decay", cfg.weight_decay, "--weight-decay")
-    if cfg.scheduler is not None and cfg.scheduler != "none":
-        put("scheduler.type", SCHEDULER_TYPES[cfg.scheduler], "--scheduler")
-    if cfg.quant is not None:
-        put("zero_optimization.zero_quantized_weights", "qwz" in cfg.quant, "--quant")
-        put("zero_optimization.zero_quantized_gradients", "qgz" in cfg.quant, "--quant")
-    if cfg.hpz is not None:
-        put("zero_optimization.zero_hpz_partition_size", cfg.hpz, "--hpz")
+    for row in FLAG_KEYS:
+        value = getattr(cfg, row.field)
+        if value is None or not row.applies(value):
+            continue
+        out.append((row.key, row.to_key(value), row.flag))
+        if row.field in NVME_PATH_KEYS and value == "nvme" and cfg.nvme_path is not None:
+            out.append((NVME_PATH_KEYS[row.field], cfg.nvme_path, "--nvme-path"))
     return out
 
 
@@ -221,11 +195,11 @@ def _scheduler_flag_settings(ds: Mapping[str, Any], cfg: TrainConfig) -> list[tu
     out: list[tuple[str, Any, str]] = []
     if kind in WARMUP_SCHEDULERS and cfg.warmup_steps is not None:
         out.append(("scheduler.params.warmup_num_steps", cfg.warmup_steps, "--warmup-steps"))
-    if cfg.lr is not None and kind in ("WarmupLR", "WarmupDecayLR"):
+    if cfg.lr is not None and kind in WARMUP_MAX_LR_SCHEDULERS:
         out.append(("scheduler.params.warmup_max_lr", cfg.lr, "--lr"))
     if cfg.lr is not None and kind == "OneCycle":
         out.append(("scheduler.params.cycle_max_lr", cfg.lr, "--lr"))
-    if cfg.steps is not None and kind in ("WarmupDecayLR", "WarmupCosineLR"):
+    if cfg.steps is not None and kind in DECAYING_SCHEDULERS:
         out.append(("scheduler.params.total_num_steps", cfg.steps, "--steps"))
     return out
 
@@ -259,12 +233,12 @@ def _render_scheduler(ds: dict[str, Any], cfg: TrainConfig) -> None:
     params = ds["scheduler"].setdefault("params", {})
     total = cfg.steps if cfg.steps is not None else FROM_DATALOADER
     warmup = cfg.warmup_steps
-    if kind in ("WarmupLR", "WarmupDecayLR", "WarmupCosineLR") and warmup is not None:
+    if kind in WARMUP_SCHEDULERS and warmup is not None:
         params.setdefault("warmup_num_steps", warmup)
-    if kind in ("WarmupLR", "WarmupDecayLR"):
+    if kind in WARMUP_MAX_LR_SCHEDULERS:
         params.setdefault("warmup_min_lr", 0.0)
         params.setdefault("warmup_max_lr", peak)
-    if kind in ("WarmupDecayLR", "WarmupCosineLR"):
+    if kind in DECAYING_SCHEDULERS:
         params.setdefault("total_num_steps", total)
     if kind == "OneCycle":
         params.setdefault("cycle_max_lr", peak)

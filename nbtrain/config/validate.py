@@ -17,8 +17,9 @@ from typing import Any
 
 from nbtrain.config.deepspeed_rules import check_rules
 from nbtrain.config.deepspeed_rules import flag_or_key as _where
+from nbtrain.config.keys import DECAYING_SCHEDULERS, SCHEDULER_TYPES, WARMUP_SCHEDULERS, rows_of
 from nbtrain.config.machine import MachineFacts, too_few_gpus
-from nbtrain.config.render import FROM_DATALOADER, WARMUP_SCHEDULERS, get_path
+from nbtrain.config.render import FROM_DATALOADER, get_path
 from nbtrain.config.schema import DeepSpeedSchema, load_schema
 from nbtrain.config.tree import DEEPSPEED_DEFAULT_WARMUP_STEPS, DEFAULT_RUN_ROOT, TrainConfig
 from nbtrain.errors import Problem
@@ -42,16 +43,17 @@ def check(cfg: TrainConfig, ds: Mapping[str, Any], machine: MachineFacts, nproc:
     return problems
 
 
-def _positive(where: str, value: Any, *, allow_zero: bool = False, whole: bool = True) -> list[Problem]:
+def _positive(where: str, value: Any, *, allow_zero: bool = False, whole: bool = True,
+              key: str | None = None) -> list[Problem]:
     if value is None or value == FROM_DATALOADER:
         return []
     kind = "a whole number" if whole else "a number"
     ok_type = isinstance(value, int) if whole else isinstance(value, (int, float))
     if isinstance(value, bool) or not ok_type:
-        return [Problem(where, value, f"must be {kind}", f"give {where} {kind}")]
+        return [Problem(where, value, f"must be {kind}", f"give {where} {kind}", key=key)]
     if value < 0 or (value == 0 and not allow_zero):
         floor = "0 or more" if allow_zero else "greater than 0"
-        return [Problem(where, value, f"must be {floor}", f"give {where} a value {floor}")]
+        return [Problem(where, value, f"must be {floor}", f"give {where} a value {floor}", key=key)]
     return []
 
 
@@ -64,17 +66,13 @@ def _check_numbers(cfg: TrainConfig, ds: Mapping[str, Any]) -> list[Problem]:
     found += _positive("--hang-timeout", cfg.hang_timeout, whole=False)
     found += _positive("--keep-warm", cfg.keep_warm, allow_zero=True, whole=False)
     found += _positive("--seed", cfg.seed, allow_zero=True)
-    found += _positive(_where(cfg.micro_batch, "--micro-batch", "train_micro_batch_size_per_gpu"),
-                       ds.get("train_micro_batch_size_per_gpu"))
-    found += _positive(_where(cfg.grad_accum, "--grad-accum", "gradient_accumulation_steps"),
-                       ds.get("gradient_accumulation_steps"))
-    found += _positive("train_batch_size", ds.get("train_batch_size"))
-    found += _positive(_where(cfg.lr, "--lr", "optimizer.params.lr"),
-                       get_path(ds, "optimizer.params.lr"), whole=False)
-    found += _positive(_where(cfg.weight_decay, "--weight-decay", "optimizer.params.weight_decay"),
-                       get_path(ds, "optimizer.params.weight_decay"), allow_zero=True, whole=False)
-    found += _positive(_where(cfg.grad_clip, "--grad-clip", "gradient_clipping"),
-                       ds.get("gradient_clipping"), allow_zero=True, whole=False)
+    for field, rules in (("micro_batch", {}), ("grad_accum", {}), ("lr", {"whole": False}),
+                         ("weight_decay", {"allow_zero": True, "whole": False}),
+                         ("grad_clip", {"allow_zero": True, "whole": False})):
+        (row,) = rows_of(field)  # each of these flags sets one DeepSpeed key
+        found += _positive(_where(getattr(cfg, field), row.flag, row.key), get_path(ds, row.key), key=row.key,
+                           **rules)
+    found += _positive("train_batch_size", ds.get("train_batch_size"), key="train_batch_size")
     if cfg.steps is not None and cfg.epochs is not None:
         found.append(Problem("--epochs", cfg.epochs, "--steps and --epochs both end the run",
                              "give --steps or --epochs, not both"))
@@ -111,22 +109,24 @@ def _check_combinations(cfg: TrainConfig, ds: Mapping[str, Any], nproc: int) -> 
     stage = get_path(ds, "zero_optimization.stage", 0)
     stage_where = _where(cfg.zero, "--zero", "zero_optimization.stage")
     if stage not in (0, 1, 2, 3):
-        found.append(Problem(stage_where, stage, "ZeRO stage must be 0, 1, 2 or 3", "pick one of 0-3"))
+        found.append(Problem(stage_where, stage, "ZeRO stage must be 0, 1, 2 or 3", "pick one of 0-3",
+                             key="zero_optimization.stage"))
         return found
     for kind in ("offload_optimizer", "offload_param"):
         device = get_path(ds, f"zero_optimization.{kind}.device", "none")
-        flag = _where(getattr(cfg, kind), "--" + kind.replace("_", "-"), f"zero_optimization.{kind}.device")
+        key = f"zero_optimization.{kind}.device"
+        flag = _where(getattr(cfg, kind), "--" + kind.replace("_", "-"), key)
         if device not in ("none", "cpu", "nvme"):
-            found.append(Problem(flag, device, "offload device must be none, cpu or nvme", "pick one of them"))
+            found.append(Problem(flag, device, "offload device must be none, cpu or nvme", "pick one of them", key=key))
             continue
         if device == "none":
             continue
         if kind == "offload_param" and stage != 3:
             found.append(Problem(flag, device, f"parameter offload needs ZeRO stage 3 (stage is {stage})",
-                                 "add --zero 3, or drop --offload-param"))
+                                 "add --zero 3, or drop --offload-param", key=key))
         if kind == "offload_optimizer" and stage == 0:
             found.append(Problem(flag, device, "optimizer offload needs ZeRO stage 1, 2 or 3 (stage is 0)",
-                                 "add --zero 2 (or 1, 3), or drop --offload-optimizer"))
+                                 "add --zero 2 (or 1, 3), or drop --offload-optimizer", key=key))
         if device == "nvme":
             found += _check_nvme(cfg, ds, kind, flag, stage)
     if get_path(ds, "bf16.enabled") is True and get_path(ds, "fp16.enabled") is True:
@@ -134,16 +134,17 @@ def _check_combinations(cfg: TrainConfig, ds: Mapping[str, Any], nproc: int) -> 
                              "choose one with --precision bf16 or --precision fp16"))
     for key, flag in (("zero_quantized_weights", "qwz"), ("zero_quantized_gradients", "qgz")):
         if get_path(ds, f"zero_optimization.{key}") is True and stage != 3:
-            found.append(Problem(_where(cfg.quant, "--quant", f"zero_optimization.{key}"), flag,
+            found.append(Problem.about(cfg.quant, "--quant", f"zero_optimization.{key}", flag,
                                  f"ZeRO++ {flag} needs ZeRO stage 3 (stage is {stage})", "add --zero 3"))
     hpz = get_path(ds, "zero_optimization.zero_hpz_partition_size", 1)
     if isinstance(hpz, int) and hpz > 1:
         where = _where(cfg.hpz, "--hpz", "zero_optimization.zero_hpz_partition_size")
         if stage != 3:
-            found.append(Problem(where, hpz, f"hpZ needs ZeRO stage 3 (stage is {stage})", "add --zero 3"))
+            found.append(Problem(where, hpz, f"hpZ needs ZeRO stage 3 (stage is {stage})", "add --zero 3",
+                                 key="zero_optimization.zero_hpz_partition_size"))
         if nproc % hpz:
             found.append(Problem(where, hpz, f"the hpZ partition size must divide the processes per host ({nproc})",
-                                 f"use a divisor of {nproc}"))
+                                 f"use a divisor of {nproc}", key="zero_optimization.zero_hpz_partition_size"))
     found += _check_scheduler(cfg, ds)
     return found
 
@@ -154,13 +155,13 @@ def _check_nvme(cfg: TrainConfig, ds: Mapping[str, Any], kind: str, flag: str, s
         found.append(Problem(flag, "nvme",
                              f"NVMe offload is a ZeRO-3 feature; at stage {stage} DeepSpeed silently keeps "
                              "the optimizer state in CPU memory instead",
-                             "add --zero 3, or use --offload-optimizer cpu"))
+                             "add --zero 3, or use --offload-optimizer cpu", key=f"zero_optimization.{kind}.device"))
     path = get_path(ds, f"zero_optimization.{kind}.nvme_path")
     if path is None:
         found.append(Problem(flag, "nvme", "NVMe offload needs a directory to write to",
                              "add --nvme-path /a/fast/local/disk"))
     elif not os.path.isdir(str(path)):
-        found.append(Problem(_where(cfg.nvme_path, "--nvme-path", f"zero_optimization.{kind}.nvme_path"), path,
+        found.append(Problem.about(cfg.nvme_path, "--nvme-path", f"zero_optimization.{kind}.nvme_path", path,
                              "the NVMe offload directory does not exist", f"create it: mkdir -p {path}"))
     return found
 
@@ -174,13 +175,13 @@ def _check_scheduler(cfg: TrainConfig, ds: Mapping[str, Any]) -> list[Problem]:
                         "add --scheduler warmup_cosine (or warmup, warmup_decay), or drop --warmup-steps")]
     if kind is None:
         return []
-    known = ("WarmupLR", "WarmupDecayLR", "WarmupCosineLR", "OneCycle", "LRRangeTest")
+    known = tuple(SCHEDULER_TYPES.values())
     if kind not in known:
         return [Problem("scheduler.type", kind, "not a DeepSpeed scheduler",
                         f"use one of {', '.join(known)} (or --scheduler)")]
     total = get_path(ds, "scheduler.params.total_num_steps")
     warmup = get_path(ds, "scheduler.params.warmup_num_steps", DEEPSPEED_DEFAULT_WARMUP_STEPS)
-    if kind in ("WarmupDecayLR", "WarmupCosineLR") and isinstance(total, int) and isinstance(warmup, int) \
+    if kind in DECAYING_SCHEDULERS and isinstance(total, int) and isinstance(warmup, int) \
             and warmup > total:
         source = "--warmup-steps" if cfg.warmup_steps is not None else "DeepSpeed's default warmup_num_steps"
         return [Problem("--warmup-steps", warmup,
@@ -199,17 +200,17 @@ def _check_machine(cfg: TrainConfig, ds: Mapping[str, Any], machine: MachineFact
     if machine.cuda:
         return found
     if get_path(ds, "fp16.enabled") is True:
-        found.append(Problem(_where(cfg.precision, "--precision", "fp16.enabled"), "fp16",
+        found.append(Problem.about(cfg.precision, "--precision", "fp16.enabled", "fp16",
                              "DeepSpeed supports fp16 only on CUDA devices "
                              "(\"Type fp16 is not supported on your device\"); this machine has no GPU",
                              "use --precision bf16 (or fp32)"))
     if str(get_path(ds, "optimizer.type", "")).lower() == "lamb":
-        found.append(Problem(_where(cfg.optimizer, "--optimizer", "optimizer.type"), "lamb",
+        found.append(Problem.about(cfg.optimizer, "--optimizer", "optimizer.type", "lamb",
                              "DeepSpeed's Lamb optimizer has no CPU implementation; "
                              "this machine has no GPU", "use --optimizer adamw (or adam, sgd)"))
     for key, name in (("zero_quantized_weights", "qwz"), ("zero_quantized_gradients", "qgz")):
         if get_path(ds, f"zero_optimization.{key}") is True:
-            found.append(Problem(_where(cfg.quant, "--quant", f"zero_optimization.{key}"), name,
+            found.append(Problem.about(cfg.quant, "--quant", f"zero_optimization.{key}", name,
                                  f"ZeRO++ {name} uses CUDA kernels that DeepSpeed has no CPU "
                                  "version of; this machine has no GPU", "drop --quant (hpZ with --hpz runs on CPU)"))
     return found + _check_libaio(ds, machine)
@@ -257,7 +258,7 @@ def check_resume(cfg: TrainConfig, ds: Mapping[str, Any], nproc: int) -> tuple[d
     problems = []
     stage = get_path(ds, "zero_optimization.stage", 0)
     if stage != saved.zero_stage:
-        problems.append(Problem(_where(cfg.zero, "--zero", "zero_optimization.stage"), stage,
+        problems.append(Problem.about(cfg.zero, "--zero", "zero_optimization.stage", stage,
                                 f"the checkpoint of run {run.name} was saved at ZeRO stage {saved.zero_stage}; "
                                 "DeepSpeed loads optimizer state only into the stage that saved it",
                                 f"use --zero {saved.zero_stage}"))

@@ -23,9 +23,10 @@ import ipywidgets as w
 from traitlets import TraitError
 
 from nbtrain.config.arguments import to_line
+from nbtrain.config.keys import SCHEDULER_TYPES, field_of_key
 from nbtrain.config.machine import MachineFacts, detect_machine
 from nbtrain.config.plan import RunPlan, default_nproc, load_base, plan_run
-from nbtrain.config.render import SCHEDULER_TYPES, get_path, render_collecting, resolve_batch
+from nbtrain.config.render import get_path, render_collecting, resolve_batch
 from nbtrain.config.schedules import LrCurve, ScheduleError, lr_curve
 from nbtrain.config.tree import TrainConfig
 from nbtrain.errors import ConfigError, Problem
@@ -34,18 +35,13 @@ from nbtrain.panel.fields import SECTIONS, STAGE_HELP, all_fields, scheduler_par
 from nbtrain.panel.inputs import FieldInput
 
 DEFAULT_PREVIEW_STEPS = 100
-# Problems name flags or DeepSpeed keys; these show next to a field of another name.
+# A problem shows next to the field of its DeepSpeed key (config/keys.py, from Problem.key);
+# these name a field of another name for problems about no single flag's key.
+_FIELD_OF_KEY = field_of_key()
 _WHERE = {
-    "zero_optimization.stage": "zero", "zero_optimization.offload_optimizer.device": "offload_optimizer",
-    "zero_optimization.offload_param.device": "offload_param", "--nvme-path": "nvme_path",
-    "zero_optimization.offload_optimizer.nvme_path": "nvme_path", "zero_optimization.offload_param.nvme_path":
-    "nvme_path", "--offload-optimizer/--offload-param": "nvme_path", "bf16.enabled/fp16.enabled": "precision",
-    "train_micro_batch_size_per_gpu": "micro_batch", "gradient_accumulation_steps": "grad_accum",
-    "gradient_clipping": "grad_clip", "optimizer.params.lr": "lr", "optimizer.params.weight_decay": "weight_decay",
-    "--warmup-steps": "scheduler.params.warmup_num_steps", "scheduler.type": "scheduler",
-    "scheduler.params": "scheduler", "--quant": "qwz", "zero_optimization.zero_quantized_weights": "qwz",
-    "zero_optimization.zero_quantized_gradients": "qgz", "zero_optimization.zero_hpz_partition_size": "hpz",
-    "train_batch_size": "micro_batch", "optimizer.type": "optimizer",
+    "--nvme-path": "nvme_path", "--offload-optimizer/--offload-param": "nvme_path",
+    "bf16.enabled/fp16.enabled": "precision", "--warmup-steps": "scheduler.params.warmup_num_steps",
+    "scheduler.params": "scheduler", "--quant": "qwz", "train_batch_size": "micro_batch",
 }
 
 # Rows shown only where the other choices make them apply (fp16 loss scaling, Adam's betas, ...).
@@ -331,7 +327,9 @@ class ConfigPanel:
         by_field: dict[str, list[Problem]] = {}
         for problem in self.problems:
             where = problem.where.removeprefix("--set ")
-            name = _WHERE.get(where, where.removeprefix("--").replace("-", "_"))
+            # A problem from a rule not yet keyed names a table key as its `where`: that works too.
+            name = (_FIELD_OF_KEY.get(problem.key or where)
+                    or _WHERE.get(where, where.removeprefix("--").replace("-", "_")))
             by_field.setdefault(name if name in self.inputs else "", []).append(problem)
         for name, item in self.inputs.items():
             reason = allowed[name].reason if name in allowed else _FOLLOWS.get(name, "")

@@ -16,8 +16,9 @@ from collections.abc import Collection, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from nbtrain.config.keys import NVME_PATH_KEYS, SCHEDULER_TYPES, WARMUP_SCHEDULERS, key_of, rows_of
 from nbtrain.config.machine import MachineFacts
-from nbtrain.config.render import SCHEDULER_TYPES, WARMUP_SCHEDULERS, get_path, render, set_path
+from nbtrain.config.render import get_path, render, set_path
 from nbtrain.config.schema import load_schema
 from nbtrain.config.tree import DEFAULT_MICRO_BATCH, TrainConfig
 from nbtrain.panel.fields import _SCHEDULER_PARAMS, field_by_name, scheduler_param_fields
@@ -35,24 +36,26 @@ DERIVED = {"scheduler.params.total_num_steps": "steps", "scheduler.params.warmup
 
 def values_from(ds: Mapping[str, Any]) -> dict[str, Any]:
     """Return every field's value as the DeepSpeed dict `ds` has it (None where it has none)."""
+    # The flags' fields, read back through the keys they set (config/keys.py).
+    quant_weights, quant_gradients = (row.key for row in rows_of("quant"))
     values: dict[str, Any] = {
-        "zero": get_path(ds, "zero_optimization.stage", 0),
-        "offload_optimizer": get_path(ds, "zero_optimization.offload_optimizer.device", "none"),
-        "offload_param": get_path(ds, "zero_optimization.offload_param.device", "none"),
-        "nvme_path": (get_path(ds, "zero_optimization.offload_optimizer.nvme_path")
-                      or get_path(ds, "zero_optimization.offload_param.nvme_path") or ""),
-        "precision": "bf16" if get_path(ds, "bf16.enabled") is True
-        else "fp16" if get_path(ds, "fp16.enabled") is True else "fp32",
-        "micro_batch": _whole(ds.get("train_micro_batch_size_per_gpu")),
-        "grad_accum": ds.get("gradient_accumulation_steps"),
-        "grad_clip": float(ds.get("gradient_clipping") or 0.0),
-        "optimizer": str(get_path(ds, "optimizer.type", "adamw")).lower(),
-        "lr": get_path(ds, "optimizer.params.lr"),
-        "weight_decay": get_path(ds, "optimizer.params.weight_decay"),
-        "scheduler": _SCHEDULER_NAMES.get(str(get_path(ds, "scheduler.type")), "none"),
-        "qwz": get_path(ds, "zero_optimization.zero_quantized_weights", False) is True,
-        "qgz": get_path(ds, "zero_optimization.zero_quantized_gradients", False) is True,
-        "hpz": get_path(ds, "zero_optimization.zero_hpz_partition_size", 1),
+        "zero": get_path(ds, key_of("zero"), 0),
+        "offload_optimizer": get_path(ds, key_of("offload_optimizer"), "none"),
+        "offload_param": get_path(ds, key_of("offload_param"), "none"),
+        "nvme_path": (get_path(ds, NVME_PATH_KEYS["offload_optimizer"])
+                      or get_path(ds, NVME_PATH_KEYS["offload_param"]) or ""),
+        "precision": next((row.key.split(".")[0] for row in rows_of("precision") if get_path(ds, row.key) is True),
+                          "fp32"),
+        "micro_batch": _whole(get_path(ds, key_of("micro_batch"))),
+        "grad_accum": get_path(ds, key_of("grad_accum")),
+        "grad_clip": float(get_path(ds, key_of("grad_clip")) or 0.0),
+        "optimizer": str(get_path(ds, key_of("optimizer"), "adamw")).lower(),
+        "lr": get_path(ds, key_of("lr")),
+        "weight_decay": get_path(ds, key_of("weight_decay")),
+        "scheduler": _SCHEDULER_NAMES.get(str(get_path(ds, key_of("scheduler"))), "none"),
+        "qwz": get_path(ds, quant_weights, False) is True,
+        "qgz": get_path(ds, quant_gradients, False) is True,
+        "hpz": get_path(ds, key_of("hpz"), 1),
         "qat": "none",
     }
     kind = get_path(ds, "scheduler.type")
