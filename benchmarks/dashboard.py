@@ -26,7 +26,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from launch_overhead import CELL, FLAGS, SETUP, STEPS, Kernel, run_ours, steady_step_s  # noqa: I001
+from launch_overhead import CELL, FLAGS, SETUP, STEPS, Kernel, run_ours, steady_step_s
 
 from nbtrain.rundir import FINAL_STATES, read_json, read_records
 

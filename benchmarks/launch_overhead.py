@@ -111,7 +111,7 @@ def main() -> None:
         gpu_main(args.reps)
         return
     reps = args.reps
-    import dashboard  # noqa: PLC0415 - it imports this module's helpers
+    import dashboard  # it imports this module's helpers
 
     workdir = Path(tempfile.mkdtemp(prefix="nbtrain-bench-"))
     kernel = Kernel(workdir)

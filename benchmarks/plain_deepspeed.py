@@ -14,7 +14,7 @@ import time
 import deepspeed
 import torch
 import torch.distributed as dist
-from workload import GpuTokenData, TokenData, make_gpu_model, make_model  # noqa: I001 - benchmarks/ is on sys.path
+from workload import GpuTokenData, TokenData, make_gpu_model, make_model  # benchmarks/ is on sys.path
 
 
 def main(config_path: str, steps: int, out_path: str, workload: str = "cpu") -> None:

@@ -54,7 +54,7 @@ class NotebookSink:
 
     def finished(self, result: RunResult) -> None:
         if self._handle is not None:
-            from nbtrain.launch.run import _RunWatcher  # noqa: PLC0415 - read the final numbers once
+            from nbtrain.launch.run import _RunWatcher  # read the final numbers once
 
             final = _RunWatcher(result._run, result._run.status().get("started", time.time())).new_progress()
             self._handle.update(self._bundle(final, result.status), raw=True)

@@ -175,7 +175,7 @@ def test_a_misspelt_nested_key_is_refused_by_deepspeed_and_by_us(section: str, k
     for part in section.split("."):
         node = node.setdefault(part, {})
     node[key] = 1
-    with pytest.raises(Exception, match=key):  # noqa: B017 - DeepSpeed raises pydantic's ValidationError
+    with pytest.raises(Exception, match=key):  # DeepSpeed raises pydantic's ValidationError
         deepspeed_parses(config)
     problems = check(TrainConfig(), config, GPU, nproc=2)
     assert [p.where for p in problems] == [f"{section}.{key}"], [str(p) for p in problems]

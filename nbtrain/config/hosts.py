@@ -185,7 +185,7 @@ def ssh_command(host: str, remote: str, connect_timeout: float,
 
 
 def probe_script(python: str, workdir: str | None = None) -> str:
-    """Return the shell line run on each host: does `python` exist there and import nbtrain?"""
+    """Return the shell line run on each host, which asks whether `python` exists there and imports nbtrain."""
     py = shlex.quote(python)
     steps = [f"[ -x {py} ] || {{ echo {_PROBE_MARK} no-python; exit 0; }}"]
     if workdir is not None:

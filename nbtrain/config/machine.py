@@ -37,6 +37,7 @@ class MachineFacts:
 
 
 def gpus(count: int) -> str:
+    """Return "1 GPU" or "N GPUs"."""
     return f"{count} GPU" + ("" if count == 1 else "s")
 
 

@@ -163,5 +163,5 @@ def freeze_mapping(value: Mapping[str, Any]) -> dict[str, Any]:
     if isinstance(value, Mapping):
         return {str(k): freeze_mapping(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
-        return [freeze_mapping(v) for v in value]  # type: ignore[return-value]
-    return value  # type: ignore[return-value]
+        return [freeze_mapping(v) for v in value]
+    return value

@@ -80,7 +80,7 @@ class UiPoller:
             handler = kernel.shell_handlers.get(message["header"]["msg_type"])
             if handler is not None:
                 handler(None, idents, message)  # comm handlers are synchronous and ignore the stream
-        except Exception:  # noqa: BLE001 - as ipykernel does: a widget's error is logged, the cell goes on
+        except Exception:  # as ipykernel does: a widget's error is logged, the cell goes on
             kernel.log.error("Exception in comm message handler", exc_info=True)
         finally:
             kernel.set_parent(saved_ident, saved_parent, channel="shell")

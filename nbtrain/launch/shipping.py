@@ -112,11 +112,11 @@ def dumps(inputs: Inputs) -> bytes:
     """Serialise `inputs`; a name that cannot be sent raises ShippingError naming it."""
     try:
         return _by_value(inputs, notebook_globals=inputs.namespace)
-    except Exception as whole:  # noqa: BLE001 - find which name broke it, then say so
+    except Exception as whole:  # find which name broke it, then say so
         for name, value in inputs.names.items():
             try:
                 _by_value(value)
-            except Exception as e:  # noqa: BLE001 - any pickling failure is the user's to see
+            except Exception as e:  # any pickling failure is the user's to see
                 raise ShippingError(
                     f"the cell uses {name!r} ({type(value).__name__}), which cannot be sent to the worker "
                     f"processes: {type(e).__name__}: {e}. Fix: create {name!r} inside the %%bigtrain cell "

@@ -17,6 +17,7 @@ from nbtrain.rundir.layout import RunDirectory
 
 
 def heartbeat_file(run_path: Path, rank: int) -> Path:
+    """Return where `rank` of the run at `run_path` writes its heartbeat."""
     return RunDirectory(run_path).heartbeat_file(rank)
 
 

@@ -74,24 +74,24 @@ NVMLError_LibraryNotFound = _error_class("NVMLError_LibraryNotFound", NVML_ERROR
 
 
 @dataclass(frozen=True)
-class c_nvmlUtilization_t:  # noqa: N801 - the real library's name
+class c_nvmlUtilization_t:  # the real library's name
     gpu: int
     memory: int
 
 
 @dataclass(frozen=True)
-class c_nvmlMemory_t:  # noqa: N801
+class c_nvmlMemory_t:
     total: int
     free: int
     used: int
 
 
 @dataclass
-class c_nvmlProcessInfo_t:  # noqa: N801 - what the real library returns per process (v3 struct, as an object)
+class c_nvmlProcessInfo_t:  # what the real library returns per process (v3 struct, as an object)
     pid: int
-    usedGpuMemory: int | None  # noqa: N815 - bytes; None where the driver cannot tell (the real library's value)
-    gpuInstanceId: int = 0xFFFFFFFF  # noqa: N815 - no MIG
-    computeInstanceId: int = 0xFFFFFFFF  # noqa: N815
+    usedGpuMemory: int | None  # bytes; None where the driver cannot tell (the real library's value)
+    gpuInstanceId: int = 0xFFFFFFFF  # no MIG
+    computeInstanceId: int = 0xFFFFFFFF
 
 
 @dataclass(frozen=True)
@@ -120,7 +120,7 @@ def _device(handle: object) -> int:
     return handle.index
 
 
-def nvmlInit() -> None:  # noqa: N802
+def nvmlInit() -> None:
     if os.environ.get("FAKE_NVML_DRIVER") == "missing":
         raise NVMLError(NVML_ERROR_DRIVER_NOT_LOADED)
     if _state["initialised"] == 0:
@@ -128,39 +128,39 @@ def nvmlInit() -> None:  # noqa: N802
     _state["initialised"] += 1  # the real library counts nested inits too
 
 
-def nvmlShutdown() -> None:  # noqa: N802
+def nvmlShutdown() -> None:
     _check_init()
     _state["initialised"] -= 1
 
 
-def nvmlErrorString(result: int) -> str:  # noqa: N802
+def nvmlErrorString(result: int) -> str:
     return _MESSAGES.get(result, "Unknown Error")
 
 
-def nvmlDeviceGetCount() -> int:  # noqa: N802
+def nvmlDeviceGetCount() -> int:
     _check_init()
     return _gpu_count()
 
 
-def nvmlDeviceGetHandleByIndex(index: int) -> _Handle:  # noqa: N802
+def nvmlDeviceGetHandleByIndex(index: int) -> _Handle:
     handle = _Handle(int(index))
     _device(handle)
     return handle
 
 
-def nvmlDeviceGetName(handle: _Handle) -> str:  # noqa: N802
+def nvmlDeviceGetName(handle: _Handle) -> str:
     _device(handle)
     return os.environ.get("FAKE_NVML_NAME", "NVIDIA H100 80GB HBM3")
 
 
-def nvmlDeviceGetUtilizationRates(handle: _Handle) -> c_nvmlUtilization_t:  # noqa: N802
+def nvmlDeviceGetUtilizationRates(handle: _Handle) -> c_nvmlUtilization_t:
     index = _device(handle)
     # Busy, and not the same number every time, as a training GPU is.
     busy = 60 + (int(time.time() * 7) + 13 * index) % 40
     return c_nvmlUtilization_t(gpu=busy, memory=busy // 2)
 
 
-def nvmlDeviceGetMemoryInfo(handle: _Handle, version: int | None = None) -> c_nvmlMemory_t:  # noqa: N802
+def nvmlDeviceGetMemoryInfo(handle: _Handle, version: int | None = None) -> c_nvmlMemory_t:
     index = _device(handle)
     used = (10 + index) * 1024**3
     return c_nvmlMemory_t(total=_TOTAL_MEMORY, free=_TOTAL_MEMORY - used, used=used)
@@ -171,13 +171,13 @@ def _power_supported() -> None:
         raise NVMLError(NVML_ERROR_NOT_SUPPORTED)
 
 
-def nvmlDeviceGetPowerUsage(handle: _Handle) -> int:  # noqa: N802
+def nvmlDeviceGetPowerUsage(handle: _Handle) -> int:
     _device(handle)
     _power_supported()
     return _POWER_MW
 
 
-def nvmlDeviceGetTotalEnergyConsumption(handle: _Handle) -> int:  # noqa: N802
+def nvmlDeviceGetTotalEnergyConsumption(handle: _Handle) -> int:
     """Return millijoules since the driver was loaded: advances at the reported power."""
     _device(handle)
     _power_supported()
@@ -196,7 +196,7 @@ def _process_spec() -> str:
     return spec
 
 
-def nvmlDeviceGetComputeRunningProcesses(handle: _Handle) -> list[c_nvmlProcessInfo_t]:  # noqa: N802
+def nvmlDeviceGetComputeRunningProcesses(handle: _Handle) -> list[c_nvmlProcessInfo_t]:
     """Return the compute processes on the GPU with the memory each uses, as nvidia-ml-py does."""
     index = _device(handle)
     found = []
