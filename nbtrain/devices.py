@@ -54,8 +54,8 @@ class Gpus:
         if self._nvml is not None and self.count == 0:
             self.problem = "NVML sees no GPU"
 
-    def read(self, index: int) -> GpuReading | None:
-        """Return GPU `index` now, or None if NVML cannot read it."""
+    def read(self, index: int, power: bool = True) -> GpuReading | None:
+        """Return GPU `index` now, or None if NVML cannot read it (power and energy only if `power`)."""
         if self._nvml is None or not 0 <= index < self.count:
             return None
         nvml = self._nvml
@@ -69,9 +69,10 @@ class Gpus:
         return GpuReading(index=index, name=name.decode() if isinstance(name, bytes) else str(name),
                           util_percent=float(util.gpu), mem_used_bytes=int(memory.used),
                           mem_total_bytes=int(memory.total),
-                          power_w=_optional(lambda: nvml.nvmlDeviceGetPowerUsage(handle) / 1000.0, nvml),
+                          power_w=_optional(lambda: nvml.nvmlDeviceGetPowerUsage(handle) / 1000.0, nvml)
+                          if power else None,
                           energy_j=_optional(lambda: nvml.nvmlDeviceGetTotalEnergyConsumption(handle) / 1000.0,
-                                             nvml))
+                                             nvml) if power else None)
 
     def process_memory(self) -> dict[int, dict[int, int | None]]:
         """Return the GPU memory of every compute process NVML lists: {pid: {GPU index: bytes}}.
@@ -108,7 +109,8 @@ def gpu_stats() -> list[dict[str, Any]]:
     """Return each GPU's utilization and memory, or [] where NVML cannot read them all."""
     gpus = Gpus()
     try:
-        readings = [gpus.read(index) for index in range(gpus.count)]
+        # The sidebar shows no power: two NVML calls per GPU and poll saved.
+        readings = [gpus.read(index, power=False) for index in range(gpus.count)]
     finally:
         gpus.close()
     if any(reading is None for reading in readings):  # a GPU that fell off the bus mid-query: report none
