@@ -66,19 +66,19 @@ def latencies_ms(run: Path, seen: list[list[Any]]) -> list[float]:
 
     Records are read in file order, so the widget holds step s's loss once it shows a later
     step, or step s with that very loss (float from the same JSON text: equal exactly).
-    The losses written after the live view's last update (the run ended before the next
-    tick) are shown by the final picture instead, and are left out.
+    The last losses, written after the live view's last read (the run ended before the next
+    one), are shown by the final picture instead, and are left out.
     """
     records, _ = read_records(run / "metrics" / "rank-0.jsonl")
     mine = [(t, step, loss) for t, run_id, step, loss in seen if run_id == run.name]
-    found = []
-    for record in (r for r in records if r.get("loss") is not None and r["time"] < mine[-1][0]):
-        first = next((t for t, step, loss in mine
-                      if step > record["step"] or (step == record["step"] and loss == record["loss"])), None)
-        if first is None:
-            raise AssertionError(f"step {record['step']}'s loss never reached the dashboard of {run.name}")
-        found.append((first - record["time"]) * 1e3)
-    return found
+    firsts = [(record, next((t for t, step, loss in mine if step > record["step"]
+                             or (step == record["step"] and loss == record["loss"])), None))
+              for record in records if record.get("loss") is not None]
+    while firsts and firsts[-1][1] is None:
+        firsts.pop()
+    missed = [record["step"] for record, first in firsts if first is None]
+    assert not missed, f"the losses of steps {missed} never reached the dashboard of {run.name}"
+    return [(first - record["time"]) * 1e3 for record, first in firsts if first is not None]
 
 
 def telemetry_pair(kernel: Kernel, workdir: Path, rep: int) -> dict[str, Any]:

@@ -8,7 +8,9 @@ and must reach the same losses — the proof that both did the same work. Measur
   to the first completed optimizer step, no worker existing before (ratio = ours / plain;
   goal <= 1.0);
 - warm first step: the same cell run again at once, in the warm workers the first run left
-  (goal under 1 s, and warm / plain below 0.15), and the idle memory of a warm worker.
+  (goal under 1 s, and warm / plain below 0.15), and the idle memory of a warm worker;
+- the dashboard's own figures (`dashboard.py`): throughput with it / with --no-plot, the delay
+  of a logged value to the widget, a trivial cell's round trip during a --background run.
 Prints a table and `BENCH <figure> <ratio>` lines. Usage: benchmarks/launch_overhead.py [--reps N] [--gpu]
 
 `--gpu`: the same comparison on this machine's GPU (one process) with a GPU-sized GPT-2 (124M

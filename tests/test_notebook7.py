@@ -1,7 +1,7 @@
 """nbtrain in Notebook 7 (`jupyter notebook`), driven in Debian's headless Chromium.
 
 The same user session as tests/test_ui.py, in the other Jupyter front end: the file page
-loads the extension, then one notebook page runs `%%bigtrain` cells in its own kernel:
+loads the extension and opens a tutorial, then one notebook page runs `%%bigtrain` cells in its own kernel:
 a live dashboard stopped with its Stop button, a short run that leaves its final picture,
 a `--background` run whose handle the notebook waits on, the config panel opened by
 nbtrain's command and changed with the mouse, and the runs sidebar beside the notebook. The tests run in order; the browser
@@ -64,7 +64,8 @@ def artifacts(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def server(workspace: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[JupyterNotebook]:
-    jupyter = JupyterNotebook(workspace, tmp_path_factory.mktemp("notebook7-home"), stop_grace_s=5)
+    jupyter = JupyterNotebook(workspace, tmp_path_factory.mktemp("notebook7-home"), stop_grace_s=5,
+                              tutorials_dir=Path(__file__).resolve().parents[1] / "notebooks")
     try:
         yield jupyter
     finally:
@@ -146,6 +147,22 @@ def test_the_file_page_loads_nbtrain_without_errors(page: playwright.Page, conso
     page.wait_for_timeout(3000)  # settings load after the plugins have started
     unexpected = [e for e in console_errors if e.split(": ", 1)[1] not in NOTEBOOK7_OWN_ERRORS]
     assert not unexpected, f"errors in the browser console of the file page: {unexpected}"
+
+
+def test_open_tutorial_copies_it_with_its_data_and_opens_it_in_a_new_tab(
+        page: playwright.Page, workspace: Path) -> None:
+    page.evaluate("() => void window.jupyterapp.commands.execute('nbtrain:open-tutorial')")
+    dialog = page.locator(".jp-Dialog")
+    playwright.expect(dialog.locator("select")).to_contain_text("(05_background_runs_and_scaling_out.ipynb)")
+    with page.context.expect_page() as opened:  # Notebook 7 opens each document in its own tab
+        dialog.locator(".jp-mod-accept").click()
+    tab = opened.value
+    try:
+        playwright.expect(tab.locator(".jp-MarkdownCell").first).to_contain_text("Quickstart")
+        assert tab.url.split("?")[0].endswith("/notebooks/01_quickstart.ipynb"), tab.url
+    finally:
+        tab.close()
+    assert (workspace / "01_quickstart.ipynb").is_file() and (workspace / "data" / "owl_and_pussycat.txt").is_file()
 
 
 def test_a_bigtrain_cell_shows_a_live_dashboard_that_stop_ends(

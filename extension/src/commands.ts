@@ -1,6 +1,7 @@
 // Notebook commands: insert a %%bigtrain cell, open the config panel, open a tutorial.
 import { JupyterFrontEnd } from '@jupyterlab/application';
 import { InputDialog, showErrorMessage } from '@jupyterlab/apputils';
+import { PageConfig, URLExt } from '@jupyterlab/coreutils';
 import { INotebookTracker, NotebookActions, NotebookPanel } from '@jupyterlab/notebook';
 
 import { api } from './api';
@@ -47,6 +48,17 @@ function insertCells(panel: NotebookPanel, sources: string[]): void {
   }
 }
 
+/** Open `path` as the front end does: a tab of JupyterLab, or Notebook 7's own browser tab. */
+async function openDocument(app: JupyterFrontEnd, path: string): Promise<void> {
+  if (PageConfig.getOption('notebookPage')) {
+    // Notebook 7 shows one document per page; its docmanager:open built a notebook on this page
+    // only to drop it ("Cannot read properties of null (reading 'updateRenderOption')").
+    window.open(URLExt.join(PageConfig.getBaseUrl(), 'notebooks', URLExt.encodeParts(path)), '_blank');
+    return;
+  }
+  await app.commands.execute('docmanager:open', { path });
+}
+
 export function registerNotebookCommands(app: JupyterFrontEnd, tracker: INotebookTracker): void {
   app.commands.addCommand('nbtrain:insert-cell', {
     label: 'Insert %%bigtrain cell',
@@ -84,7 +96,7 @@ export function registerNotebookCommands(app: JupyterFrontEnd, tracker: INoteboo
         }
         const tutorial = tutorials[labels.indexOf(choice.value)];
         const { path } = await api.copyTutorial(tutorial.name);
-        await app.commands.execute('docmanager:open', { path });
+        await openDocument(app, path);
       } catch (e) {
         await showErrorMessage('Could not open the tutorial', (e as Error).message);
       }

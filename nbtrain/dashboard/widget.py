@@ -52,6 +52,8 @@ class Dashboard:
     >>> start_run(plan, cell, namespace, Dashboard())       # doctest: +SKIP
     """
 
+    reads_run_directory = True  # RunMetrics reads the metrics: the supervisor need not (nbtrain.launch.run)
+
     def __init__(self, redraw_every_s: float = REDRAW_EVERY_S):
         self.redraw_every_s = redraw_every_s
         self.metrics: RunMetrics | None = None

@@ -19,7 +19,7 @@ import time
 from collections.abc import Callable, MutableMapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import IO, Any, Protocol
 
 from nbtrain.config.plan import RunPlan
 from nbtrain.config.tree import DEFAULT_HANG_TIMEOUT_S, DEFAULT_KEEP_WARM_S, DEFAULT_RUN_ROOT
@@ -33,10 +33,11 @@ from nbtrain.rundir.heartbeats import find_hang, read_heartbeats
 from nbtrain.rundir.layout import LOG, rank_file
 from nbtrain.rundir.progress import StepReader, planned_steps, read_startup
 
-POLL_S = 0.15  # exits and Stop
+POLL_S = 0.2  # exits and Stop
 # Rank 0's output and progress, to the sink: a value a worker logs is in the dashboard's widgets
-# within this (p95 ~0.3 s; benchmarks/dashboard.py), at a few milliseconds of the kernel's CPU a second.
-RELAY_EVERY_S = 0.3
+# within this (p95 ~0.4 s, goal 0.5 s: benchmarks/dashboard.py). Each relay costs the kernel's
+# CPU (~1-2 ms with the dashboard on 2 busy cores), which comes out of training: no more often.
+RELAY_EVERY_S = 0.4
 HANG_CHECK_EVERY_S = 1.0
 # After one rank fails, the others get this long to write their own error before the stop.
 FAILURE_GRACE_S = 1.0
@@ -71,7 +72,12 @@ class Progress:
 
 
 class ProgressSink(Protocol):
-    """Receives what a run shows while it goes (the magic shows it in the cell output)."""
+    """Receives what a run shows while it goes (the magic shows it in the cell output).
+
+    A sink that reads the run directory itself sets `reads_run_directory = True` (the
+    dashboard): the supervisor then does not read rank 0's metrics for it, and its
+    `progress` gets a fresh `elapsed_s` only.
+    """
 
     def started(self, run: RunDirectory, plan: RunPlan, stop: Callable[[], None]) -> None: ...
     def output(self, text: str) -> None: ...
@@ -105,22 +111,24 @@ class _RunWatcher:
 
     def __init__(self, run: RunDirectory, started: float):
         self.run, self.started = run, started
-        self._out_offset = 0
+        self._out: IO[bytes] | None = None  # rank 0's output, kept open: a relay reads it without opening it
         self._steps = StepReader(run.metrics_file(0))
         self._decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
         self.progress = Progress()
         self.first_step_time: float | None = None
 
     def new_output(self) -> str:
-        path = self.run.output_file(0)
-        try:
-            with open(path, "rb") as f:
-                f.seek(self._out_offset)
-                chunk = f.read()
-        except FileNotFoundError:
-            return ""
-        self._out_offset += len(chunk)
-        return self._decoder.decode(chunk)
+        if self._out is None:
+            try:
+                self._out = open(self.run.output_file(0), "rb", buffering=0)
+            except FileNotFoundError:
+                return ""
+        return self._decoder.decode(self._out.read() or b"")
+
+    def close(self) -> None:
+        if self._out is not None:
+            self._out.close()
+            self._out = None
 
     def new_progress(self) -> Progress:
         steps = self._steps
@@ -197,6 +205,7 @@ class ActiveRun:
             stop_s = self.group.stop()
             self.run.finish("stopped", f"interrupted from the notebook; workers stopped in {stop_s:.1f} s",
                             timings=_timings(self.timings, self.watcher, self.started))
+            self.watcher.close()
             raise
         finally:
             if state == "succeeded":
@@ -209,7 +218,10 @@ class ActiveRun:
         self.outcome = (state, reason, failed_rank)
         self.run.finish(state, reason, failed_rank=failed_rank,
                         timings=_timings(self.timings, self.watcher, self.started))
-        _relay(self.watcher, self.sink)
+        try:
+            _relay(self.watcher, self.sink)
+        finally:
+            self.watcher.close()
         return self.outcome
 
     def result(self, namespace: MutableMapping[str, Any]) -> RunResult:
@@ -323,7 +335,10 @@ def _relay(watcher: _RunWatcher, sink: ProgressSink) -> None:
     text = watcher.new_output()
     if text:
         sink.output(text)
-    sink.progress(watcher.new_progress())
+    if getattr(sink, "reads_run_directory", False):  # the dashboard: it reads the metrics itself
+        sink.progress(dataclasses.replace(watcher.progress, elapsed_s=time.time() - watcher.started))
+    else:
+        sink.progress(watcher.new_progress())
 
 
 def _supervise(active: ActiveRun) -> tuple[str, str, int | None]:
