@@ -54,9 +54,9 @@ class NotebookSink:
 
     def finished(self, result: RunResult) -> None:
         if self._handle is not None:
-            from nbtrain.launch.run import _RunWatcher  # read the final numbers once
+            from nbtrain.launch.run import read_progress
 
-            final = _RunWatcher(result._run, result._run.status().get("started", time.time())).new_progress()
+            final = read_progress(RunDirectory(result.run_dir))  # the final numbers, read once
             self._handle.update(self._bundle(final, result.status), raw=True)
 
     @staticmethod

@@ -279,7 +279,7 @@ def test_the_widget_says_which_start_up_phase_runs_until_the_first_step(tmp_path
 def test_every_view_gives_the_same_eta_for_one_run_directory(tmp_path: Path) -> None:
     # Regression: the cell said ETA 2:39 and the sidebar 3:21 for the same run at the same moment.
     from nbtrain.dashboard import Dashboard
-    from nbtrain.launch.run import _RunWatcher
+    from nbtrain.launch.run import read_progress
     from nbtrain.server.runs import ProgressCache, summary
 
     run = make_run(tmp_path, {"max_steps": 200})
@@ -288,7 +288,7 @@ def test_every_view_gives_the_same_eta_for_one_run_directory(tmp_path: Path) -> 
         timing = {"step": step, "rank": 0, "time": 1000.0 + step, "lr": 1e-3, "samples_per_s": 64.0,
                   "step_time_s": 12.0 if step == 1 else 0.5 + 0.2 * (step % 3)}  # a slow first step, then jitter
         append(run.metrics_file(0), timing, {"step": step, "rank": 0, "time": 1000.0 + step, "loss": 1.0})
-    cell = _RunWatcher(run, 990.0).new_progress()
+    cell = read_progress(run)  # the cell's own reader, from status.json's start (990)
     dashboard = Dashboard(redraw_every_s=0.0)
     dashboard.started(run, plan())
     dashboard.progress(cell)

@@ -148,6 +148,11 @@ class _RunWatcher:
         return self.progress
 
 
+def read_progress(run: RunDirectory) -> Progress:
+    """Return where `run` stands now, as the cell's progress line shows it (its final numbers once it ended)."""
+    return _RunWatcher(run, run.status().get("started", time.time())).new_progress()
+
+
 def create_run_directory(plan: RunPlan, cell: str, inputs: bytes) -> RunDirectory:
     """Write everything the workers need before they start."""
     cfg = plan.config
