@@ -12,6 +12,9 @@ import pytest
 
 from tests.kernel import Kernel
 
+# The browser tests' screenshot folder and screenshot-on-failure (asked for by their modules).
+pytest_plugins = ["tests.ui.fixtures"]
+
 # The "earlier cells" of the integration tests' notebook: a small model, data and a loss,
 # all defined in the kernel (so they reach the workers only by nbtrain's shipping).
 NOTEBOOK_SETUP = '''

@@ -426,14 +426,17 @@ def slow_loss(model, batch):
 """
 
 
+def train_slowly(kernel: Kernel, flags: str, before_fit: str = "") -> list[tuple[float, dict]]:
+    """Run a 2-rank cell that fits with the slow loss (slow enough to watch); return its messages (see `collect`)."""
+    kernel.execute(SLOW_LOSS)
+    return collect(kernel, f"%%bigtrain --nproc 2 --micro-batch 4 {flags}\n{before_fit}"
+                           "result = bigtrain.fit(make_model(), ToyData(), loss_fn=slow_loss)\n")
+
+
 @pytest.mark.integration
 def test_the_dashboard_updates_while_training_and_leaves_a_picture_and_a_table(kernel: Kernel,
                                                                                 tmp_path: Path) -> None:
-    kernel.execute(SLOW_LOSS)
-    cell = ("%%bigtrain --nproc 2 --steps 100 --micro-batch 4\n"
-            "if bigtrain.is_main:\n    print('hello from rank 0', flush=True)\n"
-            "result = bigtrain.fit(make_model(), ToyData(), loss_fn=slow_loss)\n")
-    messages = collect(kernel, cell)
+    messages = train_slowly(kernel, "--steps 100", "if bigtrain.is_main:\n    print('hello from rank 0', flush=True)\n")
     end = messages[-1][0]
     steps = sorted({(t, int(re.match(r"&nbsp;step (\d+)", v).group(1))) for t, v in widget_values(messages)
                     if v.startswith("&nbsp;step ")})
@@ -461,11 +464,7 @@ def test_the_dashboard_updates_while_training_and_leaves_a_picture_and_a_table(k
 def test_a_starting_run_shows_each_start_up_phase_in_the_cell_until_its_first_step(kernel: Kernel,
                                                                                  tmp_path: Path) -> None:
     # Regression: a run sat at "step 0" with "waiting for the first values…" for 40 s while it started.
-    kernel.execute(SLOW_LOSS)
-    cell = ("%%bigtrain --nproc 2 --steps 20 --micro-batch 4\n"
-            "import time\ntime.sleep(2)  # the cell's own work before bigtrain.prepare\n"
-            "result = bigtrain.fit(make_model(), ToyData(), loss_fn=slow_loss)\n")
-    messages = collect(kernel, cell)
+    messages = train_slowly(kernel, "--steps 20", "import time\ntime.sleep(2)  # the cell's own work before bigtrain.prepare\n")
     by_comm: dict[str, list[str]] = {}
     for _, m in of_type(messages, "comm_msg"):
         state = m["content"]["data"].get("state", {})

@@ -12,7 +12,6 @@ logs without nbtrain. Screenshots go to $NBTRAIN_UI_ARTIFACTS (default: a tempor
 from __future__ import annotations
 
 import json
-import os
 import re
 from collections.abc import Iterator
 from pathlib import Path
@@ -20,10 +19,12 @@ from pathlib import Path
 import pytest
 from playwright import sync_api as playwright
 
-from tests.conftest import NOTEBOOK_SETUP, wait_until_gone
-from tests.ui.lab import CHROMIUM, CHROMIUM_ARGS, JupyterNotebook, notebook
+from tests.conftest import NOTEBOOK_SETUP
+from tests.ui.fixtures import chromium_tab, serving
+from tests.ui.lab import JupyterNotebook, notebook
 
-pytestmark = pytest.mark.browser
+# tests/ui/fixtures.py (a plugin of tests/conftest.py): a screenshot of `page` when a test fails
+pytestmark = [pytest.mark.browser, pytest.mark.usefixtures("screenshot_on_failure")]
 
 WAIT_MS = 60_000  # generous: a busy 2-core machine trains and serves the page at once
 RUN_MS = 240_000  # a run's start (workers, DeepSpeed) on a loaded machine
@@ -55,22 +56,10 @@ def workspace(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def artifacts(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    folder = Path(os.environ.get("NBTRAIN_UI_ARTIFACTS") or tmp_path_factory.mktemp("ui-screenshots"))
-    folder.mkdir(parents=True, exist_ok=True)
-    print(f"\nUI screenshots in {folder}")
-    return folder
-
-
-@pytest.fixture(scope="module")
 def server(workspace: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[JupyterNotebook]:
-    jupyter = JupyterNotebook(workspace, tmp_path_factory.mktemp("notebook7-home"), stop_grace_s=5,
-                              tutorials_dir=Path(__file__).resolve().parents[1] / "notebooks")
-    try:
+    with serving(JupyterNotebook(workspace, tmp_path_factory.mktemp("notebook7-home"), stop_grace_s=5,
+                                 tutorials_dir=Path(__file__).resolve().parents[1] / "notebooks"), workspace) as jupyter:
         yield jupyter
-    finally:
-        jupyter.stop()
-        wait_until_gone(str(workspace), timeout=30)
 
 
 @pytest.fixture(scope="module")
@@ -81,24 +70,12 @@ def console_errors() -> list[str]:
 
 @pytest.fixture(scope="module")
 def page(server: JupyterNotebook, console_errors: list[str]) -> Iterator[playwright.Page]:
-    with playwright.sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS)
-        tab = browser.new_page(viewport={"width": 1400, "height": 1000})
-        tab.set_default_timeout(WAIT_MS)
+    with chromium_tab(height=1000, wait_ms=WAIT_MS) as tab:
         where = lambda: tab.url.split("?")[0].removeprefix(server.url)  # noqa: E731
         tab.on("console", lambda m: console_errors.append(f"{where()}: {m.text}") if m.type == "error" else None)
         tab.on("pageerror", lambda e: console_errors.append(f"{where()}: {e.message}"))
         tab.goto(f"{server.url}/tree?token={server.token}")
         yield tab
-        browser.close()
-
-
-@pytest.fixture(autouse=True)
-def screenshot_on_failure(request: pytest.FixtureRequest, page: playwright.Page, artifacts: Path) -> Iterator[None]:
-    failed = request.session.testsfailed
-    yield
-    if request.session.testsfailed > failed:
-        page.screenshot(path=artifacts / f"FAILED-notebook7-{request.node.name}.png")
 
 
 def cell(page: playwright.Page, source_start: str) -> playwright.Locator:

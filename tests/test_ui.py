@@ -9,7 +9,6 @@ Screenshots go to $NBTRAIN_UI_ARTIFACTS (default: a temporary folder, printed).
 from __future__ import annotations
 
 import json
-import os
 import re
 from collections.abc import Iterator
 from pathlib import Path
@@ -18,10 +17,12 @@ import pytest
 from playwright import sync_api as playwright
 
 from tests.conftest import NOTEBOOK_SETUP, wait_until_gone, worker_processes
-from tests.ui.lab import CHROMIUM, CHROMIUM_ARGS, JupyterLab, notebook
+from tests.ui.fixtures import chromium_tab, serving
+from tests.ui.lab import JupyterLab, notebook
 from tests.ui.rundirs import make_run
 
-pytestmark = pytest.mark.browser
+# tests/ui/fixtures.py (a plugin of tests/conftest.py): a screenshot of `page` when a test fails
+pytestmark = [pytest.mark.browser, pytest.mark.usefixtures("screenshot_on_failure")]
 
 WAIT_MS = 60_000  # generous: a busy 2-core machine trains and serves the page at once
 playwright.expect.set_options(timeout=WAIT_MS)  # the machine is busy training while the page is checked
@@ -54,42 +55,18 @@ def workspace(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def artifacts(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    folder = Path(os.environ.get("NBTRAIN_UI_ARTIFACTS") or tmp_path_factory.mktemp("ui-screenshots"))
-    folder.mkdir(parents=True, exist_ok=True)
-    print(f"\nUI screenshots in {folder}")
-    return folder
-
-
-@pytest.fixture(scope="module")
 def lab(workspace: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[JupyterLab]:
-    server = JupyterLab(workspace, tmp_path_factory.mktemp("lab-home"),
-                        tutorials_dir=workspace.parent / "tutorials", stop_grace_s=5)
-    try:
+    with serving(JupyterLab(workspace, tmp_path_factory.mktemp("lab-home"),
+                            tutorials_dir=workspace.parent / "tutorials", stop_grace_s=5), workspace) as server:
         yield server
-    finally:
-        server.stop()
-        wait_until_gone(str(workspace), timeout=30)
 
 
 @pytest.fixture(scope="module")
 def page(lab: JupyterLab) -> Iterator[playwright.Page]:
-    with playwright.sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS)
-        tab = browser.new_page(viewport={"width": 1400, "height": 900})
-        tab.set_default_timeout(WAIT_MS)
+    with chromium_tab(height=900, wait_ms=WAIT_MS) as tab:
         tab.goto(f"{lab.url}/lab?token={lab.token}")
         tab.wait_for_selector('li[data-id="nbtrain-sidebar"]', timeout=90_000)
         yield tab
-        browser.close()
-
-
-@pytest.fixture(autouse=True)
-def screenshot_on_failure(request: pytest.FixtureRequest, page: playwright.Page, artifacts: Path) -> Iterator[None]:
-    failed = request.session.testsfailed
-    yield
-    if request.session.testsfailed > failed:
-        page.screenshot(path=artifacts / f"FAILED-{request.node.name}.png")
 
 
 def open_sidebar(page: playwright.Page) -> playwright.Locator:
