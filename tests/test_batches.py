@@ -148,3 +148,11 @@ def test_on_a_gpu_a_cpu_batch_arrives_whole_through_pinned_memory() -> None:
         assert after.device == torch.device("cuda:0")
         assert torch.equal(after.cpu(), before.to(after.dtype)), "a non-blocking copy changed the values"
     assert not batch["x"].is_pinned(), "the caller's tensor is left as it was"
+
+
+def test_the_inputs_dtype_follows_the_precision_of_the_engine_or_of_the_config() -> None:
+    from nbtrain.worker.batches import precision_dtype
+
+    assert precision_dtype(bf16=True, fp16=False) is torch.bfloat16
+    assert precision_dtype(bf16=False, fp16=True) is torch.float16
+    assert precision_dtype(bf16=False, fp16=False) is None, "fp32 inputs must stay as they are"

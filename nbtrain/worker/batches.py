@@ -53,11 +53,12 @@ def to_device(batch: Any, device: torch.device | str, dtype: torch.dtype | None 
 
 def input_dtype(engine: Any) -> torch.dtype | None:
     """Return the dtype the engine's weights train in when it is not fp32 (bf16 or fp16), else None."""
-    if engine.bfloat16_enabled():
-        return torch.bfloat16
-    if engine.fp16_enabled():
-        return torch.float16
-    return None
+    return precision_dtype(bf16=engine.bfloat16_enabled(), fp16=engine.fp16_enabled())
+
+
+def precision_dtype(*, bf16: bool, fp16: bool) -> torch.dtype | None:
+    """Return the inputs' dtype for a bf16 or fp16 run, None for fp32."""
+    return torch.bfloat16 if bf16 else torch.float16 if fp16 else None
 
 
 def pinned_copy(tensor: torch.Tensor, device: torch.device) -> bool:

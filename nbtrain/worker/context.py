@@ -18,7 +18,7 @@ from nbtrain.config.tree import TrainConfig
 from nbtrain.rundir import MetricWriter, RunDirectory, write_json_atomic
 from nbtrain.rundir.checkpoints import published
 from nbtrain.worker import checkpoint, qat
-from nbtrain.worker.batches import input_dtype, to_device
+from nbtrain.worker.batches import input_dtype, precision_dtype, to_device
 from nbtrain.worker.data import MicroBatchLoader, batches_per_epoch, is_supported
 from nbtrain.worker.timeline import Timeline
 
@@ -266,11 +266,7 @@ class BigTrain:
 
 def _config_dtype(config: dict[str, Any]) -> torch.dtype | None:
     """Return the inputs' dtype the DeepSpeed config asks for (before there is an engine)."""
-    if get_path(config, "bf16.enabled") is True:
-        return torch.bfloat16
-    if get_path(config, "fp16.enabled") is True:
-        return torch.float16
-    return None
+    return precision_dtype(bf16=get_path(config, "bf16.enabled") is True, fp16=get_path(config, "fp16.enabled") is True)
 
 
 def meta_copy(model: torch.nn.Module) -> torch.nn.Module:
