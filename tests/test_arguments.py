@@ -7,7 +7,7 @@ import dataclasses
 import pytest
 
 from nbtrain.config.arguments import build_parser, parse_line, to_line
-from nbtrain.config.tree import TrainConfig
+from nbtrain.config.tree import TrainConfig, flag_name
 from nbtrain.errors import ConfigError
 
 # The public contract of DESIGN.md ("The %%bigtrain contract"). Notebooks, the config panel
@@ -19,6 +19,7 @@ CONTRACT_FLAGS = {
     "--set", "--name", "--run-dir", "--out", "--background", "--no-plot", "--checkpoint-every",
     "--resume", "--hang-timeout", "--seed", "--dry-run", "--hostfile", "--hosts", "--multinode-launcher",
     "--cold", "--keep-warm",
+    "--slurm", "--nodes", "--partition", "--time", "--account", "--gpus-per-node",  # issue 17
 }
 CONTRACT_CHOICES = {
     "--zero": [0, 1, 2, 3],
@@ -109,12 +110,22 @@ def test_to_line_and_parse_line_round_trip(line: str) -> None:
     assert parse_line(to_line(cfg)) == cfg, to_line(cfg)
 
 
+def test_the_slurm_flags_set_their_fields_and_the_long_form_means_slurm() -> None:
+    # Issue 17: the launcher reads config.slurm, config.nodes ... whichever form the user wrote.
+    cfg = parse_line("--slurm --nodes 2 --partition gpu --time 2:00:00 --account proj --gpus-per-node 4")
+    assert (cfg.slurm, cfg.nodes, cfg.partition, cfg.time_limit, cfg.account, cfg.gpus_per_node) == \
+        (True, 2, "gpu", "2:00:00", "proj", 4)
+    assert parse_line("--multinode-launcher slurm").slurm is True
+    assert parse_line("--multinode-launcher pdsh").slurm is False
+    assert flag_name("time_limit") == "--time"
+
+
 def test_every_field_survives_the_round_trip() -> None:
     # A non-default value in every field: a new field that to_line forgets fails here.
     samples = {"int": 3, "float": 0.25, "str": "x y", "bool": True}
     values = {}
     for f in dataclasses.fields(TrainConfig):
-        action = _actions()["--" + f.name.replace("_", "-")]
+        action = _actions()[flag_name(f.name)]
         choices = getattr(action, "choices", None)
         if choices:
             values[f.name] = list(choices)[-1]

@@ -68,8 +68,21 @@ class TrainConfig:
     hostfile: str | None = _flag("DeepSpeed hostfile (`host slots=N` lines) for multi-node runs")
     hosts: tuple[str, ...] | None = _flag("comma-separated hosts, shorthand for a hostfile")
     multinode_launcher: MultinodeLauncher | None = _flag(
-        "how workers reach other hosts (DeepSpeed's runners; default pdsh)"
+        "how workers reach other hosts (DeepSpeed's runners; default pdsh); slurm is --slurm"
     )
+    # -- SLURM (issue 17): nbtrain-only flags, no DeepSpeed key --------------------------
+    slurm: bool = _flag("launch the workers with srun on a SLURM allocation: the kernel's own "
+                        "(SLURM_JOB_ID), else one nbtrain requests with salloc", default=False)
+    nodes: int | None = _flag("SLURM nodes of the run, --nproc processes on each (default: the "
+                              "allocation's node count, else 1; only with --slurm)")
+    partition: str | None = _flag("SLURM partition of the allocation nbtrain requests (default: the "
+                                  "cluster's default partition; only with --slurm)")
+    time_limit: str | None = _flag("time limit of the allocation nbtrain requests, in Slurm's formats "
+                                   "M, M:S, H:M:S, D-H, D-H:M, D-H:M:S (only with --slurm)", flag="--time")
+    account: str | None = _flag("SLURM account charged for the allocation nbtrain requests "
+                                "(only with --slurm)")
+    gpus_per_node: int | None = _flag("GPUs per node of the allocation nbtrain requests; checked against "
+                                      "the partition's nodes (only with --slurm)")
     # -- ZeRO and offload ---------------------------------------------------------------
     zero: ZeroStage | None = _flag("ZeRO stage: 0 off, 1 optimizer state, 2 +gradients, 3 +parameters")
     offload_optimizer: OffloadDevice | None = _flag("offload optimizer state to cpu or nvme")
@@ -120,6 +133,11 @@ class TrainConfig:
     )
     dry_run: bool = _flag("print the resolved DeepSpeed JSON and memory estimate; start nothing", default=False)
 
+    def __post_init__(self) -> None:
+        # `--multinode-launcher slurm` is the long form of `--slurm`: one field for the launcher to read.
+        if self.multinode_launcher == "slurm" and not self.slurm:
+            object.__setattr__(self, "slurm", True)
+
     def replace(self, **changes: Any) -> TrainConfig:
         """Return a copy with `changes` applied (the config itself is frozen)."""
         return dataclasses.replace(self, **changes)
@@ -141,8 +159,12 @@ def config_fields() -> tuple[dataclasses.Field[Any], ...]:
 
 
 def flag_name(field_name: str) -> str:
-    """Return the `%%bigtrain` flag for a TrainConfig field (`micro_batch` -> `--micro-batch`)."""
-    return "--" + field_name.replace("_", "-")
+    """Return the `%%bigtrain` flag for a TrainConfig field (`micro_batch` -> `--micro-batch`).
+
+    A field may name its flag otherwise (`time_limit` is Slurm's `--time`).
+    """
+    named = {f.name: f.metadata.get("flag") for f in dataclasses.fields(TrainConfig)}.get(field_name)
+    return named or "--" + field_name.replace("_", "-")
 
 
 def choices_of(annotation: Any) -> tuple[Any, ...] | None:
