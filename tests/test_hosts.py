@@ -148,8 +148,21 @@ def test_hostfile_and_hosts_together_are_refused() -> None:
 
 
 def test_a_multinode_launcher_without_hosts_is_refused() -> None:
-    problems = check_host_flags(None, None, "slurm")
-    assert [(p.where, p.value) for p in problems] == [("--multinode-launcher", "slurm")]
+    problems = check_host_flags(None, None, "pdsh")
+    assert [(p.where, p.value) for p in problems] == [("--multinode-launcher", "pdsh")]
+
+
+def test_the_slurm_launcher_needs_no_hosts_and_refuses_them() -> None:
+    # Issue 17: `--multinode-launcher slurm` (= --slurm) was refused outright; SLURM allocates the nodes.
+    assert check_host_flags(None, None, "slurm") == [] and check_host_flags(None, None, None, slurm=True) == []
+    problems = check_host_flags("hosts.txt", None, "slurm")
+    assert [(p.where, p.value) for p in problems] == [("--hostfile", "hosts.txt")]
+    assert "drop --hostfile" in problems[0].fix
+    problems = check_host_flags(None, ("a", "b"), None, slurm=True)
+    assert [(p.where, p.value) for p in problems] == [("--hosts", "a,b")]
+    assert "--slurm runs on the nodes SLURM allocates" in str(problems[0])
+    problems = check_host_flags(None, None, "pdsh", slurm=True)
+    assert [(p.where, p.value) for p in problems] == [("--multinode-launcher", "pdsh")]
 
 
 def test_more_processes_than_slots_names_the_host_and_its_slots() -> None:

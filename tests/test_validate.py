@@ -148,8 +148,9 @@ BAD_INPUT: dict[str, Bad] = {
     "--hosts with a bad name": Bad("--hosts a,-b", "--hosts", "would be misread by ssh or pdsh"),
     "--multinode-launcher without hosts": Bad("--multinode-launcher pdsh", "--multinode-launcher",
                                               "nothing to launch on without hosts"),
-    "--multinode-launcher slurm": Bad("--hosts a,b --multinode-launcher slurm", "--multinode-launcher",
-                                      "only pdsh and standard"),
+    # --multinode-launcher slurm is --slurm (issue 17): SLURM, not named hosts, places the workers.
+    "--multinode-launcher slurm with hosts": Bad("--hosts a,b --multinode-launcher slurm", "--hosts",
+                                                 "--multinode-launcher slurm runs on the nodes SLURM allocates"),
     "--checkpoint-every 0": Bad("--checkpoint-every 0", "--checkpoint-every", "greater than 0"),
     # -- DeepSpeed's batch rule: train_batch_size = micro-batch x grad-accum x world size -----
     "batch sizes that do not multiply out (issue 15)": Bad(

@@ -129,14 +129,31 @@ def _unsafe_name(where: str, text: str, name: str) -> Problem:
 
 
 def check_host_flags(hostfile: str | None, hosts: Sequence[str] | str | None,
-                     launcher: str | None = None) -> list[Problem]:
-    """Refuse --hostfile with --hosts, and --multinode-launcher without either."""
+                     launcher: str | None = None, slurm: bool = False) -> list[Problem]:
+    """Refuse --hostfile with --hosts, --multinode-launcher without either, and hosts with --slurm."""
     if hostfile is not None and hosts is not None:
         return [Problem("--hosts", hosts if isinstance(hosts, str) else ",".join(hosts),
                         "--hostfile and --hosts both name the hosts", "give --hostfile FILE or --hosts a,b, not both")]
+    if slurm or launcher == "slurm":
+        return _check_slurm_launcher(hostfile, hosts, launcher)
     if launcher is not None and hostfile is None and hosts is None:
         return [Problem("--multinode-launcher", launcher, "has nothing to launch on without hosts",
                         "add --hostfile FILE or --hosts a,b, or drop --multinode-launcher")]
+    return []
+
+
+def _check_slurm_launcher(hostfile: str | None, hosts: Sequence[str] | str | None,
+                          launcher: str | None) -> list[Problem]:
+    """--slurm (or its long form) takes its nodes from SLURM: no hosts, no other launcher."""
+    named = "--multinode-launcher slurm" if launcher == "slurm" else "--slurm"
+    if launcher not in (None, "slurm"):
+        return [Problem("--multinode-launcher", launcher, "--slurm launches the workers with srun, not "
+                        f"{launcher}", "drop --multinode-launcher (or drop --slurm to launch over ssh)")]
+    if hostfile is not None or hosts is not None:
+        flag, value = ("--hostfile", hostfile) if hostfile is not None else ("--hosts", hosts)
+        return [Problem(flag, value if isinstance(value, str) else ",".join(value or ()),
+                        f"{named} runs on the nodes SLURM allocates, not on named hosts",
+                        f"drop {flag} (ask for nodes with --nodes N), or drop {named} to launch over ssh")]
     return []
 
 

@@ -7,6 +7,7 @@ every problem, or returns a RunPlan that the launcher (or `--dry-run`) uses as i
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,6 +18,7 @@ from nbtrain.config.deepspeed_rules import check_batch
 from nbtrain.config.hosts import Host, check_launcher, resolve_hosts
 from nbtrain.config.machine import MachineFacts
 from nbtrain.config.render import FROM_DATALOADER, render_collecting, resolve_batch, unresolved
+from nbtrain.config.slurm import node_count
 from nbtrain.config.tree import DEFAULT_CPU_PROCESSES, TrainConfig
 from nbtrain.config.validate import check, check_resume
 from nbtrain.errors import ConfigError, Problem
@@ -36,10 +38,12 @@ class RunPlan:
     # The hosts of a multi-node run (--hostfile/--hosts), in node-rank order; () on one machine.
     hosts: tuple[Host, ...] = ()
     launcher: str = "pdsh"
+    # The SLURM nodes of a --slurm run (launcher "slurm"; --nodes, else the allocation's); 0 otherwise.
+    nodes: int = 0
 
     @property
     def world_size(self) -> int:
-        return self.nproc * max(1, len(self.hosts))
+        return self.nproc * max(1, len(self.hosts), self.nodes)
 
     def describe(self) -> str:
         """Return the `--dry-run` text: launch shape, DeepSpeed JSON and memory estimate."""
@@ -49,6 +53,9 @@ class RunPlan:
             lines[0] = (f"%%bigtrain dry run: {self.nproc} processes on each of {len(self.hosts)} hosts "
                         f"({', '.join(h.name for h in self.hosts)}; {self.world_size} in all) through the "
                         f"{self.launcher} launcher; nothing was started.")
+        if self.nodes:
+            lines[0] = (f"%%bigtrain dry run: {self.nproc} processes on each of {self.nodes} SLURM node(s) "
+                        f"({self.world_size} in all) through srun; nothing was started.")
         lines += [f"note: {n}" for n in self.notices]
         pending = unresolved(self.deepspeed)
         if pending:
@@ -97,15 +104,17 @@ def plan_run(cfg: TrainConfig, machine: MachineFacts, base: Mapping[str, Any] | 
     problems += check(cfg, rendered.deepspeed, machine, nproc)
     hosts: list[Host] = []
     multinode = cfg.hostfile is not None or cfg.hosts is not None or cfg.multinode_launcher is not None
-    if multinode:
+    # --slurm: SLURM places the workers (its flags and hosts are checked by `check`, the cluster at launch).
+    nodes = node_count(cfg.nodes, os.environ) if cfg.slurm else 0
+    if multinode and not cfg.slurm:
         try:
             hosts = resolve_hosts(cfg.hostfile, cfg.hosts, nproc, cfg.multinode_launcher)
         except ConfigError as e:
             problems += e.problems
         if hosts:
             problems += check_launcher(cfg.multinode_launcher or "pdsh")
-    if hosts or not multinode:  # the batch rule needs the world size: nproc on each host
-        problems += check_batch(cfg, rendered.deepspeed, nproc, len(hosts))
+    if hosts or not multinode or cfg.slurm:  # the batch rule needs the world size: nproc on each host
+        problems += check_batch(cfg, rendered.deepspeed, nproc, len(hosts) or nodes)
     resume_from, resume_problems = check_resume(cfg, rendered.deepspeed, nproc)
     problems += resume_problems
     if problems:
@@ -113,6 +122,7 @@ def plan_run(cfg: TrainConfig, machine: MachineFacts, base: Mapping[str, Any] | 
     if resume_from is not None:
         notices.append(f"resuming run {Path(resume_from['run']).name} from its checkpoint at step "
                        f"{resume_from['step']} ({resume_from['tag']})")
-    deepspeed = resolve_batch(rendered.deepspeed, nproc * max(1, len(hosts)))
+    deepspeed = resolve_batch(rendered.deepspeed, nproc * max(1, len(hosts), nodes))
     return RunPlan(cfg, deepspeed, nproc, tuple(notices) + rendered.notices, machine, resume_from,
-                   hosts=tuple(hosts), launcher=cfg.multinode_launcher or "pdsh")
+                   hosts=tuple(hosts), launcher="slurm" if cfg.slurm else cfg.multinode_launcher or "pdsh",
+                   nodes=nodes)

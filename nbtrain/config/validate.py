@@ -17,10 +17,12 @@ from typing import Any
 
 from nbtrain.config.deepspeed_rules import check_rules
 from nbtrain.config.deepspeed_rules import flag_or_key as _where
+from nbtrain.config.hosts import check_host_flags
 from nbtrain.config.keys import DECAYING_SCHEDULERS, SCHEDULER_TYPES, WARMUP_SCHEDULERS, rows_of
 from nbtrain.config.machine import MachineFacts, too_few_gpus
 from nbtrain.config.render import FROM_DATALOADER, get_path
 from nbtrain.config.schema import DeepSpeedSchema, load_schema
+from nbtrain.config.slurm import flag_problems
 from nbtrain.config.tree import DEEPSPEED_DEFAULT_WARMUP_STEPS, DEFAULT_RUN_ROOT, TrainConfig
 from nbtrain.errors import Problem
 
@@ -40,6 +42,7 @@ def check(cfg: TrainConfig, ds: Mapping[str, Any], machine: MachineFacts, nproc:
     problems += _check_machine(cfg, ds, machine)
     problems += _check_device_count(cfg, machine, nproc)
     problems += _check_bookkeeping(cfg)
+    problems += _check_slurm(cfg)
     return problems
 
 
@@ -220,11 +223,11 @@ def _check_device_count(cfg: TrainConfig, machine: MachineFacts, nproc: int) -> 
     """Refuse more processes than this machine shows GPUs: each rank needs one of its own.
 
     A CPU machine (no GPU visible) runs CPU processes, any number. A multi-node run's
-    hosts are checked one by one when they are reached (`nbtrain.config.hosts.check_reachable`):
-    this machine's GPUs say nothing about theirs.
+    hosts are checked one by one when they are reached (`nbtrain.config.hosts.check_reachable`),
+    SLURM nodes by `nbtrain.config.slurm.slurm_problems`: this machine's GPUs say nothing about theirs.
     """
     if not machine.cuda or not isinstance(nproc, int) or nproc <= machine.gpu_count \
-            or cfg.hostfile is not None or cfg.hosts is not None:
+            or cfg.hostfile is not None or cfg.hosts is not None or cfg.slurm:
         return []
     return [too_few_gpus(nproc, machine.gpu_count, machine.shown(), "make more GPUs visible")]
 
@@ -279,4 +282,13 @@ def _check_bookkeeping(cfg: TrainConfig) -> list[Problem]:
     if cfg.name is not None and not _NAME_RULE.match(cfg.name):
         found.append(Problem("--name", cfg.name, "run names use letters, digits, '_', '.', '-' (at most 64)",
                              "e.g. --name gpt2-zero3"))
+    return found
+
+
+def _check_slurm(cfg: TrainConfig) -> list[Problem]:
+    """Refuse the SLURM flags (issue 17) without --slurm, outside Slurm's formats, or beside hosts."""
+    found = flag_problems(cfg.slurm, {"--nodes": cfg.nodes, "--partition": cfg.partition, "--time": cfg.time_limit,
+                                      "--account": cfg.account, "--gpus-per-node": cfg.gpus_per_node})
+    if cfg.slurm:
+        found += check_host_flags(cfg.hostfile, cfg.hosts, cfg.multinode_launcher, slurm=True)
     return found
