@@ -6,22 +6,41 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
+from nbtrain.config.keys import locate
 
-@dataclass(frozen=True)
+
+@dataclass(frozen=True, init=False)
 class Problem:
     """One thing wrong with a run's settings, phrased so that the user can fix it.
 
-    `where` is what the message names: the flag (`--zero`) when the user set it, else the
-    dotted DeepSpeed key (`zero_optimization.stage`). `key` is the DeepSpeed key the problem
-    is about either way (None for settings that are no DeepSpeed key, such as `--nproc`): the
-    config panel shows the problem next to that key's field (config/keys.py maps them).
+    `where` is the text the message names: the flag (`--zero`) when the user set it, else the
+    dotted DeepSpeed key (`zero_optimization.stage`). What the problem is about, for code to
+    read, is `flag` (the `%%bigtrain` flag it names, or None) and `keys` (every dotted
+    DeepSpeed key it is about, `()` for settings that are no DeepSpeed key, such as `--nproc`):
+    the config panel shows the problem next to the fields of these, never by reading `where`.
+    Left out, they come from `where` through the flag <-> key table (config/keys.py), so a
+    call site passes `key=` only to pick one of a flag's keys (`--quant` sets two).
     """
 
     where: str
     value: Any
     rule: str
     fix: str
-    key: str | None = None
+    flag: str | None
+    keys: tuple[str, ...]
+
+    def __init__(self, where: str, value: Any, rule: str, fix: str, key: str | None = None, *,
+                 flag: str | None = None, keys: Iterable[str] = ()):
+        named_flag, named_keys = locate(where)
+        keys = tuple(dict.fromkeys([key, *keys] if key else keys))
+        for name, field_value in (("where", where), ("value", value), ("rule", rule), ("fix", fix),
+                                  ("flag", flag or named_flag), ("keys", keys or named_keys)):
+            object.__setattr__(self, name, field_value)  # frozen: the dataclass's own __init__ does the same
+
+    @property
+    def key(self) -> str | None:
+        """The first of `keys` (the one a problem about one DeepSpeed key is about), or None."""
+        return self.keys[0] if self.keys else None
 
     @classmethod
     def about(cls, flag_value: Any, flag: str, key: str, value: Any, rule: str, fix: str) -> Problem:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import subprocess
 import sys
@@ -23,7 +24,7 @@ from nbtrain.config.plan import load_base, plan_run
 from nbtrain.config.render import get_path, render
 from nbtrain.config.schema import load_schema
 from nbtrain.config.tree import TrainConfig
-from nbtrain.panel import ConfigPanel, form
+from nbtrain.panel import ConfigPanel, config_panel, form
 from nbtrain.panel.fields import scheduler_param_fields
 
 CPU = MachineFacts(gpu_count=0, has_libaio=True)
@@ -198,6 +199,35 @@ def test_a_bad_value_shows_the_validators_message_and_keeps_the_last_valid_confi
     assert "1 problem(s) in the form" in panel.summary()
     panel.set(lr=0.03)
     assert panel.problems == () and panel.inputs["lr"].message.value == ""
+
+
+def test_a_problem_shows_next_to_the_fields_it_is_about_whatever_its_text_says(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Regression (issue 16): the panel found a problem's field by matching its `where` text
+    # (`--lr`, `bf16.enabled/fp16.enabled`, ...); it reads the problem's flag and keys now.
+    # Every validator problem is renamed here, so matching the text again would find no field.
+    planned = config_panel.plan_run
+
+    def renamed(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return planned(*args, **kwargs)
+        except ConfigError as e:
+            raise ConfigError(dataclasses.replace(p, where=f"problem {i}") for i, p in enumerate(e.problems)) from e
+
+    monkeypatch.setattr(config_panel, "plan_run", renamed)
+    panel = make_panel()
+    panel.set(lr=0.0)
+    assert [(p.where, p.flag) for p in panel.problems] == [("problem 0", "--lr")]
+    assert "must be greater than 0" in panel.inputs["lr"].message.value
+    warming = make_panel(steps=40)
+    warming.set(scheduler="warmup_cosine")  # a --warmup-steps problem: the flag's key is the field
+    assert "exceeds the run's 40 steps" in warming.inputs["scheduler.params.warmup_num_steps"].message.value
+    # One problem about two keys (the NVMe offload of both, without libaio) shows at both fields.
+    both = {"zero_optimization": {"stage": 3, "offload_optimizer": {"device": "nvme", "nvme_path": "/tmp"},
+                                  "offload_param": {"device": "nvme", "nvme_path": "/tmp"}}}
+    loaded = make_panel(config=both, machine=MachineFacts(gpu_count=0, has_libaio=False))
+    assert [p.where for p in loaded.problems] == ["problem 0"], loaded.problems
+    for name in ("offload_optimizer", "offload_param"):
+        assert "needs DeepSpeed's async_io op" in loaded.inputs[name].message.value, name
 
 
 def test_every_problem_of_a_loaded_config_is_listed_and_nothing_is_valid() -> None:

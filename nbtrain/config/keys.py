@@ -10,6 +10,7 @@ flag's key is written once (accelerate's `plugin_to_config_mapping` is the model
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -65,6 +66,8 @@ FLAG_KEYS: tuple[FlagKey, ...] = (
 # --nvme-path sets the path of whichever offload goes to NVMe (see render.flag_settings).
 NVME_PATH_KEYS = {"offload_optimizer": "zero_optimization.offload_optimizer.nvme_path",
                   "offload_param": "zero_optimization.offload_param.nvme_path"}
+# --warmup-steps sets this parameter of the warm-up schedulers (see render._scheduler_flag_settings).
+WARMUP_STEPS_KEY = "scheduler.params.warmup_num_steps"
 
 
 def rows_of(field: str) -> tuple[FlagKey, ...]:
@@ -84,4 +87,40 @@ def field_of_key() -> dict[str, str]:
     found |= {key: "nvme_path" for key in NVME_PATH_KEYS.values()}
     found["zero_optimization.zero_quantized_weights"] = "qwz"  # the panel shows --quant as two boxes
     found["zero_optimization.zero_quantized_gradients"] = "qgz"
+    # Keys the panel has no field for show next to the field they follow.
+    found |= {"train_batch_size": "micro_batch", "scheduler.params": "scheduler"}
     return found
+
+
+def keys_of_flag(flag: str) -> tuple[str, ...]:
+    """Return every DeepSpeed key `flag` sets (none for a flag such as --nproc that sets no key)."""
+    beyond_the_table = {"--nvme-path": tuple(NVME_PATH_KEYS.values()), "--warmup-steps": (WARMUP_STEPS_KEY,)}
+    return beyond_the_table.get(flag) or tuple(row.key for row in FLAG_KEYS if row.flag == flag)
+
+
+_DOTTED_KEY = re.compile(r"[A-Za-z_]\w*(?:\.\w+)*")
+
+
+def locate(where: str) -> tuple[str | None, tuple[str, ...]]:
+    """Return the flag and the DeepSpeed keys that a problem's `where` names (`errors.Problem` fills its fields so).
+
+    `where` is a flag (`--zero`: its keys from the table), a dotted key, `--set key`, a flag
+    and a place (`--hostfile hosts:3`), or flags and keys joined by `/` for a problem about
+    several (`bf16.enabled/fp16.enabled`); anything else (`host gpu01`, `%%bigtrain`) names neither.
+
+    >>> locate("--set zero_optimization.stage")
+    ('--set', ('zero_optimization.stage',))
+    """
+    head, _, place = where.partition(" ")
+    if head.startswith("--") and place:
+        return head, (place,) if head == "--set" and _DOTTED_KEY.fullmatch(place) else keys_of_flag(head)
+    parts = where.split("/")
+    flags = [part for part in parts if part.startswith("--")]
+    keys = [key for part in parts for key in _keys_named(part)]
+    return (flags[0] if len(flags) == 1 else None), tuple(dict.fromkeys(keys))
+
+
+def _keys_named(part: str) -> tuple[str, ...]:
+    if part.startswith("--"):
+        return keys_of_flag(part)
+    return (part,) if _DOTTED_KEY.fullmatch(part) else ()

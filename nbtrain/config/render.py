@@ -25,6 +25,7 @@ from nbtrain.config.keys import (
     OPTIMIZER_TYPES,
     WARMUP_MAX_LR_SCHEDULERS,
     WARMUP_SCHEDULERS,
+    WARMUP_STEPS_KEY,
 )
 from nbtrain.config.tree import TrainConfig
 from nbtrain.errors import ConfigError, Problem
@@ -194,7 +195,7 @@ def _scheduler_flag_settings(ds: Mapping[str, Any], cfg: TrainConfig) -> list[tu
     kind = get_path(ds, "scheduler.type")
     out: list[tuple[str, Any, str]] = []
     if kind in WARMUP_SCHEDULERS and cfg.warmup_steps is not None:
-        out.append(("scheduler.params.warmup_num_steps", cfg.warmup_steps, "--warmup-steps"))
+        out.append((WARMUP_STEPS_KEY, cfg.warmup_steps, "--warmup-steps"))
     if cfg.lr is not None and kind in WARMUP_MAX_LR_SCHEDULERS:
         out.append(("scheduler.params.warmup_max_lr", cfg.lr, "--lr"))
     if cfg.lr is not None and kind == "OneCycle":

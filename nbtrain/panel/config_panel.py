@@ -23,7 +23,7 @@ import ipywidgets as w
 from traitlets import TraitError
 
 from nbtrain.config.arguments import to_line
-from nbtrain.config.keys import SCHEDULER_TYPES, field_of_key
+from nbtrain.config.keys import SCHEDULER_TYPES
 from nbtrain.config.machine import MachineFacts, detect_machine
 from nbtrain.config.plan import RunPlan, default_nproc, load_base, plan_run
 from nbtrain.config.render import get_path, render_collecting, resolve_batch
@@ -31,19 +31,10 @@ from nbtrain.config.schedules import LrCurve, ScheduleError, lr_curve
 from nbtrain.config.tree import TrainConfig
 from nbtrain.errors import ConfigError, Problem
 from nbtrain.panel import form, views
-from nbtrain.panel.fields import SECTIONS, STAGE_HELP, all_fields, scheduler_param_fields
+from nbtrain.panel.fields import SECTIONS, STAGE_HELP, all_fields, fields_of, scheduler_param_fields
 from nbtrain.panel.inputs import FieldInput
 
 DEFAULT_PREVIEW_STEPS = 100
-# A problem shows next to the field of its DeepSpeed key (config/keys.py, from Problem.key);
-# these name a field of another name for problems about no single flag's key.
-_FIELD_OF_KEY = field_of_key()
-_WHERE = {
-    "--nvme-path": "nvme_path", "--offload-optimizer/--offload-param": "nvme_path",
-    "bf16.enabled/fp16.enabled": "precision", "--warmup-steps": "scheduler.params.warmup_num_steps",
-    "scheduler.params": "scheduler", "--quant": "qwz", "train_batch_size": "micro_batch",
-}
-
 # Rows shown only where the other choices make them apply (fp16 loss scaling, Adam's betas, ...).
 OPTIONAL_ROWS = {f.name for f in all_fields() if f.name.startswith(("fp16.", "optimizer.params."))
                  or f.name.endswith("pin_memory")}
@@ -325,12 +316,9 @@ class ConfigPanel:
         self._global_batch.value = (f"global batch = {micro} x {accum} x {nproc} processes = "
                                     f"<b>{micro * accum * nproc}</b> samples per optimizer step")
         by_field: dict[str, list[Problem]] = {}
-        for problem in self.problems:
-            where = problem.where.removeprefix("--set ")
-            # A problem from a rule not yet keyed names a table key as its `where`: that works too.
-            name = (_FIELD_OF_KEY.get(problem.key or where)
-                    or _WHERE.get(where, where.removeprefix("--").replace("-", "_")))
-            by_field.setdefault(name if name in self.inputs else "", []).append(problem)
+        for problem in self.problems:  # next to each field it is about; every problem is listed above the form too
+            for name in fields_of(problem):
+                by_field.setdefault(name, []).append(problem)
         for name, item in self.inputs.items():
             reason = allowed[name].reason if name in allowed else _FOLLOWS.get(name, "")
             note = f"<span style='color:#666'>{views.escape(reason)}</span>" if reason else ""

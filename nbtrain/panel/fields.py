@@ -12,6 +12,10 @@ import functools
 from dataclasses import dataclass
 from typing import Any, Literal
 
+from nbtrain.config.keys import field_of_key
+from nbtrain.config.tree import config_fields, flag_name
+from nbtrain.errors import Problem
+
 Kind = Literal["int", "float", "bool", "text", "choice", "pair", "optional_int"]
 
 
@@ -183,3 +187,24 @@ def field_by_name() -> dict[str, Field]:
 
 
 SECTIONS = ("Run", "ZeRO", "Precision", "Batch", "Optimizer", "LR schedule", "Quantization", "Advanced")
+
+
+def fields_of(problem: Problem) -> tuple[str, ...]:
+    """Return the fields that show `problem` inline: those of each of its keys, and its flag's.
+
+    Read from the problem's `keys` and `flag` (config/keys.py maps a key to its flag's field),
+    never from the text it names (`where`), which is for people.
+    """
+    names = [_field_of_key().get(key, key) for key in problem.keys]
+    names.append(_field_of_flag().get(problem.flag or "", ""))
+    return tuple(name for name in dict.fromkeys(names) if name in field_by_name())
+
+
+@functools.cache
+def _field_of_key() -> dict[str, str]:
+    return field_of_key()
+
+
+@functools.cache
+def _field_of_flag() -> dict[str, str]:
+    return {flag_name(f.name): f.name for f in config_fields()}

@@ -16,7 +16,14 @@ from collections.abc import Collection, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from nbtrain.config.keys import NVME_PATH_KEYS, SCHEDULER_TYPES, WARMUP_SCHEDULERS, key_of, rows_of
+from nbtrain.config.keys import (
+    NVME_PATH_KEYS,
+    SCHEDULER_TYPES,
+    WARMUP_SCHEDULERS,
+    WARMUP_STEPS_KEY,
+    key_of,
+    rows_of,
+)
 from nbtrain.config.machine import MachineFacts
 from nbtrain.config.render import get_path, render, set_path
 from nbtrain.config.schema import load_schema
@@ -26,7 +33,6 @@ from nbtrain.panel.fields import _SCHEDULER_PARAMS, field_by_name, scheduler_par
 FLAG_FIELDS = ("zero", "offload_optimizer", "offload_param", "precision", "micro_batch", "grad_accum", "grad_clip",
                "optimizer", "lr", "weight_decay", "scheduler", "hpz", "qat")
 _SCHEDULER_NAMES = {v: k for k, v in SCHEDULER_TYPES.items()}
-WARMUP_STEPS = "scheduler.params.warmup_num_steps"
 # Scheduler parameters that flags set (render() makes --steps the decay's end and --lr the
 # peak): the form shows them but they follow the step count and the learning rate.
 _MISSING = object()
@@ -152,10 +158,10 @@ def to_config(values: Mapping[str, Any], base: Mapping[str, Any], pinned: Collec
     after_flags = values_from(rendered)
     changed = [name for name in active_set_fields(values) if name in pinned and name not in DERIVED
                and values[name] is not None and values[name] != after_flags[name]]
-    if WARMUP_STEPS in changed and get_path(rendered, "scheduler.type") in WARMUP_SCHEDULERS:
+    if WARMUP_STEPS_KEY in changed and get_path(rendered, "scheduler.type") in WARMUP_SCHEDULERS:
         # The warm-up length has a flag of its own; the copied line reads better with it.
-        changed.remove(WARMUP_STEPS)
-        cfg = cfg.replace(warmup_steps=values[WARMUP_STEPS])
+        changed.remove(WARMUP_STEPS_KEY)
+        cfg = cfg.replace(warmup_steps=values[WARMUP_STEPS_KEY])
     sets = [set_item(name, values[name]) for name in changed]
     if "train_batch_size" in pruned and initial is not None and any(values[k] != initial[k] for k in BATCH_FIELDS):
         # The user changed the batch: keep the loaded train_batch_size consistent with it (a
