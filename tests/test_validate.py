@@ -24,7 +24,6 @@ from nbtrain.errors import ConfigError, Problem
 
 CPU = MachineFacts(gpu_count=0, has_libaio=True)
 GPU = MachineFacts(gpu_count=8, has_libaio=True)
-NOT_YET = "not available yet"
 
 
 @dataclass(frozen=True)
@@ -260,14 +259,14 @@ def test_every_problem_says_what_where_why_and_how_to_fix(case: str) -> None:
         assert len(problem.rule) > 10 and len(problem.fix) > 5, f"vague problem: {text}"
 
 
-def test_refused_flags_are_still_shown_by_the_parser() -> None:
-    # "not available yet" flags parse (so --dry-run can show them); only the plan refuses them.
+def test_the_launch_resume_and_qat_flags_parse_with_their_values() -> None:
+    # These were once refused as "not available yet" (NOT_AVAILABLE_YET, now gone): they run.
     cfg = parse_line("--background --resume --qat int8 --hosts a,b --checkpoint-every 5")
     assert (cfg.background, cfg.resume, cfg.qat, cfg.hosts, cfg.checkpoint_every) == \
         (True, "latest", "int8", ("a", "b"), 5)
 
 
-def test_none_values_of_refused_flags_are_fine() -> None:
+def test_none_values_of_optional_features_are_no_problem() -> None:
     assert problems_of("--qat none --quant none --offload-optimizer none --offload-param none") == []
 
 
