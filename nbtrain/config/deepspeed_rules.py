@@ -14,7 +14,7 @@ import difflib
 from collections.abc import Mapping
 from typing import Any
 
-from nbtrain.config.keys import WARMUP_SCHEDULERS
+from nbtrain.config.keys import WARMUP_SCHEDULERS, named
 from nbtrain.config.render import FROM_DATALOADER, ZERO_TESTED_OPTIMIZERS, get_path
 from nbtrain.config.schema import DeepSpeedSchema
 from nbtrain.config.tree import TrainConfig
@@ -22,11 +22,6 @@ from nbtrain.errors import Problem
 
 MICRO, ACCUM, GLOBAL = "train_micro_batch_size_per_gpu", "gradient_accumulation_steps", "train_batch_size"
 WARMUP_TYPES = ("log", "linear")
-
-
-def flag_or_key(flag_value: Any, flag: str, key: str) -> str:
-    """Name the flag when the user set it, else the DeepSpeed key (from the config file or --set)."""
-    return flag if flag_value is not None else key
 
 
 def _whole(value: Any) -> bool:
@@ -152,7 +147,7 @@ def _loss_scaling(ds: Mapping[str, Any]) -> list[Problem]:
 def _zero(cfg: TrainConfig, ds: Mapping[str, Any]) -> list[Problem]:
     found: list[Problem] = []
     stage = get_path(ds, "zero_optimization.stage", 0)
-    stage_where = flag_or_key(cfg.zero, "--zero", "zero_optimization.stage")
+    stage_where = named(cfg, "zero")
     if get_path(ds, "zero_optimization.compute_grad_norm") is False and stage not in (1, 2):
         found.append(Problem("zero_optimization.compute_grad_norm", False,
                              f"skipping the gradient norm works only at ZeRO stage 1 or 2 (stage is {stage})",
@@ -181,7 +176,7 @@ def _optimizer(cfg: TrainConfig, ds: Mapping[str, Any], schema: DeepSpeedSchema)
         # Compared in lower case (DeepSpeed's names match in any case); torch's named as torch spells them.
         spelled = {name.lower(): name for name in sorted(schema.optimizer_types, key=str.islower)}
         close = difflib.get_close_matches(given.lower(), spelled, n=1, cutoff=0.7)
-        found.append(Problem.about(cfg.optimizer, "--optimizer", "optimizer.type", given,
+        found.append(Problem(named(cfg, "optimizer"), given,
                              f"DeepSpeed {schema.version} builds its own optimizers (adam, adamw, lamb, lion, ...; "
                              "any case) or a torch.optim class of exactly that name, and this is neither",
                              f"did you mean {spelled[close[0]]!r}?" if close else "use --optimizer adamw (or adam, sgd)"))
@@ -194,7 +189,7 @@ def _optimizer(cfg: TrainConfig, ds: Mapping[str, Any], schema: DeepSpeedSchema)
     stage = get_path(ds, "zero_optimization.stage", 0)
     allowed = ds.get("zero_allow_untested_optimizer") is True
     if kind and kind not in ZERO_TESTED_OPTIMIZERS and isinstance(stage, int) and stage > 0 and not allowed:
-        found.append(Problem.about(cfg.optimizer, "--optimizer", "optimizer.type", get_path(ds, "optimizer.type"),
+        found.append(Problem(named(cfg, "optimizer"), get_path(ds, "optimizer.type"),
                              f"DeepSpeed runs ZeRO (stage {stage}) only with its tested optimizers "
                              f"({', '.join(ZERO_TESTED_OPTIMIZERS)}) unless zero_allow_untested_optimizer is true",
                              "drop zero_allow_untested_optimizer=false (nbtrain then allows it), or use --optimizer "

@@ -81,6 +81,12 @@ def key_of(field: str) -> str:
     return row.key
 
 
+def named(cfg: Any, field: str) -> str:
+    """Return what a problem with a one-key flag's setting names: the flag when the user set it, else its key."""
+    (row,) = rows_of(field)
+    return row.flag if getattr(cfg, field) is not None else row.key
+
+
 def field_of_key() -> dict[str, str]:
     """Return {dotted key: field} for every key a flag sets (the panel shows the key's problems there)."""
     found = {row.key: row.field for row in FLAG_KEYS}

@@ -16,9 +16,8 @@ from pathlib import Path
 from typing import Any
 
 from nbtrain.config.deepspeed_rules import check_rules
-from nbtrain.config.deepspeed_rules import flag_or_key as _where
 from nbtrain.config.hosts import check_host_flags
-from nbtrain.config.keys import DECAYING_SCHEDULERS, SCHEDULER_TYPES, WARMUP_SCHEDULERS, rows_of
+from nbtrain.config.keys import DECAYING_SCHEDULERS, SCHEDULER_TYPES, WARMUP_SCHEDULERS, key_of, named, rows_of
 from nbtrain.config.machine import MachineFacts, too_few_gpus
 from nbtrain.config.render import FROM_DATALOADER, get_path
 from nbtrain.config.schema import DeepSpeedSchema, load_schema
@@ -46,17 +45,16 @@ def check(cfg: TrainConfig, ds: Mapping[str, Any], machine: MachineFacts, nproc:
     return problems
 
 
-def _positive(where: str, value: Any, *, allow_zero: bool = False, whole: bool = True,
-              key: str | None = None) -> list[Problem]:
+def _positive(where: str, value: Any, *, allow_zero: bool = False, whole: bool = True) -> list[Problem]:
     if value is None or value == FROM_DATALOADER:
         return []
     kind = "a whole number" if whole else "a number"
     ok_type = isinstance(value, int) if whole else isinstance(value, (int, float))
     if isinstance(value, bool) or not ok_type:
-        return [Problem(where, value, f"must be {kind}", f"give {where} {kind}", key=key)]
+        return [Problem(where, value, f"must be {kind}", f"give {where} {kind}")]
     if value < 0 or (value == 0 and not allow_zero):
         floor = "0 or more" if allow_zero else "greater than 0"
-        return [Problem(where, value, f"must be {floor}", f"give {where} a value {floor}", key=key)]
+        return [Problem(where, value, f"must be {floor}", f"give {where} a value {floor}")]
     return []
 
 
@@ -73,9 +71,8 @@ def _check_numbers(cfg: TrainConfig, ds: Mapping[str, Any]) -> list[Problem]:
                          ("weight_decay", {"allow_zero": True, "whole": False}),
                          ("grad_clip", {"allow_zero": True, "whole": False})):
         (row,) = rows_of(field)  # each of these flags sets one DeepSpeed key
-        found += _positive(_where(getattr(cfg, field), row.flag, row.key), get_path(ds, row.key), key=row.key,
-                           **rules)
-    found += _positive("train_batch_size", ds.get("train_batch_size"), key="train_batch_size")
+        found += _positive(named(cfg, field), get_path(ds, row.key), **rules)
+    found += _positive("train_batch_size", ds.get("train_batch_size"))
     if cfg.steps is not None and cfg.epochs is not None:
         found.append(Problem("--epochs", cfg.epochs, "--steps and --epochs both end the run",
                              "give --steps or --epochs, not both"))
@@ -110,26 +107,23 @@ def _check_unknown_keys(ds: Mapping[str, Any], schema: DeepSpeedSchema, path: st
 def _check_combinations(cfg: TrainConfig, ds: Mapping[str, Any], nproc: int) -> list[Problem]:
     found: list[Problem] = []
     stage = get_path(ds, "zero_optimization.stage", 0)
-    stage_where = _where(cfg.zero, "--zero", "zero_optimization.stage")
     if stage not in (0, 1, 2, 3):
-        found.append(Problem(stage_where, stage, "ZeRO stage must be 0, 1, 2 or 3", "pick one of 0-3",
-                             key="zero_optimization.stage"))
+        found.append(Problem(named(cfg, "zero"), stage, "ZeRO stage must be 0, 1, 2 or 3", "pick one of 0-3"))
         return found
     for kind in ("offload_optimizer", "offload_param"):
-        device = get_path(ds, f"zero_optimization.{kind}.device", "none")
-        key = f"zero_optimization.{kind}.device"
-        flag = _where(getattr(cfg, kind), "--" + kind.replace("_", "-"), key)
+        device = get_path(ds, key_of(kind), "none")
+        flag = named(cfg, kind)
         if device not in ("none", "cpu", "nvme"):
-            found.append(Problem(flag, device, "offload device must be none, cpu or nvme", "pick one of them", key=key))
+            found.append(Problem(flag, device, "offload device must be none, cpu or nvme", "pick one of them"))
             continue
         if device == "none":
             continue
         if kind == "offload_param" and stage != 3:
             found.append(Problem(flag, device, f"parameter offload needs ZeRO stage 3 (stage is {stage})",
-                                 "add --zero 3, or drop --offload-param", key=key))
+                                 "add --zero 3, or drop --offload-param"))
         if kind == "offload_optimizer" and stage == 0:
             found.append(Problem(flag, device, "optimizer offload needs ZeRO stage 1, 2 or 3 (stage is 0)",
-                                 "add --zero 2 (or 1, 3), or drop --offload-optimizer", key=key))
+                                 "add --zero 2 (or 1, 3), or drop --offload-optimizer"))
         if device == "nvme":
             found += _check_nvme(cfg, ds, kind, flag, stage)
     if get_path(ds, "bf16.enabled") is True and get_path(ds, "fp16.enabled") is True:
@@ -141,13 +135,12 @@ def _check_combinations(cfg: TrainConfig, ds: Mapping[str, Any], nproc: int) -> 
                                  f"ZeRO++ {flag} needs ZeRO stage 3 (stage is {stage})", "add --zero 3"))
     hpz = get_path(ds, "zero_optimization.zero_hpz_partition_size", 1)
     if isinstance(hpz, int) and hpz > 1:
-        where = _where(cfg.hpz, "--hpz", "zero_optimization.zero_hpz_partition_size")
+        where = named(cfg, "hpz")
         if stage != 3:
-            found.append(Problem(where, hpz, f"hpZ needs ZeRO stage 3 (stage is {stage})", "add --zero 3",
-                                 key="zero_optimization.zero_hpz_partition_size"))
+            found.append(Problem(where, hpz, f"hpZ needs ZeRO stage 3 (stage is {stage})", "add --zero 3"))
         if nproc % hpz:
             found.append(Problem(where, hpz, f"the hpZ partition size must divide the processes per host ({nproc})",
-                                 f"use a divisor of {nproc}", key="zero_optimization.zero_hpz_partition_size"))
+                                 f"use a divisor of {nproc}"))
     found += _check_scheduler(cfg, ds)
     return found
 
@@ -158,7 +151,7 @@ def _check_nvme(cfg: TrainConfig, ds: Mapping[str, Any], kind: str, flag: str, s
         found.append(Problem(flag, "nvme",
                              f"NVMe offload is a ZeRO-3 feature; at stage {stage} DeepSpeed silently keeps "
                              "the optimizer state in CPU memory instead",
-                             "add --zero 3, or use --offload-optimizer cpu", key=f"zero_optimization.{kind}.device"))
+                             "add --zero 3, or use --offload-optimizer cpu"))
     path = get_path(ds, f"zero_optimization.{kind}.nvme_path")
     if path is None:
         found.append(Problem(flag, "nvme", "NVMe offload needs a directory to write to",
@@ -208,7 +201,7 @@ def _check_machine(cfg: TrainConfig, ds: Mapping[str, Any], machine: MachineFact
                              "(\"Type fp16 is not supported on your device\"); this machine has no GPU",
                              "use --precision bf16 (or fp32)"))
     if str(get_path(ds, "optimizer.type", "")).lower() == "lamb":
-        found.append(Problem.about(cfg.optimizer, "--optimizer", "optimizer.type", "lamb",
+        found.append(Problem(named(cfg, "optimizer"), "lamb",
                              "DeepSpeed's Lamb optimizer has no CPU implementation; "
                              "this machine has no GPU", "use --optimizer adamw (or adam, sgd)"))
     for key, name in (("zero_quantized_weights", "qwz"), ("zero_quantized_gradients", "qgz")):
@@ -261,7 +254,7 @@ def check_resume(cfg: TrainConfig, ds: Mapping[str, Any], nproc: int) -> tuple[d
     problems = []
     stage = get_path(ds, "zero_optimization.stage", 0)
     if stage != saved.zero_stage:
-        problems.append(Problem.about(cfg.zero, "--zero", "zero_optimization.stage", stage,
+        problems.append(Problem(named(cfg, "zero"), stage,
                                 f"the checkpoint of run {run.name} was saved at ZeRO stage {saved.zero_stage}; "
                                 "DeepSpeed loads optimizer state only into the stage that saved it",
                                 f"use --zero {saved.zero_stage}"))
