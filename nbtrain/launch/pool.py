@@ -28,6 +28,7 @@ from nbtrain.rundir import RunDirectory
 
 if TYPE_CHECKING:
     from nbtrain.launch.cluster import ClusterGroup
+    from nbtrain.launch.slurm import SlurmGroup
 
 # A warm worker cleans up right after its run; the next run waits for that at most this long.
 READY_TIMEOUT_S = 60.0
@@ -78,7 +79,12 @@ def environment_digest(environ: dict[str, str] | None = None) -> str:
 def shape_for(plan: RunPlan) -> LaunchShape:
     """Return the launch shape `plan` needs."""
     hang = plan.config.hang_timeout or DEFAULT_HANG_TIMEOUT_S
-    return LaunchShape(nproc=plan.nproc, hosts=tuple(h.name for h in plan.hosts) or ("localhost",), backend="nccl" if plan.machine.cuda else "gloo",
+    hosts = tuple(h.name for h in plan.hosts) or ("localhost",)
+    if plan.launcher == "slurm":  # warm tasks serve a run asking for the same SLURM request
+        from nbtrain.launch.slurm import slurm_shape
+
+        hosts = slurm_shape(plan)
+    return LaunchShape(nproc=plan.nproc, hosts=hosts, backend="nccl" if plan.machine.cuda else "gloo",
                        threads=default_threads(plan.nproc), collective_timeout_s=collective_timeout_s(hang),
                        python=sys.executable, environment=environment_digest())
 
@@ -87,7 +93,7 @@ def shape_for(plan: RunPlan) -> LaunchShape:
 class Workers:
     """The workers a run got, and how: warm (an earlier run's) or fresh, and why fresh."""
 
-    group: WorkerGroup | ClusterGroup
+    group: WorkerGroup | ClusterGroup | SlurmGroup
     shape: LaunchShape
     warm: bool
     note: str
@@ -134,6 +140,12 @@ class WorkerPool:
             cluster = launch_cluster(run, plan.hosts, plan.nproc, plan.launcher, hang)
             return Workers(cluster, shape, warm=False,
                            note=f"fresh workers on {len(plan.hosts)} hosts (multi-node runs start fresh workers)")
+        if plan.launcher == "slurm":
+            from nbtrain.launch.slurm import launch_slurm
+
+            tasks = launch_slurm(run, plan, hang, shape.threads)
+            return Workers(tasks, shape, warm=False, note=f"fresh workers: an srun step of {plan.nodes} node(s) x "
+                           f"{plan.nproc} in SLURM job {tasks.allocation.job_id} ({why_fresh})")
         group = self._launch(run, plan.nproc, hang_timeout=hang, threads=shape.threads)
         return Workers(group, shape, warm=False, note=f"fresh workers ({why_fresh})")
 
@@ -198,9 +210,12 @@ class WorkerPool:
         ended = ended_worker(idle.group)
         if ended:
             return [{"dropped": self._drop(idle, ended)}]
+        now = time.time()
+        describe_tasks = getattr(idle.group, "describe_tasks", None)  # a SLURM step: its tasks, by node
+        if describe_tasks is not None:
+            return describe_tasks(now - since, keep_s, idle.shape)  # type: ignore[no-any-return]
         gpu = gpu_memory_of(idle.group.pids)
         rows = []
-        now = time.time()
         for rank, pid in enumerate(idle.group.pids):
             try:
                 rss = psutil.Process(pid).memory_info().rss
@@ -237,13 +252,16 @@ class WorkerPool:
             self._timer = None
 
 
-def ended_worker(group: WorkerGroup | ClusterGroup) -> str | None:
+def ended_worker(group: WorkerGroup | ClusterGroup | SlurmGroup) -> str | None:
     """Return why an idle group cannot serve because a worker of it has ended or is ending, or None.
 
     Polling reaps a worker that has exited (a zombie until then), so its exit code is known.
     A worker still on its way out (its memory already released, which read as "0 MiB") is
     waited for briefly: on a GPU, tearing down a CUDA context can take seconds.
     """
+    ended = getattr(group, "ended", None)  # a SLURM step answers for its tasks
+    if ended is not None:
+        return ended()  # type: ignore[no-any-return]
     if not isinstance(group, WorkerGroup):
         return "multi-node workers serve one run"
     retired = group.retired()  # a worker that retired said why before it ended

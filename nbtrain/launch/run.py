@@ -256,6 +256,10 @@ def launch(plan: RunPlan, cell: str, namespace: MutableMapping[str, Any], sink: 
         from nbtrain.launch.cluster import preflight
 
         preflight(plan.hosts, plan.launcher, plan.nproc)
+    if plan.launcher == "slurm":
+        from nbtrain.launch import slurm
+
+        slurm.preflight(plan, os.environ)
     run = create_run_directory(plan, cell, inputs)
     workers = state.pool.start(run, plan, last=plan.config.keep_warm == 0 or bool(plan.hosts))
     run.write_status(state="running", started=started, pids=workers.group.pids, port=workers.group.port,

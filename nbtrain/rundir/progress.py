@@ -6,7 +6,7 @@ step and ETA from here, so that they say the same thing at the same moment.
 
 - `StepReader` folds rank 0's metric records, read incrementally, into the step, the latest
   scalars and the pace of the recent steps; `eta_s` turns that pace into the seconds left.
-- `read_startup(run)` says which start-up phase a run is in (starting the workers, imports,
+- `read_startup(run)` says which start-up phase a run is in (waiting in SLURM's queue, starting the workers, imports,
   joining the process group, the cell up to `prepare`, building DeepSpeed's ops or the
   engine, the first step) and how long each took, from status.json and rank 0's timeline
   (`logs/rank-0.timeline.json`, written by the worker at each phase change).
@@ -119,7 +119,7 @@ LABELS = {
 class Phase:
     """One part of a run's start-up: what happens, when it began and (once done) ended."""
 
-    key: str  # workers, imports, process_group, cell, op, engine or first_step
+    key: str  # queue (SLURM), workers, imports, process_group, cell, op, engine or first_step
     label: str  # what is happening, in words
     done_label: str  # what happened, in words
     began: float
@@ -186,14 +186,35 @@ def startup(status: Any, timeline: Any, step: int = 0) -> Startup | None:
             or run_started is None:
         return None
     begins = sorted((t, key) for mark, key in MARKS if (t := _number(timeline.get(mark))) is not None)
-    begins = [(run_started, "workers")] + [(max(t, run_started), key) for t, key in begins]
-    main = [Phase(key, *LABELS[key], began, ended=begins[i + 1][0] if i + 1 < len(begins) else None)
-            for i, (began, key) in enumerate(begins)]
+    queue = queue_phase(status)  # a --slurm run waits for its allocation before any worker starts
+    workers_began = run_started if queue is None else queue.ended
+    begins = ([] if workers_began is None else [(workers_began, "workers")]) + [
+        (max(t, run_started), key) for t, key in begins]
+    main = ([] if queue is None else [queue]) + [
+        Phase(key, *LABELS[key], began, ended=begins[i + 1][0] if i + 1 < len(begins) else None)
+        for i, (began, key) in enumerate(begins)]
     ops = [op for entry in timeline.get("ops") or () if isinstance(entry, dict) and (op := _op(entry)) is not None]
     running_ops = [op for op in ops if op.ended is None]
     current = running_ops[-1] if running_ops else main[-1]
     done = sorted((p for p in main + ops if p.ended is not None), key=lambda p: p.began)
     return Startup(current, tuple(done), run_started)
+
+
+def queue_phase(status: dict[str, Any]) -> Phase | None:
+    """Return the SLURM queue phase of a run whose allocation nbtrain requested, or None.
+
+    The kernel (status.json's only writer) records `slurm`: {job, state, reason, requested,
+    granted} while salloc waits, from squeue each second; e.g. "SLURM job 12: pending (Resources)".
+    """
+    slurm = status.get("slurm")
+    requested = _number(slurm.get("requested")) if isinstance(slurm, dict) else None
+    if not isinstance(slurm, dict) or requested is None:
+        return None
+    state, reason = str(slurm.get("state") or "PENDING").lower(), slurm.get("reason")
+    said = f"{state} ({reason})" if isinstance(reason, str) and reason not in ("", "None") else state
+    job = str(slurm.get("job", "?"))[:40]
+    return Phase("queue", f"waiting for SLURM's allocation: job {job} {said}", f"SLURM allocation {job}",
+                 requested, _number(slurm.get("granted")))
 
 
 def _op(entry: dict[str, Any]) -> Phase | None:

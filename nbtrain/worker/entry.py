@@ -131,13 +131,16 @@ def main(first_run: Path, rank: int | None = None) -> int:
     and its host's relay (`nbtrain.relay`) carries its files and ends it if the head goes silent.
     """
     from nbtrain.launch.launcher import ALIVE_FD_ENV, REPORT_FD_ENV
+    from nbtrain.worker.slurm import from_srun
 
     python_started = time.time()
+    srun_reports = from_srun()  # started by srun: the rank from SLURM's variables, reports on srun's stdout
     rank = int(os.environ["RANK"]) if rank is None else rank
     current = CurrentRun(first_run)
     if ALIVE_FD_ENV in os.environ:
         watch_kernel(int(os.environ[ALIVE_FD_ENV]), rank, current)
-    report = os.fdopen(int(os.environ[REPORT_FD_ENV]), "w", buffering=1) if REPORT_FD_ENV in os.environ else None
+    report: Any = srun_reports or (os.fdopen(int(os.environ[REPORT_FD_ENV]), "w", buffering=1)
+                                   if REPORT_FD_ENV in os.environ else None)
     jobs: Iterable[str] = sys.stdin if report is not None else [json.dumps(
         {"run": str(first_run), "launched_at": float(os.environ.get("NBTRAIN_LAUNCHED_AT", "nan")), "last": True})]
     current.path = first_run

@@ -1,0 +1,125 @@
+"""%%bigtrain --slurm on a real two-node Slurm cluster (tests/slurm.py), through a real kernel.
+
+The kernel runs on the head (the root namespace), either inside an allocation (its
+environment is what salloc gives a shell, with the traps an outer allocation leaves:
+SLURM_CPU_BIND to CPU 0, SLURM_NTASKS=1, ...) or outside any, when nbtrain requests one.
+The workers are the tasks of one srun step on the namespace nodes; the run directory is
+shared (the namespaces see the head's filesystem), as on a cluster.
+"""
+
+from __future__ import annotations
+
+import re
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from nbtrain.rundir import RunDirectory
+from nbtrain.rundir.progress import read_startup
+from tests.conftest import NOTEBOOK_SETUP, losses, status_of
+from tests.kernel import Kernel
+from tests.slurm import SlurmCluster, slurm, slurm_shared  # noqa: F401 - fixtures
+
+pytestmark = pytest.mark.integration
+
+FIT = "bigtrain.fit(make_model(), ToyData(), loss_fn=loss_fn)"
+
+
+def start_kernel(cwd: Path, env: dict[str, str]) -> Kernel:
+    kernel = Kernel(cwd, env=env)
+    kernel.execute("%load_ext nbtrain")
+    kernel.execute(NOTEBOOK_SETUP)
+    return kernel
+
+
+@pytest.fixture
+def outside(slurm: SlurmCluster, tmp_path: Path) -> Iterator[Kernel]:  # noqa: F811 - the fixture
+    """A kernel on the head outside any allocation: nbtrain requests one."""
+    kernel = start_kernel(tmp_path, slurm.env)
+    try:
+        yield kernel
+    finally:
+        kernel.shutdown()
+
+
+def only(root: Path, name: str) -> Path:
+    (found,) = (root / "bigtrain-runs").glob(f"*-{name}-*")
+    return found
+
+
+def nbtrain_jobs(sc: SlurmCluster) -> list[str]:
+    """Return the queue's jobs that nbtrain requested (named nbtrain-<run id>)."""
+    return [f"{j.job_id} {j.state}" for j in sc.squeue() if j.name.startswith("nbtrain-")]
+
+
+def wait_until(condition: object, timeout: float, what: str) -> None:
+    end = time.monotonic() + timeout
+    while not condition():  # type: ignore[operator]
+        if time.monotonic() > end:
+            raise AssertionError(f"{what} not within {timeout:g} s")
+        time.sleep(0.2)
+
+
+def test_inside_an_allocation_2x1_and_2x2_under_zero3_reach_the_single_host_losses(
+        slurm: SlurmCluster, tmp_path: Path) -> None:  # noqa: F811 - the fixture
+    alloc = slurm.salloc(2)  # whole nodes, and the outer allocation's traps in the kernel's environment
+    kernel = start_kernel(tmp_path, alloc.env)
+    try:
+        flags = "--steps 5 --micro-batch 4 --zero 3 --no-plot --keep-warm 0"
+        # The single-host runs on the head, which has no veth0 (the nodes' interface, for gloo).
+        kernel.execute("import os\nifname = os.environ.pop('GLOO_SOCKET_IFNAME')")
+        kernel.execute(f"%%bigtrain --nproc 2 {flags} --name one2\n{FIT}")
+        kernel.execute(f"%%bigtrain --nproc 4 {flags} --name one4\n{FIT}", timeout=240)
+        kernel.execute("os.environ['GLOO_SOCKET_IFNAME'] = ifname")
+        out = kernel.execute(f"%%bigtrain --slurm --nproc 1 {flags} --name two1 --out r\nr = {FIT}", timeout=240)
+        kernel.execute(f"%%bigtrain --slurm --nodes 2 --nproc 2 {flags} --name two2\n{FIT}", timeout=300)
+        assert kernel.execute("print(r.steps)").text.strip() == "5", out.text
+    finally:
+        kernel.shutdown()
+        queue = slurm.squeue()
+        slurm.scancel(alloc)
+    two1, two2 = only(tmp_path, "two1"), only(tmp_path, "two2")
+    assert status_of(two1)["state"] == "succeeded" and status_of(two2)["state"] == "succeeded"
+    assert losses(two1) == losses(only(tmp_path, "one2")) and len(losses(two1)) == 5
+    assert losses(two2) == losses(only(tmp_path, "one4")) and len(losses(two2)) == 5
+    # Every rank ran on a SLURM node, and the step ran in the kernel's own allocation.
+    assert {p.name for p in (two2 / "heartbeats").iterdir()} == {f"rank-{r}.json" for r in range(4)}
+    assert status_of(two2)["slurm"] == {"job": alloc.job_id, "owned": False}
+    said = (two2 / "logs/launcher.log").read_text()
+    placed = dict(re.findall(r"nbtrain: rank (\d) of 4 on (\S+) ", said))
+    assert sorted(placed) == ["0", "1", "2", "3"] and set(placed.values()) == set(alloc.nodes), said
+    assert [j.job_id for j in queue] == [alloc.job_id], "the runs left a job in the queue"
+
+
+def test_nbtrain_requests_an_allocation_shows_it_pending_then_gives_it_back(
+        slurm: SlurmCluster, outside: Kernel, tmp_path: Path) -> None:  # noqa: F811 - the fixture
+    busy = slurm.salloc(2)  # every node taken: nbtrain's request waits for Resources
+    seen: list[str] = []
+
+    def free_the_nodes_once_pending() -> None:
+        runs = tmp_path / "bigtrain-runs"
+        end = time.monotonic() + 120
+        while time.monotonic() < end:
+            for path in runs.glob("*-queued-*") if runs.is_dir() else ():
+                startup = read_startup(RunDirectory(path))
+                if startup is not None and startup.current.key == "queue":
+                    seen.append(startup.current.label)
+                    if "pending (Resources)" in startup.current.label:
+                        slurm.scancel(busy)
+                        return
+            time.sleep(0.2)
+
+    helper = threading.Thread(target=free_the_nodes_once_pending, daemon=True)
+    helper.start()
+    out = outside.execute(f"%%bigtrain --slurm --nodes 2 --nproc 1 --steps 3 --micro-batch 4 --no-plot --keep-warm 0 "
+                          f"--time 10 --name queued\n{FIT}", timeout=300)
+    helper.join(timeout=5)
+    run = only(tmp_path, "queued")
+    status = status_of(run)
+    assert status["state"] == "succeeded", out.text
+    assert any("pending (Resources)" in label for label in seen), seen
+    assert status["slurm"]["owned"] and status["slurm"]["granted"] >= status["slurm"]["requested"]
+    assert nbtrain_jobs(slurm) == [], "nbtrain's allocation was left in the queue"
