@@ -8,14 +8,30 @@ The pure rules go through `plan_run`, as every `%%bigtrain` line does. The clust
 from __future__ import annotations
 
 import math
+import re
+from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
 from nbtrain.config.arguments import parse_line
 from nbtrain.config.machine import MachineFacts
 from nbtrain.config.plan import plan_run
-from nbtrain.config.slurm import TIME_FORMATS, parse_time
+from nbtrain.config.slurm import (
+    TIME_FORMATS,
+    Partition,
+    check_slurm,
+    default_partition,
+    enforces_accounts,
+    gpu_count,
+    parse_config,
+    parse_sinfo,
+    parse_time,
+    partition_info,
+    slurm_problems,
+)
 from nbtrain.errors import ConfigError, Problem
+from tests.slurm import SlurmCluster, slurm_cluster
 
 CPU = MachineFacts(gpu_count=0, has_libaio=True)
 GPU = MachineFacts(gpu_count=1, has_libaio=True)
@@ -109,3 +125,147 @@ def test_without_nodes_the_run_takes_the_allocations_nodes_else_one(monkeypatch:
 def test_the_kernels_gpus_do_not_cap_the_processes_per_slurm_node() -> None:
     # The nodes' GPUs are the cluster's to check (slurm_problems), not the notebook machine's.
     assert plan_run(parse_line("--slurm --nproc 4"), GPU).nproc == 4
+
+
+# -- reading the cluster: text captured from the real test cluster (tests/slurm.py, Slurm 22.05.8,
+# partitions debug (default, INFINITE), short (1 node, 00:10:00), day (1-12:00:00), no gres) ---------
+SINFO = "debug*|up|2|infinite|(null)\nshort|up|1|10:00|(null)\nday|up|2|1-12:00:00|(null)\n"
+SCONTROL_CONFIG_HEAD = """Configuration data as of 2026-11-26T15:02:24
+AccountingStorageBackupHost = (null)
+AccountingStorageEnforce = none
+AccountingStorageHost   = localhost
+AccountingStorageExternalHost = (null)
+AccountingStorageParameters = (null)
+AccountingStoragePort   = 0
+AccountingStorageTRES   = cpu,mem,energy,node,billing,fs/disk,vmem,pages
+AccountingStorageType   = accounting_storage/none
+AccountingStorageUser   = root
+AuthInfo                = socket=/tmp/nbtrain-slurm-16904-0-9o33_0f7/munge.socket
+"""
+SINFO_NO_CONTROLLER = "slurm_load_partitions: Unable to contact slurm controller (connect failure)\n"
+
+
+def test_sinfo_lines_become_partitions_with_their_default_nodes_and_limits() -> None:
+    found = parse_sinfo(SINFO)
+    assert [(p.name, p.default, p.available, p.nodes, p.max_time) for p in found] == [
+        ("debug", True, True, 2, "infinite"), ("short", False, True, 1, "10:00"), ("day", False, True, 2, "1-12:00:00")]
+    assert [p.max_minutes for p in found] == [math.inf, 10, 2160]  # sinfo writes 10 minutes as MM:SS
+    assert default_partition(found) is found[0]
+    assert found[1].gpus_per_node() == [(0, 1)]
+
+
+@pytest.mark.parametrize(("gres", "gpus"), [
+    ("(null)", 0), ("gpu:2", 2), ("gpu:a100:4(S:0-1)", 4), ("gpu:a100:2,gpu:v100:1(S:1)", 3), ("mps:100,gpu:1", 1),
+])
+def test_gpus_per_node_from_sinfos_gres_column(gres: str, gpus: int) -> None:
+    # Forms of %G from slurm.conf(5)/gres.conf(5): name[:type][:count][(S:sockets)], comma-separated.
+    assert gpu_count(gres) == gpus
+
+
+def test_a_cluster_without_accounting_is_not_asked_about_accounts() -> None:
+    config = parse_config(SCONTROL_CONFIG_HEAD)
+    assert config["AccountingStorageType"] == "accounting_storage/none"
+    assert config["AuthInfo"].startswith("socket=")  # a value with '=' in it stays whole
+    assert not enforces_accounts(config)
+    # slurmdbd alone does not refuse unknown accounts; AccountingStorageEnforce=associations (or more) does.
+    dbd = {"AccountingStorageType": "accounting_storage/slurmdbd"}
+    assert not enforces_accounts({**dbd, "AccountingStorageEnforce": "none"})
+    assert enforces_accounts({**dbd, "AccountingStorageEnforce": "associations,limits"})
+
+
+def test_no_slurm_client_names_the_packages(tmp_path: Path) -> None:
+    # A machine without Slurm's client: srun is not on PATH.
+    (problem,) = slurm_problems(parse_line("--slurm"), {"PATH": str(tmp_path)})
+    assert problem.where == "--slurm" and "`srun` is not on PATH" in problem.rule
+    assert "slurm-client" in problem.fix and "admin" in problem.fix
+
+
+def test_slurm_problems_say_nothing_without_slurm() -> None:
+    assert slurm_problems(parse_line("--nproc 2"), {"PATH": ""}) == []
+
+
+# -- asking a real cluster -----------------------------------------------------------------------
+PARTITIONS = {"debug": {"nodes": "all", "max_time": "INFINITE", "default": True},
+              "short": {"nodes": 1, "max_time": "00:10:00"}, "day": {"nodes": "all", "max_time": "1-12:00:00"}}
+
+
+@pytest.fixture(scope="module")
+def cluster() -> Iterator[SlurmCluster]:
+    with slurm_cluster(2, partitions=PARTITIONS) as sc:
+        yield sc
+
+
+def _asked(sc: SlurmCluster, line: str, env: dict[str, str] | None = None) -> list[tuple[str, object, str]]:
+    return [(p.where, p.value, str(p)) for p in slurm_problems(parse_line(line), env or sc.env)]
+
+
+@pytest.mark.integration
+def test_what_the_cluster_can_run_passes(cluster: SlurmCluster) -> None:
+    for line in ("--slurm", "--slurm --nodes 2 --partition day --time 1-00:00:00", "--slurm --partition short "
+                 "--time 10 --nodes 1", "--slurm --time 5-0", "--slurm --gpus-per-node 0",
+                 "--slurm --account anyone"):  # no accounting here: Slurm takes any account, so do we
+        assert _asked(cluster, line) == [], line
+    assert partition_info("short", cluster.env) == Partition("short", False, True, 1, "10:00", (("(null)", 1),))
+    assert partition_info(None, cluster.env).name == "debug"  # type: ignore[union-attr]
+    check_slurm(parse_line("--slurm --nodes 2"), cluster.env)
+
+
+@pytest.mark.integration
+def test_an_unknown_partition_lists_the_partitions_and_the_default(cluster: SlurmCluster) -> None:
+    ((where, value, text),) = _asked(cluster, "--slurm --partition gpu --nodes 2")
+    assert (where, value) == ("--partition", "gpu")
+    assert "no such partition (partitions: debug, short, day; the default is debug)" in text
+
+
+@pytest.mark.integration
+def test_more_nodes_than_the_partition_has_are_refused(cluster: SlurmCluster) -> None:
+    assert _asked(cluster, "--slurm --partition short --nodes 2") == [
+        ("--nodes", 2, "--nodes = 2: partition short has 1 node(s). Fix: give --nodes 1 or fewer, or a larger partition")]
+    ((where, _, text),) = _asked(cluster, "--slurm --nodes 3")  # the default partition
+    assert where == "--nodes" and "partition debug has 2 node(s)" in text
+
+
+@pytest.mark.integration
+def test_a_time_over_the_partitions_maxtime_is_refused(cluster: SlurmCluster) -> None:
+    ((where, value, text),) = _asked(cluster, "--slurm --partition short --time 20")
+    assert (where, value) == ("--time", "20")
+    assert "partition short allows at most 0:10:00 (its MaxTime; sinfo shows 10:00)" in text
+    assert "give --time 0:10:00 or less" in text
+    ((_, _, text),) = _asked(cluster, "--slurm --partition day --time 2-0")
+    assert "at most 1-12:00:00" in text
+    ((_, _, text),) = _asked(cluster, "--slurm --partition day --time UNLIMITED")
+    assert "at most 1-12:00:00" in text
+
+
+@pytest.mark.integration
+def test_gpus_per_node_the_nodes_do_not_have_are_refused_naming_what_they_have(cluster: SlurmCluster) -> None:
+    ((where, value, text),) = _asked(cluster, "--slurm --gpus-per-node 1")
+    assert (where, value) == ("--gpus-per-node", 1)
+    assert "the nodes of partition debug have 2 with no GPU" in text and "drop --gpus-per-node" in text
+
+
+@pytest.mark.integration
+def test_a_controller_that_does_not_answer_names_slurm_conf(cluster: SlurmCluster, tmp_path: Path) -> None:
+    # The cluster's own slurm.conf with the controller's port changed to one where nothing listens.
+    dead = tmp_path / "slurm.conf"
+    dead.write_text(re.sub(r"(?m)^SlurmctldPort=\d+", "SlurmctldPort=1", cluster.conf.read_text()))
+    ((where, _, text),) = _asked(cluster, "--slurm", {**cluster.env, "SLURM_CONF": str(dead)})
+    assert where == "--slurm"
+    assert "the SLURM controller does not answer" in text and SINFO_NO_CONTROLLER.strip() in text
+    assert f"SLURM_CONF={dead}" in text and "scontrol ping" in text
+    with pytest.raises(ConfigError, match="does not answer"):
+        check_slurm(parse_line("--slurm"), {**cluster.env, "SLURM_CONF": str(dead)})
+
+
+@pytest.mark.integration
+def test_inside_an_allocation_its_nodes_and_partition_count(cluster: SlurmCluster) -> None:
+    allocation = cluster.salloc(1, partition="short", traps=False)
+    try:
+        env = allocation.env
+        assert _asked(cluster, "--slurm", env) == [] and _asked(cluster, "--slurm --nodes 1", env) == []
+        ((where, value, text),) = _asked(cluster, "--slurm --nodes 2", env)
+        assert (where, value) == ("--nodes", 2) and f"allocation {allocation.job_id} has 1 node(s)" in text
+        ((where, value, text),) = _asked(cluster, "--slurm --partition day", env)
+        assert (where, value) == ("--partition", "day") and "whose partition is short" in text
+    finally:
+        cluster.scancel(allocation)

@@ -283,10 +283,21 @@ def _for_a_request(request: SlurmRequest, found: list[Partition], env: Mapping[s
         return problems
     problems += _shape_problems(request, partition)
     if request.time_limit is not None and parse_time(request.time_limit) > partition.max_minutes:
+        most = format_minutes(partition.max_minutes)
         problems.append(Problem("--time", request.time_limit,
-                                f"partition {partition.name} allows at most {partition.max_time} (its MaxTime)",
-                                f"give --time {partition.max_time} or less, or a partition that allows longer"))
+                                f"partition {partition.name} allows at most {most} (its MaxTime; sinfo shows "
+                                f"{partition.max_time})", f"give --time {most} or less, or a partition that "
+                                "allows longer"))
     return problems
+
+
+def format_minutes(minutes: float) -> str:
+    """Write minutes as Slurm's H:MM:SS or D-HH:MM:SS, which no reader takes for minutes:seconds."""
+    if math.isinf(minutes):
+        return "INFINITE"
+    days, rest = divmod(int(minutes), 24 * 60)
+    hours, mins = divmod(rest, 60)
+    return f"{days}-{hours:02d}:{mins:02d}:00" if days else f"{hours}:{mins:02d}:00"
 
 
 def _inside_allocation(request: SlurmRequest, found: list[Partition], inside: tuple[str, int],
