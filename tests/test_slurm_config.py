@@ -20,6 +20,7 @@ from nbtrain.config.plan import plan_run
 from nbtrain.config.slurm import (
     TIME_FORMATS,
     Partition,
+    _gpu_problems,
     check_slurm,
     default_partition,
     enforces_accounts,
@@ -128,8 +129,9 @@ def test_the_kernels_gpus_do_not_cap_the_processes_per_slurm_node() -> None:
 
 
 # -- reading the cluster: text captured from the real test cluster (tests/slurm.py, Slurm 22.05.8,
-# partitions debug (default, INFINITE), short (1 node, 00:10:00), day (1-12:00:00), no gres) ---------
-SINFO = "debug*|up|2|infinite|(null)\nshort|up|1|10:00|(null)\nday|up|2|1-12:00:00|(null)\n"
+# partitions debug (default, INFINITE), short (1 node, 00:10:00), day (1-12:00:00); Gres=gpu:2) -------
+SINFO = "debug*|up|2|infinite|gpu:2\nshort|up|1|10:00|gpu:2\nday|up|2|1-12:00:00|gpu:2\n"
+SINFO_NO_GRES = "debug*|up|2|infinite|(null)\nshort|up|1|10:00|(null)\nday|up|2|1-12:00:00|(null)\n"
 SCONTROL_CONFIG_HEAD = """Configuration data as of 2026-11-26T15:02:24
 AccountingStorageBackupHost = (null)
 AccountingStorageEnforce = none
@@ -151,7 +153,8 @@ def test_sinfo_lines_become_partitions_with_their_default_nodes_and_limits() -> 
         ("debug", True, True, 2, "infinite"), ("short", False, True, 1, "10:00"), ("day", False, True, 2, "1-12:00:00")]
     assert [p.max_minutes for p in found] == [math.inf, 10, 2160]  # sinfo writes 10 minutes as MM:SS
     assert default_partition(found) is found[0]
-    assert found[1].gpus_per_node() == [(0, 1)]
+    assert found[0].gpus_per_node() == [(2, 2)] and found[1].gpus_per_node() == [(2, 1)]
+    assert parse_sinfo(SINFO_NO_GRES)[0].gpus_per_node() == [(0, 2)]
 
 
 @pytest.mark.parametrize(("gres", "gpus"), [
@@ -160,6 +163,12 @@ def test_sinfo_lines_become_partitions_with_their_default_nodes_and_limits() -> 
 def test_gpus_per_node_from_sinfos_gres_column(gres: str, gpus: int) -> None:
     # Forms of %G from slurm.conf(5)/gres.conf(5): name[:type][:count][(S:sockets)], comma-separated.
     assert gpu_count(gres) == gpus
+
+
+def test_gpus_asked_of_nodes_without_any_say_so() -> None:
+    (problem,) = _gpu_problems(1, 1, parse_sinfo(SINFO_NO_GRES)[0])
+    assert "the nodes of partition debug have 2 with no GPU" in problem.rule
+    assert problem.fix.startswith("drop --gpus-per-node (or give 0)")
 
 
 def test_a_cluster_without_accounting_is_not_asked_about_accounts() -> None:
@@ -191,7 +200,7 @@ PARTITIONS = {"debug": {"nodes": "all", "max_time": "INFINITE", "default": True}
 
 @pytest.fixture(scope="module")
 def cluster() -> Iterator[SlurmCluster]:
-    with slurm_cluster(2, partitions=PARTITIONS) as sc:
+    with slurm_cluster(2, gpus=2, partitions=PARTITIONS) as sc:
         yield sc
 
 
@@ -202,10 +211,10 @@ def _asked(sc: SlurmCluster, line: str, env: dict[str, str] | None = None) -> li
 @pytest.mark.integration
 def test_what_the_cluster_can_run_passes(cluster: SlurmCluster) -> None:
     for line in ("--slurm", "--slurm --nodes 2 --partition day --time 1-00:00:00", "--slurm --partition short "
-                 "--time 10 --nodes 1", "--slurm --time 5-0", "--slurm --gpus-per-node 0",
+                 "--time 10 --nodes 1", "--slurm --time 5-0", "--slurm --gpus-per-node 2 --nodes 2",
                  "--slurm --account anyone"):  # no accounting here: Slurm takes any account, so do we
         assert _asked(cluster, line) == [], line
-    assert partition_info("short", cluster.env) == Partition("short", False, True, 1, "10:00", (("(null)", 1),))
+    assert partition_info("short", cluster.env) == Partition("short", False, True, 1, "10:00", (("gpu:2", 1),))
     assert partition_info(None, cluster.env).name == "debug"  # type: ignore[union-attr]
     check_slurm(parse_line("--slurm --nodes 2"), cluster.env)
 
@@ -239,9 +248,13 @@ def test_a_time_over_the_partitions_maxtime_is_refused(cluster: SlurmCluster) ->
 
 @pytest.mark.integration
 def test_gpus_per_node_the_nodes_do_not_have_are_refused_naming_what_they_have(cluster: SlurmCluster) -> None:
-    ((where, value, text),) = _asked(cluster, "--slurm --gpus-per-node 1")
-    assert (where, value) == ("--gpus-per-node", 1)
-    assert "the nodes of partition debug have 2 with no GPU" in text and "drop --gpus-per-node" in text
+    ((where, value, text),) = _asked(cluster, "--slurm --gpus-per-node 3 --partition short")
+    assert (where, value) == ("--gpus-per-node", 3)
+    assert "the nodes of partition short have 1 with gpu:2: 0 of them have 3 or more, 1 asked for" in text
+    assert "give --gpus-per-node 2 or fewer" in text
+    # Slurm itself refuses the same request.
+    refused = cluster.run("srun", "-p", "short", "--gpus-per-node=3", "true", check=False)
+    assert refused.returncode != 0, refused
 
 
 @pytest.mark.integration
@@ -267,5 +280,7 @@ def test_inside_an_allocation_its_nodes_and_partition_count(cluster: SlurmCluste
         assert (where, value) == ("--nodes", 2) and f"allocation {allocation.job_id} has 1 node(s)" in text
         ((where, value, text),) = _asked(cluster, "--slurm --partition day", env)
         assert (where, value) == ("--partition", "day") and "whose partition is short" in text
+        ((where, _, text),) = _asked(cluster, "--slurm --gpus-per-node 3", env)
+        assert where == "--gpus-per-node" and "partition short have 1 with gpu:2" in text
     finally:
         cluster.scancel(allocation)
