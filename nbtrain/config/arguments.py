@@ -85,6 +85,8 @@ def build_parser() -> argparse.ArgumentParser:
             kwargs.update(choices=list(choices), type=kind if kind is int else str)
         else:
             kwargs.update(type=_converter(annotation, flag))
+        if "flag" in f.metadata:  # named otherwise than its field: `--time TIME`, not `--time TIME_LIMIT`
+            kwargs.update(metavar=flag.lstrip("-").upper())
         if f.name in _OPTIONAL_VALUE:
             kwargs.update(nargs="?", const=_OPTIONAL_VALUE[f.name])
         parser.add_argument(flag, **kwargs)
