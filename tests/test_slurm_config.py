@@ -149,8 +149,8 @@ SINFO_NO_CONTROLLER = "slurm_load_partitions: Unable to contact slurm controller
 
 def test_sinfo_lines_become_partitions_with_their_default_nodes_and_limits() -> None:
     found = parse_sinfo(SINFO)
-    assert [(p.name, p.default, p.available, p.nodes, p.max_time) for p in found] == [
-        ("debug", True, True, 2, "infinite"), ("short", False, True, 1, "10:00"), ("day", False, True, 2, "1-12:00:00")]
+    assert [(p.name, p.default, p.state, p.nodes, p.max_time) for p in found] == [
+        ("debug", True, "up", 2, "infinite"), ("short", False, "up", 1, "10:00"), ("day", False, "up", 2, "1-12:00:00")]
     assert [p.max_minutes for p in found] == [math.inf, 10, 2160]  # sinfo writes 10 minutes as MM:SS
     assert default_partition(found) is found[0]
     assert found[0].gpus_per_node() == [(2, 2)] and found[1].gpus_per_node() == [(2, 1)]
@@ -214,7 +214,7 @@ def test_what_the_cluster_can_run_passes(cluster: SlurmCluster) -> None:
                  "--time 10 --nodes 1", "--slurm --time 5-0", "--slurm --gpus-per-node 2 --nodes 2",
                  "--slurm --account anyone"):  # no accounting here: Slurm takes any account, so do we
         assert _asked(cluster, line) == [], line
-    assert partition_info("short", cluster.env) == Partition("short", False, True, 1, "10:00", (("gpu:2", 1),))
+    assert partition_info("short", cluster.env) == Partition("short", False, "up", 1, "10:00", (("gpu:2", 1),))
     assert partition_info(None, cluster.env).name == "debug"  # type: ignore[union-attr]
     check_slurm(parse_line("--slurm --nodes 2"), cluster.env)
 
@@ -244,6 +244,18 @@ def test_a_time_over_the_partitions_maxtime_is_refused(cluster: SlurmCluster) ->
     assert "at most 1-12:00:00" in text
     ((_, _, text),) = _asked(cluster, "--slurm --partition day --time UNLIMITED")
     assert "at most 1-12:00:00" in text
+
+
+@pytest.mark.integration
+def test_a_partition_that_is_down_is_refused(cluster: SlurmCluster) -> None:
+    cluster.run("scontrol", "update", "PartitionName=short", "State=DOWN")
+    try:
+        assert partition_info("short", cluster.env).state == "down"  # type: ignore[union-attr]
+        ((where, value, text),) = _asked(cluster, "--slurm --partition short")
+        assert (where, value) == ("--partition", "short") and "partition short is down (sinfo)" in text
+    finally:
+        cluster.run("scontrol", "update", "PartitionName=short", "State=UP")
+    assert _asked(cluster, "--slurm --partition short") == []
 
 
 @pytest.mark.integration

@@ -93,7 +93,7 @@ class Partition:
 
     name: str
     default: bool
-    available: bool  # sinfo's %a: up
+    state: str  # sinfo's %a: up, down, drain or inact (only "up" starts jobs)
     nodes: int
     max_time: str  # sinfo's %l, e.g. "1-00:00:00" or "infinite"
     gres: tuple[tuple[str, int], ...]  # (sinfo's %G, node count) per kind of node
@@ -135,12 +135,11 @@ def parse_sinfo(text: str) -> list[Partition]:
         name, available, count, limit, gres = fields
         default = name.endswith("*")
         name = name.rstrip("*")
-        row = rows.setdefault(name, {"default": False, "available": False, "nodes": 0, "max_time": limit, "gres": []})
+        row = rows.setdefault(name, {"default": False, "state": available, "nodes": 0, "max_time": limit, "gres": []})
         row["default"] = bool(row["default"]) or default
-        row["available"] = bool(row["available"]) or available == "up"
         row["nodes"] = int(str(row["nodes"])) + int(count)
         row["gres"].append((gres, int(count)))  # type: ignore[attr-defined]
-    return [Partition(name, bool(r["default"]), bool(r["available"]), int(str(r["nodes"])), str(r["max_time"]),
+    return [Partition(name, bool(r["default"]), str(r["state"]), int(str(r["nodes"])), str(r["max_time"]),
                       tuple(r["gres"]))  # type: ignore[arg-type]
             for name, r in rows.items()]
 
@@ -281,6 +280,10 @@ def _for_a_request(request: SlurmRequest, found: list[Partition], env: Mapping[s
     problems += _account_problems(request.account, env)
     if partition is None:
         return problems
+    if partition.state != "up":
+        problems.append(Problem("--partition", partition.name, f"partition {partition.name} is {partition.state} "
+                                "(sinfo), so it starts no job and the allocation would wait",
+                                "choose a partition that is up (`sinfo`), or ask the cluster's admin"))
     problems += _shape_problems(request, partition)
     if request.time_limit is not None and parse_time(request.time_limit) > partition.max_minutes:
         most = format_minutes(partition.max_minutes)
