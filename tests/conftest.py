@@ -12,8 +12,9 @@ import pytest
 
 from tests.kernel import Kernel
 
-# The browser tests' screenshot folder and screenshot-on-failure (asked for by their modules).
-pytest_plugins = ["tests.ui.fixtures"]
+# The browser tests' screenshot folder and screenshot-on-failure (asked for by their modules);
+# the SLURM tests' shared cluster (fixtures `slurm_shared` and `slurm`, tests/slurm.py).
+pytest_plugins = ["tests.ui.fixtures", "tests.slurm"]
 
 # The "earlier cells" of the integration tests' notebook: a small model, data and a loss,
 # all defined in the kernel (so they reach the workers only by nbtrain's shipping).

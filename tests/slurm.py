@@ -22,8 +22,9 @@ module adds, all under the cluster's own temp dir:
 `slurm_cluster(n_nodes=2, cpus=2, gpus=0, partitions=None)`:
 - `cpus`: CPUs per node as slurm.conf declares them (`SlurmdParameters=config_overrides`:
   the declared count holds whatever the machine has).
-- `gpus`: `Gres=gpu:N` per node (a count-only gres.conf, no devices) so that checks can read
-  GPU counts from `sinfo`; no GPU is needed or used.
+- `gpus`: `Gres=gpu:N` per node so that checks can read GPU counts from `sinfo` and steps get
+  SLURM_GPUS_ON_NODE; gres.conf names N empty files of the temp dir as the devices (slurmd
+  reports no GPU without a File=). No GPU is needed or used.
 - `partitions`: {name: {"nodes": "all" | k (the first k nodes) | [node names],
   "max_time": Slurm time or "INFINITE", "default": bool}}; None means
   {"debug": {"nodes": "all", "max_time": "INFINITE", "default": True}}.
@@ -119,6 +120,7 @@ class SlurmCluster:
     partition: str  # the default partition
     partitions: dict[str, list[str]]  # name -> its nodes
     name: str  # ClusterName
+    tag: str  # <pid>-<serial>: names this cluster's hosts block and temp dir
     conf: Path  # slurm.conf
     directory: Path
     env: dict[str, str]
@@ -318,7 +320,12 @@ def _configure(hosts: netns.Cluster, directory: Path, tag: str, cpus: int, gpus:
     ]
     if gpus:
         lines.append("GresTypes=gpu")
-        (directory / "gres.conf").write_text(f"AutoDetect=off\nName=gpu Count={gpus}\n")
+        # slurmd counts a GPU per device file and reports none without: empty files stand in.
+        (directory / "dev").mkdir()
+        files = [directory / "dev" / f"nvidia{i}" for i in range(gpus)]
+        for file in files:
+            file.touch()
+        (directory / "gres.conf").write_text(f"AutoDetect=off\nName=gpu File={','.join(map(str, files))}\n")
     gres = f" Gres=gpu:{gpus}" if gpus else ""
     lines += [f"NodeName={n} NodeAddr={a} CPUs={cpus} RealMemory=1000{gres} State=UNKNOWN" for n, a in addresses.items()]
     for part, spec in partitions.items():
@@ -332,7 +339,7 @@ def _configure(hosts: netns.Cluster, directory: Path, tag: str, cpus: int, gpus:
     env = {k: v for k, v in hosts.env.items() if not k.startswith("SLURM_")}
     env.update(SLURM_CONF=str(conf), GLOO_SOCKET_IFNAME=netns.INTERFACE)
     return SlurmCluster(nodes=nodes, addresses=addresses, hosts={node: alias for alias, node in node_of.items()},
-                        partition=defaults[0], partitions=members, name=name, conf=conf, directory=directory,
+                        partition=defaults[0], partitions=members, name=name, tag=tag, conf=conf, directory=directory,
                         env=env, netns=hosts)
 
 
