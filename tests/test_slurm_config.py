@@ -292,6 +292,8 @@ def test_inside_an_allocation_its_nodes_and_partition_count(cluster: SlurmCluste
         assert (where, value) == ("--nodes", 2) and f"allocation {allocation.job_id} has 1 node(s)" in text
         ((where, value, text),) = _asked(cluster, "--slurm --partition day", env)
         assert (where, value) == ("--partition", "day") and "whose partition is short" in text
+        ((where, value, text),) = _asked(cluster, "--slurm --time 5", env)
+        assert (where, value) == ("--time", "5") and "whose own time limit applies" in text
         ((where, _, text),) = _asked(cluster, "--slurm --gpus-per-node 3", env)
         assert where == "--gpus-per-node" and "partition short have 1 with gpu:2" in text
     finally:

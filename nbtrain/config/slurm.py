@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import math
 import os
+import pwd
 import re
 import shutil
 import subprocess
@@ -249,7 +250,8 @@ def slurm_problems(config: object, environ: Mapping[str, str] | None = None) -> 
     """Ask the cluster whether a `--slurm` run of `config` (a TrainConfig) can start as asked.
 
     Returns [] when `config.slurm` is false. Inside an allocation (SLURM_JOB_ID) the nodes are
-    checked against it and --partition/--account must be its own; otherwise against the
+    checked against it, --partition/--account must be its own and --time is refused (the
+    allocation's own limit applies); otherwise against the
     partition nbtrain will request (--partition, else the cluster's default).
     """
     if not getattr(config, "slurm", False):
@@ -314,6 +316,10 @@ def _inside_allocation(request: SlurmRequest, found: list[Partition], inside: tu
             problems.append(Problem(flag, asked, f"the kernel runs inside allocation {job}, whose {flag[2:]} is "
                                     f"{theirs}; the run uses that allocation", f"drop {flag} (or give {theirs}), "
                                     "or start the notebook outside an allocation so that nbtrain requests one"))
+    if request.time_limit is not None:  # the launcher runs its step in the allocation, under the allocation's limit
+        problems.append(Problem("--time", request.time_limit, f"the kernel runs inside allocation {job}, whose own "
+                                "time limit applies; --time only shapes an allocation nbtrain requests",
+                                "drop --time, or start the notebook outside an allocation"))
     if request.nodes is not None and request.nodes > count:
         problems.append(Problem("--nodes", request.nodes, f"allocation {job} has {count} node(s)",
                                 f"give --nodes {count} or fewer, or ask salloc/sbatch for more nodes"))
@@ -373,7 +379,7 @@ def _account_problems(account: str | None, env: Mapping[str, str]) -> list[Probl
     """Refuse an account the cluster's accounting does not know for this user; say nothing without accounting."""
     if account is None or not enforces_accounts(parse_config(_query(["scontrol", "show", "config"], env))):
         return []
-    user = env.get("USER") or env.get("LOGNAME") or ""
+    user = pwd.getpwuid(os.getuid()).pw_name  # Slurm knows jobs by uid, whatever $USER says
     text = _query(["sacctmgr", "-n", "-P", "show", "assoc", f"where user={user}", "format=Account"], env)
     mine = sorted({line.strip() for line in text.splitlines() if line.strip()})
     if account in mine:
