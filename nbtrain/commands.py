@@ -292,6 +292,21 @@ def _workers_command(command: str, pool: WorkerPool) -> None:
     if command == "workers":
         from nbtrain.magic import describe_workers
 
-        print(describe_workers(pool.describe()))
+        rows = pool.describe()
+        print(slurm_workers_table(rows) if rows and "node" in rows[0] else describe_workers(rows))
     else:
         print(pool.shutdown() + ("; the next run starts on fresh workers" if command == "restart" else ""))
+
+
+def slurm_workers_table(rows: list[dict[str, Any]]) -> str:
+    """Return the `%bigtrain workers` table of warm tasks on a SLURM allocation: rank, node."""
+    first = rows[0]
+    owner = "nbtrain's own allocation, released when they end" if first["owned"] else "the kernel's allocation"
+    nodes = sorted({row["node"] for row in rows})
+    lines = [f"warm workers: {len(rows)} SLURM tasks on {len(nodes)} node(s) ({', '.join(nodes)}) of job "
+             f"{first['job']} ({owner}), {first['nproc']} per node ({first['backend']}), {first['runs_served']} "
+             f"run(s) served, idle {first['idle_s']:.0f} s, ended after {first['ends_in_s']:.0f} s more without a run",
+             "rank  node"]
+    lines += [f"{row['rank']:<5} {row['node']}" for row in rows]
+    return "\n".join(lines)
+

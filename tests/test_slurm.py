@@ -123,3 +123,97 @@ def test_nbtrain_requests_an_allocation_shows_it_pending_then_gives_it_back(
     assert any("pending (Resources)" in label for label in seen), seen
     assert status["slurm"]["owned"] and status["slurm"]["granted"] >= status["slurm"]["requested"]
     assert nbtrain_jobs(slurm) == [], "nbtrain's allocation was left in the queue"
+
+
+def test_a_rerun_starts_in_the_warm_tasks_on_nbtrains_allocation_until_shutdown(
+        slurm: SlurmCluster, outside: Kernel, tmp_path: Path) -> None:  # noqa: F811 - the fixture
+    cell = f"%%bigtrain --slurm --nodes 2 --nproc 1 --steps 3 --micro-batch 4 --no-plot --name {{name}}\n{FIT}"
+    outside.execute(cell.format(name="cold"), timeout=240)
+    (job,) = nbtrain_jobs(slurm)  # kept, with the idle tasks in it
+    workers = outside.execute("%bigtrain workers").text
+    outside.execute(cell.format(name="warm"), timeout=120)
+    cold, warm = only(tmp_path, "cold"), only(tmp_path, "warm")
+    assert status_of(warm)["workers"]["warm"], status_of(warm)["workers"]
+    assert losses(warm) == losses(cold) and len(losses(warm)) == 3
+    assert nbtrain_jobs(slurm) == [job], "the rerun did not stay in the same allocation"
+    assert "2 SLURM tasks on 2 node(s)" in workers and all(node in workers for node in slurm.nodes), workers
+    ended = outside.execute("%bigtrain shutdown").text
+    assert "nbtrain's allocation was released" in ended, ended
+    assert nbtrain_jobs(slurm) == [], "shutdown left nbtrain's allocation in the queue"
+    wait_until(lambda: slurm.strays() == {}, 30, "every task gone from the nodes")
+
+
+def start_in_the_background(kernel: Kernel, name: str, extra: str = "") -> None:
+    """Start a long 2-node run as `handle` and return once it has logged a few steps."""
+    kernel.execute(f"%%bigtrain --slurm --nodes 2 --nproc 1 --steps 100000 --micro-batch 4 --no-plot --background "
+                   f"--name {name} {extra}\n{FIT}", timeout=180)
+    kernel.execute("handle = _\nimport time\nwhile len(handle.metrics) < 3: time.sleep(0.2)", timeout=120)
+
+
+def assert_nothing_left(sc: SlurmCluster, what: str) -> None:
+    wait_until(lambda: nbtrain_jobs(sc) == [], 30, f"nbtrain's allocation gone after {what}")
+    wait_until(lambda: sc.strays() == {}, 30, f"every task gone from the nodes after {what} ({sc.strays()})")
+
+
+def test_scancel_from_outside_stops_the_run_with_slurms_word(
+        slurm: SlurmCluster, outside: Kernel, tmp_path: Path) -> None:  # noqa: F811 - the fixture
+    start_in_the_background(outside, "cancelled")
+    (job,) = nbtrain_jobs(slurm)
+    slurm.run("scancel", job.split()[0])
+    out = outside.execute("handle.wait()", allow_error=True, timeout=120)
+    status = status_of(only(tmp_path, "cancelled"))
+    assert status["state"] == "stopped" and "CANCELLED" in status["reason"], status
+    assert "cancelled from outside nbtrain" in out.text, out.text
+    assert_nothing_left(slurm, "scancel")
+    print(f"\nscancel from outside -> the user saw: {status['reason']}")
+
+
+def test_a_lost_node_fails_the_run_with_node_fail(
+        slurm: SlurmCluster, outside: Kernel, tmp_path: Path) -> None:  # noqa: F811 - the fixture
+    start_in_the_background(outside, "lost")
+    slurm.kill_slurmd(slurm.nodes[1])
+    out = outside.execute("handle.wait()", allow_error=True, timeout=180)
+    status = status_of(only(tmp_path, "lost"))
+    assert status["state"] == "failed", status
+    assert "NODE_FAIL" in status["reason"], status
+    assert out.error is not None and "NODE_FAIL" in out.error.text
+    print(f"\nslurmd of {slurm.nodes[1]} killed -> the user saw: {status['reason']}")
+    wait_until(lambda: nbtrain_jobs(slurm) == [], 60, "nbtrain's allocation gone after the node loss")
+    slurm.restart_slurmd(slurm.nodes[1])  # SLURM ends the lost node's leftover step once it is back
+    wait_until(lambda: slurm.strays() == {}, 60, f"every task gone from the nodes ({slurm.strays()})")
+
+
+def test_interrupting_the_cell_ends_every_task_and_gives_the_allocation_back(
+        slurm: SlurmCluster, outside: Kernel, tmp_path: Path) -> None:  # noqa: F811 - the fixture
+    outside.execute(f"%%bigtrain --slurm --nodes 2 --nproc 1 --steps 100000 --micro-batch 4 --no-plot "
+                    f"--name interrupted\n{FIT}", interrupt_after=40, allow_error=True, timeout=180)
+    status = status_of(only(tmp_path, "interrupted"))
+    assert status["state"] == "stopped" and "interrupted" in status["reason"], status
+    assert_nothing_left(slurm, "an interrupt")
+
+
+def test_stop_from_jupyterlab_ends_every_task(slurm: SlurmCluster, outside: Kernel,  # noqa: F811 - the fixture
+                                              tmp_path: Path) -> None:
+    import asyncio
+
+    from nbtrain.server.workers import stop_run
+
+    start_in_the_background(outside, "lab")
+    loop = asyncio.new_event_loop()  # not asyncio.run: later server tests need a current loop
+    try:
+        loop.run_until_complete(stop_run(RunDirectory(only(tmp_path, "lab")), grace_s=5))
+    finally:
+        loop.close()
+    outside.execute("handle.wait()", allow_error=True, timeout=60)
+    status = status_of(only(tmp_path, "lab"))
+    assert status["state"] == "stopped" and "stopped from JupyterLab" in status["reason"], status
+    assert_nothing_left(slurm, "Stop")
+
+
+def test_the_kernels_death_cancels_nbtrains_allocation(slurm: SlurmCluster, outside: Kernel,  # noqa: F811
+                                                       tmp_path: Path) -> None:
+    start_in_the_background(outside, "orphan")
+    outside.kill()
+    assert_nothing_left(slurm, "the kernel's death")
+    status = status_of(only(tmp_path, "orphan"))
+    assert status["state"] == "stopped" and "the kernel died" in status["reason"], status

@@ -190,6 +190,9 @@ class WorkerPool:
         if idle is None:
             return "no warm workers to end"
         took = idle.group.shutdown()
+        said = getattr(idle.group, "ended_words", None)  # a SLURM step: its tasks live on the nodes
+        if said is not None:
+            return f"{said()} in {took:.1f} s"
         return f"ended {len(idle.group.pids)} warm workers (pids {', '.join(map(str, idle.group.pids))}) in {took:.1f} s"
 
     def describe(self) -> list[dict[str, Any]]:

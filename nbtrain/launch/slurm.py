@@ -133,6 +133,13 @@ class Guard:
         finally:
             os.close(read)
 
+    def serve(self, run: RunDirectory) -> None:
+        """Tell the guard the run the step serves now (marked stopped if the kernel dies during it)."""
+        try:
+            os.write(self._write, f"run {run.path}\n".encode())
+        except OSError:
+            pass
+
     def disarm(self) -> None:
         """End the guard without cancelling anything (the kernel ended the launch itself)."""
         if self._write < 0:
@@ -211,6 +218,7 @@ class SlurmGroup:
         import json
 
         self.run = run
+        self.guard.serve(run)
         self.reserve = reserve_space(run)
         self._reports = [[] for _ in range(self.world_size)]
         self.failure, self.failed_rank = None, None
@@ -320,6 +328,11 @@ class SlurmGroup:
         nodelist = next((line.split("|", 1)[1] for line in listed.splitlines() if line.startswith(f"{self.name}|")), "")
         nodes = expand_hostlist(nodelist) if nodelist.strip() else []
         return [nodes[rank // self.nproc] if rank // self.nproc < len(nodes) else "?" for rank in range(self.world_size)]
+
+    def ended_words(self) -> str:
+        """Return what `%bigtrain shutdown` ended, for the user."""
+        return (f"ended {self.world_size} warm SLURM tasks of job {self.allocation.job_id}"
+                + ("; nbtrain's allocation was released" if self.allocation.owned else ""))
 
     def describe_tasks(self, idle_s: float, keep_s: float, shape: Any) -> list[dict[str, Any]]:
         """Return one row per idle task for `%bigtrain workers`: rank, node, job, runs served, idle time left."""

@@ -5,7 +5,8 @@ end of a pipe whose only write end stays in the kernel. The kernel's death in an
 (kill -9 included) closes the pipe: the guard reads EOF and cancels what the launch owns:
 the job it requested (by its name, so that even a request still pending goes), or, inside
 the user's own allocation, only the job steps of that name. A kernel that ends the
-launch itself writes `exit` first, and the guard leaves without cancelling anything.
+launch itself writes `exit` first, and the guard leaves without cancelling anything; it
+writes `run PATH` for each run the step serves, which the guard marks stopped with the reason.
 
 Standard library only: it must start fast and hold nothing.
 """
@@ -39,10 +40,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--job")
     parser.add_argument("--owned", action="store_true")
     args = parser.parse_args(argv)
+    run: str | None = None
     for line in sys.stdin:  # blocks until the kernel says `exit` or dies (EOF)
         if line.strip() == "exit":
             return 0
+        if line.startswith("run "):
+            run = line[4:].strip()  # the run the step serves now
     cancel(args.name, args.job, args.owned)
+    if run:
+        from pathlib import Path
+
+        from nbtrain.rundir import RunDirectory
+
+        what = "nbtrain's SLURM allocation was cancelled" if args.owned else "the run's SLURM job step was cancelled"
+        RunDirectory(Path(run)).finish("stopped", f"the kernel died or restarted; {what}")
     return 0
 
 
