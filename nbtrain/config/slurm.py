@@ -25,6 +25,7 @@ import subprocess
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
+from nbtrain.config.tree import TrainConfig, flag_name
 from nbtrain.errors import ConfigError, Problem
 
 TIME_FORMATS = "M, M:S, H:M:S, D-H, D-H:M, D-H:M:S"
@@ -35,6 +36,8 @@ _TIME = re.compile(r"^(?:(\d+)-(\d+)(?::(\d+)(?::(\d+))?)?|(\d+)(?::(\d+)(?::(\d
 _SINFO_FORMAT = "%P|%a|%D|%l|%G"
 # Commands that read the cluster give up after this many seconds (a dead controller can hang).
 QUERY_TIMEOUT_S = 10.0
+# The TrainConfig fields that only --slurm reads (their flags: --nodes, ..., --time, ...).
+SLURM_FIELDS = ("nodes", "partition", "time_limit", "account", "gpus_per_node")
 _DEBIAN_PACKAGES = "slurm-client (srun, sinfo, salloc, scontrol, sacctmgr) and munge"
 
 
@@ -60,28 +63,23 @@ def parse_time(text: str) -> float:
     return math.inf if minutes == 0 else minutes  # `--time 0` asks for no limit
 
 
-def flag_problems(slurm: bool, values: Mapping[str, object]) -> list[Problem]:
-    """Return the pure problems of the SLURM flags: used without --slurm, or values out of rule.
-
-    `values` maps each SLURM flag (--nodes, --partition, --time, --account, --gpus-per-node)
-    to what the user gave, None when not given.
-    """
-    given = {flag: value for flag, value in values.items() if value is not None}
-    if not slurm:
+def flag_problems(cfg: TrainConfig) -> list[Problem]:
+    """Return the pure problems of the SLURM flags: used without --slurm, or values out of rule."""
+    given = {flag_name(f): getattr(cfg, f) for f in SLURM_FIELDS if getattr(cfg, f) is not None}
+    if not cfg.slurm:
         return [Problem(flag, value, "only with --slurm (it shapes the SLURM allocation)",
                         f"add --slurm to run on a SLURM allocation, or drop {flag}") for flag, value in given.items()]
     found: list[Problem] = []
-    nodes, gpus_per_node, time = given.get("--nodes"), given.get("--gpus-per-node"), given.get("--time")
-    if isinstance(nodes, int) and nodes < 1:
-        found.append(Problem("--nodes", nodes, "must be 1 or more", "give --nodes 1 or more"))
-    if isinstance(gpus_per_node, int) and gpus_per_node < 0:
-        found.append(Problem("--gpus-per-node", gpus_per_node, "must be 0 or more",
+    if cfg.nodes is not None and cfg.nodes < 1:
+        found.append(Problem("--nodes", cfg.nodes, "must be 1 or more", "give --nodes 1 or more"))
+    if cfg.gpus_per_node is not None and cfg.gpus_per_node < 0:
+        found.append(Problem("--gpus-per-node", cfg.gpus_per_node, "must be 0 or more",
                              "give --gpus-per-node 0 or more (0: no GPUs)"))
-    if time is not None:
+    if cfg.time_limit is not None:
         try:
-            parse_time(str(time))
+            parse_time(cfg.time_limit)
         except ValueError:
-            found.append(Problem("--time", time, f"not one of Slurm's time formats ({TIME_FORMATS}; "
+            found.append(Problem("--time", cfg.time_limit, f"not one of Slurm's time formats ({TIME_FORMATS}; "
                                  "M alone is minutes)", "e.g. --time 30 (minutes), --time 2:00:00, --time 1-12"))
     return found
 
@@ -235,61 +233,48 @@ def node_count(nodes: int | None, environ: Mapping[str, str]) -> int:
 
 # -- the checks ---------------------------------------------------------------------------
 
-@dataclass(frozen=True)
-class SlurmRequest:
-    """The SLURM flags of a run (TrainConfig's fields), as the checks read them."""
-
-    nodes: int | None = None
-    partition: str | None = None
-    time_limit: str | None = None
-    account: str | None = None
-    gpus_per_node: int | None = None
-
-
-def slurm_problems(config: object, environ: Mapping[str, str] | None = None) -> list[Problem]:
+def slurm_problems(config: TrainConfig, environ: Mapping[str, str] | None = None) -> list[Problem]:
     """Ask the cluster whether a `--slurm` run of `config` (a TrainConfig) can start as asked.
 
     Returns [] when `config.slurm` is false. Inside an allocation (SLURM_JOB_ID) the nodes are
     checked against it, --partition/--account must be its own and --time is refused (the
-    allocation's own limit applies); otherwise against the
-    partition nbtrain will request (--partition, else the cluster's default).
+    allocation's own limit applies); otherwise everything is checked against the partition
+    nbtrain will request (--partition, else the cluster's default).
     """
-    if not getattr(config, "slurm", False):
+    if not config.slurm:
         return []
     env = os.environ if environ is None else environ
-    request = SlurmRequest(*(getattr(config, f) for f in ("nodes", "partition", "time_limit", "account",
-                                                          "gpus_per_node")))
     try:
         _query(["srun", "--version"], env)  # the launcher's own program, before asking the controller
         found = partitions(env)
         inside = allocation(env)
         if inside is not None:
-            return _inside_allocation(request, found, inside, env)
-        return _for_a_request(request, found, env)
+            return _inside_allocation(config, found, inside, env)
+        return _for_a_request(config, found, env)
     except SlurmUnavailable as e:
         return [e.problem]
 
 
-def check_slurm(config: object, environ: Mapping[str, str] | None = None) -> None:
+def check_slurm(config: TrainConfig, environ: Mapping[str, str] | None = None) -> None:
     """Raise ConfigError with every slurm_problems; the launcher calls it before it starts anything."""
     problems = slurm_problems(config, environ)
     if problems:
         raise ConfigError(problems)
 
 
-def _for_a_request(request: SlurmRequest, found: list[Partition], env: Mapping[str, str]) -> list[Problem]:
-    partition, problems = _named_partition(request.partition, found)
-    problems += _account_problems(request.account, env)
+def _for_a_request(cfg: TrainConfig, found: list[Partition], env: Mapping[str, str]) -> list[Problem]:
+    partition, problems = _named_partition(cfg.partition, found)
+    problems += _account_problems(cfg.account, env)
     if partition is None:
         return problems
     if partition.state != "up":
         problems.append(Problem("--partition", partition.name, f"partition {partition.name} is {partition.state} "
                                 "(sinfo), so it starts no job and the allocation would wait",
                                 "choose a partition that is up (`sinfo`), or ask the cluster's admin"))
-    problems += _shape_problems(request, partition)
-    if request.time_limit is not None and parse_time(request.time_limit) > partition.max_minutes:
+    problems += _shape_problems(cfg, partition)
+    if cfg.time_limit is not None and parse_time(cfg.time_limit) > partition.max_minutes:
         most = format_minutes(partition.max_minutes)
-        problems.append(Problem("--time", request.time_limit,
+        problems.append(Problem("--time", cfg.time_limit,
                                 f"partition {partition.name} allows at most {most} (its MaxTime; sinfo shows "
                                 f"{partition.max_time})", f"give --time {most} or less, or a partition that "
                                 "allows longer"))
@@ -305,27 +290,27 @@ def format_minutes(minutes: float) -> str:
     return f"{days}-{hours:02d}:{mins:02d}:00" if days else f"{hours}:{mins:02d}:00"
 
 
-def _inside_allocation(request: SlurmRequest, found: list[Partition], inside: tuple[str, int],
+def _inside_allocation(cfg: TrainConfig, found: list[Partition], inside: tuple[str, int],
                        env: Mapping[str, str]) -> list[Problem]:
     job, count = inside
     problems: list[Problem] = []
-    own = {"--partition": (request.partition, env.get("SLURM_JOB_PARTITION")),
-           "--account": (request.account, env.get("SLURM_JOB_ACCOUNT"))}
+    own = {"--partition": (cfg.partition, env.get("SLURM_JOB_PARTITION")),
+           "--account": (cfg.account, env.get("SLURM_JOB_ACCOUNT"))}
     for flag, (asked, theirs) in own.items():
         if asked is not None and theirs and asked != theirs:
             problems.append(Problem(flag, asked, f"the kernel runs inside allocation {job}, whose {flag[2:]} is "
                                     f"{theirs}; the run uses that allocation", f"drop {flag} (or give {theirs}), "
                                     "or start the notebook outside an allocation so that nbtrain requests one"))
-    if request.time_limit is not None:  # the launcher runs its step in the allocation, under the allocation's limit
-        problems.append(Problem("--time", request.time_limit, f"the kernel runs inside allocation {job}, whose own "
+    if cfg.time_limit is not None:  # the launcher runs its step in the allocation, under the allocation's limit
+        problems.append(Problem("--time", cfg.time_limit, f"the kernel runs inside allocation {job}, whose own "
                                 "time limit applies; --time only shapes an allocation nbtrain requests",
                                 "drop --time, or start the notebook outside an allocation"))
-    if request.nodes is not None and request.nodes > count:
-        problems.append(Problem("--nodes", request.nodes, f"allocation {job} has {count} node(s)",
+    if cfg.nodes is not None and cfg.nodes > count:
+        problems.append(Problem("--nodes", cfg.nodes, f"allocation {job} has {count} node(s)",
                                 f"give --nodes {count} or fewer, or ask salloc/sbatch for more nodes"))
     partition = next((p for p in found if p.name == env.get("SLURM_JOB_PARTITION")), None)
-    if partition is not None and request.gpus_per_node:
-        problems += _gpu_problems(request.gpus_per_node, request.nodes or count, partition)
+    if partition is not None and cfg.gpus_per_node:
+        problems += _gpu_problems(cfg.gpus_per_node, cfg.nodes or count, partition)
     return problems
 
 
@@ -345,13 +330,13 @@ def _named_partition(name: str | None, found: list[Partition]) -> tuple[Partitio
     return match, []
 
 
-def _shape_problems(request: SlurmRequest, partition: Partition) -> list[Problem]:
-    nodes = request.nodes or 1
+def _shape_problems(cfg: TrainConfig, partition: Partition) -> list[Problem]:
+    nodes = cfg.nodes or 1
     if nodes > partition.nodes:
         return [Problem("--nodes", nodes, f"partition {partition.name} has {partition.nodes} node(s)",
                         f"give --nodes {partition.nodes} or fewer, or a larger partition")]
-    if request.gpus_per_node:
-        return _gpu_problems(request.gpus_per_node, nodes, partition)
+    if cfg.gpus_per_node:
+        return _gpu_problems(cfg.gpus_per_node, nodes, partition)
     return []
 
 

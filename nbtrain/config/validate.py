@@ -280,8 +280,7 @@ def _check_bookkeeping(cfg: TrainConfig) -> list[Problem]:
 
 def _check_slurm(cfg: TrainConfig) -> list[Problem]:
     """Refuse the SLURM flags (issue 17) without --slurm, outside Slurm's formats, or beside hosts."""
-    found = flag_problems(cfg.slurm, {"--nodes": cfg.nodes, "--partition": cfg.partition, "--time": cfg.time_limit,
-                                      "--account": cfg.account, "--gpus-per-node": cfg.gpus_per_node})
+    found = flag_problems(cfg)
     if cfg.slurm:
         found += check_host_flags(cfg.hostfile, cfg.hosts, cfg.multinode_launcher, slurm=True)
     return found
