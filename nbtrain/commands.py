@@ -147,7 +147,9 @@ def runs_table(root: Path, now: float | None = None) -> str:
         row = summary(run, cache)
         started = row["started"] or row["created"]
         duration = (row["ended"] or now) - started if started else None
-        rows.append((row["id"], row["name"] or "—", row["state"],
+        phase = row["phase"] or {}
+        state = f"{row['state']}: {phase['label']}" if phase.get("key") == "queue" else row["state"]  # SLURM's queue
+        rows.append((row["id"], row["name"] or "—", state,
                      f"{row['step']}/{row['total'] or '?'}", number(row["loss"]),
                      time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(started)) if started else "—",
                      clock(duration)))

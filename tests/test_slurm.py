@@ -17,9 +17,10 @@ from pathlib import Path
 
 import pytest
 
+from nbtrain.commands import runs_table
 from nbtrain.rundir import RunDirectory
 from nbtrain.rundir.progress import read_startup
-from tests.conftest import NOTEBOOK_SETUP, losses, status_of
+from tests.conftest import LOOP, NOTEBOOK_SETUP, losses, status_of
 from tests.kernel import Kernel
 from tests.slurm import SlurmCluster, slurm, slurm_shared  # noqa: F401 - fixtures
 
@@ -98,6 +99,7 @@ def test_nbtrain_requests_an_allocation_shows_it_pending_then_gives_it_back(
         slurm: SlurmCluster, outside: Kernel, tmp_path: Path) -> None:  # noqa: F811 - the fixture
     busy = slurm.salloc(2)  # every node taken: nbtrain's request waits for Resources
     seen: list[str] = []
+    tables: list[str] = []
 
     def free_the_nodes_once_pending() -> None:
         runs = tmp_path / "bigtrain-runs"
@@ -108,6 +110,7 @@ def test_nbtrain_requests_an_allocation_shows_it_pending_then_gives_it_back(
                 if startup is not None and startup.current.key == "queue":
                     seen.append(startup.current.label)
                     if "pending (Resources)" in startup.current.label:
+                        tables.append(runs_table(runs))  # what `%bigtrain runs` shows meanwhile
                         slurm.scancel(busy)
                         return
             time.sleep(0.2)
@@ -121,6 +124,7 @@ def test_nbtrain_requests_an_allocation_shows_it_pending_then_gives_it_back(
     status = status_of(run)
     assert status["state"] == "succeeded", out.text
     assert any("pending (Resources)" in label for label in seen), seen
+    assert "starting: waiting for SLURM's allocation: job" in tables[0] and "pending (Resources)" in tables[0]
     assert status["slurm"]["owned"] and status["slurm"]["granted"] >= status["slurm"]["requested"]
     assert nbtrain_jobs(slurm) == [], "nbtrain's allocation was left in the queue"
 
@@ -217,3 +221,25 @@ def test_the_kernels_death_cancels_nbtrains_allocation(slurm: SlurmCluster, outs
     assert_nothing_left(slurm, "the kernel's death")
     status = status_of(only(tmp_path, "orphan"))
     assert status["state"] == "stopped" and "the kernel died" in status["reason"], status
+
+
+def test_a_rank_raising_fails_the_run_with_its_traceback_and_ends_the_step(
+        slurm: SlurmCluster, outside: Kernel, tmp_path: Path) -> None:  # noqa: F811 - the fixture
+    cell = LOOP.format(misbehave="if bigtrain.rank == 1:\n            raise ValueError('bad batch on the second node')")
+    out = outside.execute(f"%%bigtrain --slurm --nodes 2 --nproc 1 --steps 40 --micro-batch 4 --no-plot --name bad\n"
+                          f"{cell}", allow_error=True, timeout=180)
+    assert out.error is not None, out.text
+    assert "rank 1 raised ValueError: bad batch on the second node (cell line 11)" in out.error.text
+    assert 'File "<bigtrain cell>", line 11' in out.error.text
+    status = status_of(only(tmp_path, "bad"))
+    assert (status["state"], status["failed_rank"]) == ("failed", 1)
+    assert_nothing_left(slurm, "a failing rank")
+
+
+def test_keep_warm_expiry_ends_the_tasks_and_releases_nbtrains_allocation(
+        slurm: SlurmCluster, outside: Kernel, tmp_path: Path) -> None:  # noqa: F811 - the fixture
+    outside.execute(f"%%bigtrain --slurm --nodes 2 --nproc 1 --steps 2 --micro-batch 4 --no-plot --keep-warm 3 "
+                    f"--name brief\n{FIT}", timeout=180)
+    assert status_of(only(tmp_path, "brief"))["state"] == "succeeded"
+    assert_nothing_left(slurm, "--keep-warm 3 ran out")
+    assert "no warm workers" in outside.execute("%bigtrain workers").text
