@@ -29,19 +29,37 @@ module adds, all under the cluster's own temp dir:
   "max_time": Slurm time or "INFINITE", "default": bool}}; None means
   {"debug": {"nodes": "all", "max_time": "INFINITE", "default": True}}.
 
-The cluster (`SlurmCluster`) gives `env` (os.environ without any outer SLURM_* variable, plus
-SLURM_CONF, the netns cluster's ssh set-up and GLOO_SOCKET_IFNAME=veth0, which srun hands to
-the tasks), `nodes`, `addresses` (node -> NodeAddr), `partition` (the default one),
-`partitions`, `netns`, `squeue()`, `salloc()`, `scancel()`, `node_state()`, `wait_for_state()`,
-`kill_slurmd()` (a node lost), `restart_slurmd()`, `run_on()` and `strays()`.
+The cluster (`SlurmCluster`) gives
+- `env`: os.environ without any outer SLURM_* variable, plus SLURM_CONF, the netns cluster's
+  ssh set-up and GLOO_SOCKET_IFNAME=veth0, which srun hands to the tasks (a process of the
+  root namespace that runs gloo itself must drop it: there is no veth0 there);
+- `nodes`, `addresses` (node -> NodeAddr), `hosts` (node -> netns alias), `partition` (the
+  default one), `partitions` (name -> nodes), `netns` (the tests/netns.py Cluster), `directory`
+  (slurm.conf and every daemon's log; `logs()` gives their tails);
+- `squeue()` -> [Job(job_id, name, state, reason, nodes)], the active jobs; `job(id)` -> the
+  `scontrol show job` fields (JobState=CANCELLED/NODE_FAIL/TIMEOUT ... for MinJobAge, 300 s);
+- `salloc(nodes, partition=, time_limit=, job_name=, exclusive=True, traps=True, extra=)` ->
+  Allocation(job_id, nodes, env): a job granted by `salloc --no-shell`, and the environment
+  salloc gives its shell (SLURM_JOB_ID, SLURM_JOB_NODELIST, SLURM_JOB_NUM_NODES, ... checked
+  against a real salloc by the tests), plus with `traps` what a kernel started by
+  `srun --pty` inside it also has: SLURM_CPU_BIND*=mask_cpu:0x1, SLURM_MEM_PER_CPU,
+  SLURM_NTASKS=SLURM_NPROCS=1. They are real traps: TaskPlugin=task/affinity binds, so a step
+  run with them is one task pinned to CPU 0;
+- `scancel(job)` (waits until it left the queue), `node_state(node)` (sinfo's idle, alloc,
+  down*, ...), `wait_for_state(node, states)`, `kill_slurmd(node)` (a node lost),
+  `restart_slurmd(node)`, `run(*argv)` (a client command with `env`), `run_on(node, argv)`
+  (straight into the namespace) and `strays()` (every process in the namespaces but sshd and
+  slurmd: slurmstepd and tasks included).
 
-Timeouts are short (SlurmdTimeout=5: a lost node is DOWN within ~10 s; KillWait=2).
+Timeouts are short (SlurmdTimeout=5: a lost node is DOWN* within ~15 s; KillWait=2).
+A cluster starts in about 1.3 s and is torn down in about 0.5 s here.
 
 Teardown cancels every job, waits for the steps to end, ends every daemon by the pid it
 started (slurmd, slurmctld, munged), removes the hosts block, the namespaces and the temp dir,
-and then fails if a job was left in the queue or a process in a namespace. It copes with
-slurmds a test killed. The fixtures: `slurm_shared` (module scope) and `slurm` (per test:
-the module's cluster, checked empty after each test).
+and then fails if a job was left in the queue or a process in a namespace. A slurmd that a
+test killed is started again first, so that Slurm cleans its node as when a node returns.
+The fixtures (registered by tests/conftest.py): `slurm_shared` (a module's cluster) and
+`slurm` (per test: that cluster, checked after the test, and left clean for the next one).
 """
 
 from __future__ import annotations
@@ -57,11 +75,12 @@ import subprocess
 import tempfile
 import time
 from collections.abc import Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import psutil
 import pytest
 
 from tests import netns
@@ -218,7 +237,8 @@ class SlurmCluster:
             time.sleep(0.2)
 
     def kill_slurmd(self, node: str) -> None:
-        """Lose a node: SIGKILL its slurmd (its job steps keep running, as on a crashed daemon)."""
+        """Lose a node: SIGKILL its slurmd. Its steps' tasks live on, as under a crashed daemon, until
+        `restart_slurmd` (Slurm then kills what belongs to no running job; the fixtures restart it)."""
         daemon = self.slurmd[node]
         daemon.kill()
         daemon.wait(timeout=10)
@@ -312,7 +332,7 @@ def _configure(hosts: netns.Cluster, directory: Path, tag: str, cpus: int, gpus:
         "TaskPlugin=task/affinity",  # real CPU binding: an inherited SLURM_CPU_BIND pins tasks, as on a cluster
         "SelectType=select/cons_tres", "SelectTypeParameters=CR_Core",
         "SlurmdParameters=config_overrides",  # the declared CPUs/GPUs hold on any machine
-        "ReturnToService=2", "MpiDefault=none",
+        "ReturnToService=2", "MpiDefault=none", "MailProg=/bin/true",
         "AccountingStorageType=accounting_storage/none", "JobAcctGatherType=jobacct_gather/none",
         # A lost node is noticed within seconds, a cancelled step is killed after 2 s.
         "SlurmdTimeout=5", "MessageTimeout=5", "KillWait=2", "InactiveLimit=0",
@@ -379,9 +399,8 @@ def _start_slurmd(sc: SlurmCluster, node: str) -> subprocess.Popen[bytes]:
 
 def _spawn(argv: list[str], log: Path, env: dict[str, str]) -> subprocess.Popen[bytes]:
     with open(log, "ab") as out:  # the child keeps its own copy
-        # Its own session: an interrupt of the test run reaches the teardown, not the daemons first.
-        return subprocess.Popen(argv, stdout=out, stderr=out, stdin=subprocess.DEVNULL, env=env,
-                                start_new_session=True)
+        # In the test run's process group: a signal that ends the run (Ctrl-C, `timeout`) ends them too.
+        return subprocess.Popen(argv, stdout=out, stderr=out, stdin=subprocess.DEVNULL, env=env)
 
 
 def _wait_for(ready: Any, daemon: subprocess.Popen[bytes], what: str, sc: SlurmCluster, timeout: float = 10) -> None:
@@ -444,6 +463,10 @@ def _cancel_everything(sc: SlurmCluster) -> list[str]:
         problems.append(f"jobs still queued {_SETTLE:g} s after scancel: {sc.squeue()}")
     if strays := sc.strays():
         problems.append(f"processes in the namespaces: {strays}")
+        for procs in strays.values():  # the next test of a shared cluster starts clean
+            for proc in procs:
+                with suppress(ProcessLookupError):
+                    os.kill(int(proc.split(" ", 1)[0]), signal.SIGKILL)
     return problems
 
 
@@ -506,7 +529,7 @@ def sweep_stale() -> None:
     netns.sweep_stale_namespaces()
     stale = [d for d in Path(tempfile.gettempdir()).glob(f"{_DIR_PREFIX}*-*-*")
              if d.is_dir() and not netns._alive(int(d.name[len(_DIR_PREFIX):].split("-")[0]))]
-    for pid in _pids_mentioning([str(d) for d in stale]):
+    for pid in _daemons_of([str(d) for d in stale]):
         try:
             os.kill(pid, signal.SIGKILL)
         except ProcessLookupError:
@@ -516,13 +539,17 @@ def sweep_stale() -> None:
     _edit_hosts(lambda text: _HOSTS_BLOCK.sub(lambda m: m.group(0) if netns._alive(int(m.group(1))) else "", text))
 
 
-def _pids_mentioning(paths: list[str]) -> list[int]:
+def _daemons_of(paths: list[str]) -> set[int]:
+    """Return the processes whose command line names one of `paths`, and their descendants
+    (slurmctld's slurmscriptd names no path)."""
+    found: set[int] = set()
     if not paths:
-        return []
-    found = []
-    for proc in Path("/proc").iterdir():
-        if proc.name.isdigit() and any(p in netns._command_line(int(proc.name)) for p in paths):
-            found.append(int(proc.name))
+        return found
+    for proc in psutil.process_iter(["cmdline"]):
+        if any(p in " ".join(proc.info["cmdline"] or ()) for p in paths):
+            found.add(proc.pid)
+            with suppress(psutil.Error):
+                found.update(child.pid for child in proc.children(recursive=True))
     return found
 
 

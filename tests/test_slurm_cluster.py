@@ -16,6 +16,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+import psutil
 import pytest
 
 from tests import netns
@@ -146,6 +147,7 @@ def test_teardown_ends_every_daemon_and_leaves_no_trace_even_after_a_lost_node()
     with slurm_cluster(2) as sc:
         daemons = [int((sc.directory / f).read_text()) for f in ("slurmctld.pid", "munged.pid")]
         daemons += [d.pid for d in sc.slurmd.values()]
+        daemons += [child.pid for child in psutil.Process(daemons[0]).children(recursive=True)]  # slurmscriptd
         namespaces, tag, directory = list(sc.netns.namespaces.values()), sc.tag, sc.directory
         alloc = sc.salloc(2)
         step = subprocess.Popen(["srun", "--jobid", alloc.job_id, "-N2", "sleep", "600"], env=sc.env,
@@ -177,8 +179,10 @@ def test_what_a_killed_test_run_left_is_swept_by_the_next(tmp_path: Path) -> Non
     os.kill(run.pid, signal.SIGKILL)  # no teardown at all
     run.wait()
     assert netns._alive(controller) and f"{run.pid}-0" in hosts_blocks()
+    helpers = [child.pid for child in psutil.Process(controller).children(recursive=True)]  # slurmscriptd
+    assert helpers, "slurmctld runs without its slurmscriptd"
     sweep_stale()
-    wait_until(lambda: not netns._alive(controller))
+    wait_until(lambda: not any(netns._alive(pid) for pid in [controller, *helpers]))
     assert f"{run.pid}-0" not in hosts_blocks() and not directory.exists()
     stale = [n for n in subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout.split()
              if n.startswith(f"{netns.NAMESPACE_PREFIX}-{run.pid}-")]
