@@ -18,15 +18,46 @@ from pathlib import Path
 import pytest
 
 from nbtrain.commands import runs_table
+from nbtrain.launch.slurm import step_environment
+from nbtrain.launch.slurm_protocol import expand_hostlist
 from nbtrain.rundir import RunDirectory
 from nbtrain.rundir.progress import read_startup
+from nbtrain.worker.slurm import rank_variables
 from tests.conftest import LOOP, NOTEBOOK_SETUP, losses, status_of
 from tests.kernel import Kernel
 from tests.slurm import SlurmCluster, slurm, slurm_shared  # noqa: F401 - fixtures
 
-pytestmark = pytest.mark.integration
+integration = pytest.mark.integration  # the real cluster's tests; the unit tests below run everywhere
 
 FIT = "bigtrain.fit(make_model(), ToyData(), loss_fn=loss_fn)"
+
+
+def test_hostlists_expand_as_slurm_writes_them() -> None:
+    assert expand_hostlist("node[1-2,5]") == ["node1", "node2", "node5"]
+    assert expand_hostlist("a[01-03]b,login") == ["a01b", "a02b", "a03b", "login"]
+    assert expand_hostlist("r[1-2]n[8-9]") == ["r1n8", "r1n9", "r2n8", "r2n9"]
+
+
+def test_a_task_gets_torchs_variables_from_slurms(monkeypatch: pytest.MonkeyPatch) -> None:
+    task = {"SLURM_PROCID": "3", "SLURM_NTASKS": "4", "SLURM_LOCALID": "1", "SLURM_NODEID": "1",
+            "SLURM_JOB_NODELIST": "login,localhost", "SLURM_STEP_NODELIST": "localhost,login",
+            "SLURM_STEP_TASKS_PER_NODE": "2(x2)", "MASTER_PORT": "29555"}
+    assert rank_variables(task) == {"RANK": "3", "WORLD_SIZE": "4", "LOCAL_RANK": "1", "GROUP_RANK": "1",
+                                    "LOCAL_WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29555"}
+
+
+def test_the_step_leaves_the_outer_allocations_traps_behind_and_keeps_slurm_conf(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    # What a kernel in `srun --pty` or salloc has: binding to CPU 0 (3x slower workers), one task.
+    traps = {"SLURM_CPU_BIND": "quiet,mask_cpu:0x1", "SLURM_CPU_BIND_TYPE": "mask_cpu:", "SLURM_MEM_PER_CPU": "100",
+             "SLURM_NTASKS": "1", "SLURM_NPROCS": "1", "SLURM_TASKS_PER_NODE": "1", "SLURM_CPUS_PER_TASK": "1",
+             "SLURM_DISTRIBUTION": "cyclic", "SLURM_STEP_ID": "0", "SLURM_PROCID": "0", "RANK": "5"}
+    for key, value in {**traps, "SLURM_CONF": "/etc/slurm/x.conf", "SLURM_JOB_ID": "7"}.items():
+        monkeypatch.setenv(key, value)
+    env = step_environment(nproc=2, port=29555, hang_timeout_s=30, threads=1)
+    assert not set(traps) & set(env), sorted(set(traps) & set(env))
+    assert env["SLURM_CONF"] == "/etc/slurm/x.conf" and env["SLURM_JOB_ID"] == "7"
+    assert env["MASTER_PORT"] == "29555" and env["NBTRAIN_SLURM"] == "1"
 
 
 def start_kernel(cwd: Path, env: dict[str, str]) -> Kernel:
@@ -64,6 +95,7 @@ def wait_until(condition: object, timeout: float, what: str) -> None:
         time.sleep(0.2)
 
 
+@integration
 def test_inside_an_allocation_2x1_and_2x2_under_zero3_reach_the_single_host_losses(
         slurm: SlurmCluster, tmp_path: Path) -> None:  # noqa: F811 - the fixture
     alloc = slurm.salloc(2)  # whole nodes, and the outer allocation's traps in the kernel's environment
@@ -95,6 +127,7 @@ def test_inside_an_allocation_2x1_and_2x2_under_zero3_reach_the_single_host_loss
     assert [j.job_id for j in queue] == [alloc.job_id], "the runs left a job in the queue"
 
 
+@integration
 def test_nbtrain_requests_an_allocation_shows_it_pending_then_gives_it_back(
         slurm: SlurmCluster, outside: Kernel, tmp_path: Path) -> None:  # noqa: F811 - the fixture
     busy = slurm.salloc(2)  # every node taken: nbtrain's request waits for Resources
@@ -129,6 +162,7 @@ def test_nbtrain_requests_an_allocation_shows_it_pending_then_gives_it_back(
     assert nbtrain_jobs(slurm) == [], "nbtrain's allocation was left in the queue"
 
 
+@integration
 def test_a_rerun_starts_in_the_warm_tasks_on_nbtrains_allocation_until_shutdown(
         slurm: SlurmCluster, outside: Kernel, tmp_path: Path) -> None:  # noqa: F811 - the fixture
     cell = f"%%bigtrain --slurm --nodes 2 --nproc 1 --steps 3 --micro-batch 4 --no-plot --name {{name}}\n{FIT}"
@@ -159,6 +193,7 @@ def assert_nothing_left(sc: SlurmCluster, what: str) -> None:
     wait_until(lambda: sc.strays() == {}, 30, f"every task gone from the nodes after {what} ({sc.strays()})")
 
 
+@integration
 def test_scancel_from_outside_stops_the_run_with_slurms_word(
         slurm: SlurmCluster, outside: Kernel, tmp_path: Path) -> None:  # noqa: F811 - the fixture
     start_in_the_background(outside, "cancelled")
@@ -172,6 +207,7 @@ def test_scancel_from_outside_stops_the_run_with_slurms_word(
     print(f"\nscancel from outside -> the user saw: {status['reason']}")
 
 
+@integration
 def test_a_lost_node_fails_the_run_with_node_fail(
         slurm: SlurmCluster, outside: Kernel, tmp_path: Path) -> None:  # noqa: F811 - the fixture
     start_in_the_background(outside, "lost")
@@ -187,6 +223,7 @@ def test_a_lost_node_fails_the_run_with_node_fail(
     wait_until(lambda: slurm.strays() == {}, 60, f"every task gone from the nodes ({slurm.strays()})")
 
 
+@integration
 def test_interrupting_the_cell_ends_every_task_and_gives_the_allocation_back(
         slurm: SlurmCluster, outside: Kernel, tmp_path: Path) -> None:  # noqa: F811 - the fixture
     outside.execute(f"%%bigtrain --slurm --nodes 2 --nproc 1 --steps 100000 --micro-batch 4 --no-plot "
@@ -196,6 +233,7 @@ def test_interrupting_the_cell_ends_every_task_and_gives_the_allocation_back(
     assert_nothing_left(slurm, "an interrupt")
 
 
+@integration
 def test_stop_from_jupyterlab_ends_every_task(slurm: SlurmCluster, outside: Kernel,  # noqa: F811 - the fixture
                                               tmp_path: Path) -> None:
     import asyncio
@@ -214,6 +252,7 @@ def test_stop_from_jupyterlab_ends_every_task(slurm: SlurmCluster, outside: Kern
     assert_nothing_left(slurm, "Stop")
 
 
+@integration
 def test_the_kernels_death_cancels_nbtrains_allocation(slurm: SlurmCluster, outside: Kernel,  # noqa: F811
                                                        tmp_path: Path) -> None:
     start_in_the_background(outside, "orphan")
@@ -223,6 +262,7 @@ def test_the_kernels_death_cancels_nbtrains_allocation(slurm: SlurmCluster, outs
     assert status["state"] == "stopped" and "the kernel died" in status["reason"], status
 
 
+@integration
 def test_a_rank_raising_fails_the_run_with_its_traceback_and_ends_the_step(
         slurm: SlurmCluster, outside: Kernel, tmp_path: Path) -> None:  # noqa: F811 - the fixture
     cell = LOOP.format(misbehave="if bigtrain.rank == 1:\n            raise ValueError('bad batch on the second node')")
@@ -236,6 +276,7 @@ def test_a_rank_raising_fails_the_run_with_its_traceback_and_ends_the_step(
     assert_nothing_left(slurm, "a failing rank")
 
 
+@integration
 def test_keep_warm_expiry_ends_the_tasks_and_releases_nbtrains_allocation(
         slurm: SlurmCluster, outside: Kernel, tmp_path: Path) -> None:  # noqa: F811 - the fixture
     outside.execute(f"%%bigtrain --slurm --nodes 2 --nproc 1 --steps 2 --micro-batch 4 --no-plot --keep-warm 3 "
