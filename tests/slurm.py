@@ -191,7 +191,12 @@ class SlurmCluster:
         argv += ["-p", partition] if partition else []
         argv += ["-t", time_limit] if time_limit else []
         argv += ["--exclusive"] if exclusive else []
-        done = self.run(*argv, *extra, timeout=timeout)
+        try:
+            done = self.run(*argv, *extra, timeout=timeout)
+        except subprocess.TimeoutExpired:  # a killed salloc leaves its pending job: cancel it
+            queued = self.squeue()
+            self.run("scancel", "--name", job_name, check=False)
+            raise RuntimeError(f"`{' '.join(argv)}` was not granted within {timeout:g} s: {queued}") from None
         granted = re.search(r"Granted job allocation (\d+)", done.stderr)
         if granted is None:
             raise RuntimeError(f"`{' '.join(argv)}` granted nothing: {done.stderr.strip()}")

@@ -93,6 +93,15 @@ def test_salloc_grants_an_allocation_with_salloc_s_environment_and_scancel_ends_
         assert real_env.get(key) == mine, key
 
 
+def test_an_allocation_not_granted_in_time_is_named_and_cancelled(slurm: SlurmCluster) -> None:
+    sc = slurm
+    held = sc.salloc(2, job_name="held")
+    with pytest.raises(RuntimeError, match=r"not granted within 3 s: .*name='waiting', state='PENDING'"):
+        sc.salloc(2, job_name="waiting", timeout=3)
+    wait_for_queue(sc, [(held.job_id, "RUNNING", "None")])  # the waiting one is gone
+    sc.scancel(held)
+
+
 def test_the_allocation_s_traps_really_distort_a_step_run_with_them(slurm: SlurmCluster) -> None:
     # What the launch must strip: with them a step is one task pinned to CPU 0.
     sc = slurm
