@@ -199,7 +199,7 @@ PARTITIONS = {"debug": {"nodes": "all", "max_time": "INFINITE", "default": True}
 
 
 @pytest.fixture(scope="module")
-def cluster() -> Iterator[SlurmCluster]:
+def partitioned() -> Iterator[SlurmCluster]:
     with slurm_cluster(2, gpus=2, partitions=PARTITIONS) as sc:
         yield sc
 
@@ -209,92 +209,92 @@ def _asked(sc: SlurmCluster, line: str, env: dict[str, str] | None = None) -> li
 
 
 @pytest.mark.integration
-def test_what_the_cluster_can_run_passes(cluster: SlurmCluster) -> None:
+def test_what_the_cluster_can_run_passes(partitioned: SlurmCluster) -> None:
     for line in ("--slurm", "--slurm --nodes 2 --partition day --time 1-00:00:00", "--slurm --partition short "
                  "--time 10 --nodes 1", "--slurm --time 5-0", "--slurm --gpus-per-node 2 --nodes 2",
                  "--slurm --account anyone"):  # no accounting here: Slurm takes any account, so do we
-        assert _asked(cluster, line) == [], line
-    assert partition_info("short", cluster.env) == Partition("short", False, "up", 1, "10:00", (("gpu:2", 1),))
-    assert partition_info(None, cluster.env).name == "debug"  # type: ignore[union-attr]
-    check_slurm(parse_line("--slurm --nodes 2"), cluster.env)
+        assert _asked(partitioned, line) == [], line
+    assert partition_info("short", partitioned.env) == Partition("short", False, "up", 1, "10:00", (("gpu:2", 1),))
+    assert partition_info(None, partitioned.env).name == "debug"  # type: ignore[union-attr]
+    check_slurm(parse_line("--slurm --nodes 2"), partitioned.env)
 
 
 @pytest.mark.integration
-def test_an_unknown_partition_lists_the_partitions_and_the_default(cluster: SlurmCluster) -> None:
-    ((where, value, text),) = _asked(cluster, "--slurm --partition gpu --nodes 2")
+def test_an_unknown_partition_lists_the_partitions_and_the_default(partitioned: SlurmCluster) -> None:
+    ((where, value, text),) = _asked(partitioned, "--slurm --partition gpu --nodes 2")
     assert (where, value) == ("--partition", "gpu")
     assert "no such partition (partitions: debug, short, day; the default is debug)" in text
 
 
 @pytest.mark.integration
-def test_more_nodes_than_the_partition_has_are_refused(cluster: SlurmCluster) -> None:
-    assert _asked(cluster, "--slurm --partition short --nodes 2") == [
+def test_more_nodes_than_the_partition_has_are_refused(partitioned: SlurmCluster) -> None:
+    assert _asked(partitioned, "--slurm --partition short --nodes 2") == [
         ("--nodes", 2, "--nodes = 2: partition short has 1 node(s). Fix: give --nodes 1 or fewer, or a larger partition")]
-    ((where, _, text),) = _asked(cluster, "--slurm --nodes 3")  # the default partition
+    ((where, _, text),) = _asked(partitioned, "--slurm --nodes 3")  # the default partition
     assert where == "--nodes" and "partition debug has 2 node(s)" in text
 
 
 @pytest.mark.integration
-def test_a_time_over_the_partitions_maxtime_is_refused(cluster: SlurmCluster) -> None:
-    ((where, value, text),) = _asked(cluster, "--slurm --partition short --time 20")
+def test_a_time_over_the_partitions_maxtime_is_refused(partitioned: SlurmCluster) -> None:
+    ((where, value, text),) = _asked(partitioned, "--slurm --partition short --time 20")
     assert (where, value) == ("--time", "20")
     assert "partition short allows at most 0:10:00 (its MaxTime; sinfo shows 10:00)" in text
     assert "give --time 0:10:00 or less" in text
-    ((_, _, text),) = _asked(cluster, "--slurm --partition day --time 2-0")
+    ((_, _, text),) = _asked(partitioned, "--slurm --partition day --time 2-0")
     assert "at most 1-12:00:00" in text
-    ((_, _, text),) = _asked(cluster, "--slurm --partition day --time UNLIMITED")
+    ((_, _, text),) = _asked(partitioned, "--slurm --partition day --time UNLIMITED")
     assert "at most 1-12:00:00" in text
 
 
 @pytest.mark.integration
-def test_a_partition_that_is_down_is_refused(cluster: SlurmCluster) -> None:
-    cluster.run("scontrol", "update", "PartitionName=short", "State=DOWN")
+def test_a_partition_that_is_down_is_refused(partitioned: SlurmCluster) -> None:
+    partitioned.run("scontrol", "update", "PartitionName=short", "State=DOWN")
     try:
-        assert partition_info("short", cluster.env).state == "down"  # type: ignore[union-attr]
-        ((where, value, text),) = _asked(cluster, "--slurm --partition short")
+        assert partition_info("short", partitioned.env).state == "down"  # type: ignore[union-attr]
+        ((where, value, text),) = _asked(partitioned, "--slurm --partition short")
         assert (where, value) == ("--partition", "short") and "partition short is down (sinfo)" in text
     finally:
-        cluster.run("scontrol", "update", "PartitionName=short", "State=UP")
-    assert _asked(cluster, "--slurm --partition short") == []
+        partitioned.run("scontrol", "update", "PartitionName=short", "State=UP")
+    assert _asked(partitioned, "--slurm --partition short") == []
 
 
 @pytest.mark.integration
-def test_gpus_per_node_the_nodes_do_not_have_are_refused_naming_what_they_have(cluster: SlurmCluster) -> None:
-    ((where, value, text),) = _asked(cluster, "--slurm --gpus-per-node 3 --partition short")
+def test_gpus_per_node_the_nodes_do_not_have_are_refused_naming_what_they_have(partitioned: SlurmCluster) -> None:
+    ((where, value, text),) = _asked(partitioned, "--slurm --gpus-per-node 3 --partition short")
     assert (where, value) == ("--gpus-per-node", 3)
     assert "the nodes of partition short have 1 with gpu:2: 0 of them have 3 or more, 1 asked for" in text
     assert "give --gpus-per-node 2 or fewer" in text
     # Slurm itself refuses the same request.
-    refused = cluster.run("srun", "-p", "short", "--gpus-per-node=3", "true", check=False)
+    refused = partitioned.run("srun", "-p", "short", "--gpus-per-node=3", "true", check=False)
     assert refused.returncode != 0, refused
 
 
 @pytest.mark.integration
-def test_a_controller_that_does_not_answer_names_slurm_conf(cluster: SlurmCluster, tmp_path: Path) -> None:
+def test_a_controller_that_does_not_answer_names_slurm_conf(partitioned: SlurmCluster, tmp_path: Path) -> None:
     # The cluster's own slurm.conf with the controller's port changed to one where nothing listens.
     dead = tmp_path / "slurm.conf"
-    dead.write_text(re.sub(r"(?m)^SlurmctldPort=\d+", "SlurmctldPort=1", cluster.conf.read_text()))
-    ((where, _, text),) = _asked(cluster, "--slurm", {**cluster.env, "SLURM_CONF": str(dead)})
+    dead.write_text(re.sub(r"(?m)^SlurmctldPort=\d+", "SlurmctldPort=1", partitioned.conf.read_text()))
+    ((where, _, text),) = _asked(partitioned, "--slurm", {**partitioned.env, "SLURM_CONF": str(dead)})
     assert where == "--slurm"
     assert "the SLURM controller does not answer" in text and SINFO_NO_CONTROLLER.strip() in text
     assert f"SLURM_CONF={dead}" in text and "scontrol ping" in text
     with pytest.raises(ConfigError, match="does not answer"):
-        check_slurm(parse_line("--slurm"), {**cluster.env, "SLURM_CONF": str(dead)})
+        check_slurm(parse_line("--slurm"), {**partitioned.env, "SLURM_CONF": str(dead)})
 
 
 @pytest.mark.integration
-def test_inside_an_allocation_its_nodes_and_partition_count(cluster: SlurmCluster) -> None:
-    allocation = cluster.salloc(1, partition="short", traps=False)
+def test_inside_an_allocation_its_nodes_and_partition_count(partitioned: SlurmCluster) -> None:
+    allocation = partitioned.salloc(1, partition="short", traps=False)
     try:
         env = allocation.env
-        assert _asked(cluster, "--slurm", env) == [] and _asked(cluster, "--slurm --nodes 1", env) == []
-        ((where, value, text),) = _asked(cluster, "--slurm --nodes 2", env)
+        assert _asked(partitioned, "--slurm", env) == [] and _asked(partitioned, "--slurm --nodes 1", env) == []
+        ((where, value, text),) = _asked(partitioned, "--slurm --nodes 2", env)
         assert (where, value) == ("--nodes", 2) and f"allocation {allocation.job_id} has 1 node(s)" in text
-        ((where, value, text),) = _asked(cluster, "--slurm --partition day", env)
+        ((where, value, text),) = _asked(partitioned, "--slurm --partition day", env)
         assert (where, value) == ("--partition", "day") and "whose partition is short" in text
-        ((where, value, text),) = _asked(cluster, "--slurm --time 5", env)
+        ((where, value, text),) = _asked(partitioned, "--slurm --time 5", env)
         assert (where, value) == ("--time", "5") and "whose own time limit applies" in text
-        ((where, _, text),) = _asked(cluster, "--slurm --gpus-per-node 3", env)
+        ((where, _, text),) = _asked(partitioned, "--slurm --gpus-per-node 3", env)
         assert where == "--gpus-per-node" and "partition short have 1 with gpu:2" in text
     finally:
-        cluster.scancel(allocation)
+        partitioned.scancel(allocation)
