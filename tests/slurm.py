@@ -569,7 +569,24 @@ def slurm_shared() -> Iterator[SlurmCluster]:
 
 @pytest.fixture
 def slurm(slurm_shared: SlurmCluster) -> Iterator[SlurmCluster]:
-    """The module's cluster, checked after the test: no job queued, no process in a namespace."""
+    """The module's cluster, checked after the test: no job queued, no process in a namespace,
+    every node idle and every partition up (what is not is put back for the next test)."""
     yield slurm_shared
     problems = _cancel_everything(slurm_shared)
+    problems += _put_back(slurm_shared)
     assert not problems, "the test left " + "; ".join(problems)
+
+
+def _put_back(sc: SlurmCluster) -> list[str]:
+    """Resume nodes a test left down or drained and bring its partitions up; return what was changed."""
+    problems = []
+    for part in sc.partitions:
+        if (state := sc.run("sinfo", "-h", "-p", part, "-o", "%a").stdout.split()) != ["up"]:
+            problems.append(f"partition {part} {state}")
+            sc.run("scontrol", "update", f"PartitionName={part}", "State=UP")
+    for node in sc.nodes:
+        if (node_state := sc.node_state(node)) != "idle":
+            problems.append(f"node {node} {node_state}")
+            sc.run("scontrol", "update", f"NodeName={node}", "State=RESUME", check=False)
+            sc.wait_for_state(node, ("idle",))
+    return problems

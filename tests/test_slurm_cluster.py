@@ -20,7 +20,7 @@ import psutil
 import pytest
 
 from tests import netns
-from tests.slurm import SlurmCluster, hosts_blocks, slurm_cluster, sweep_stale
+from tests.slurm import SlurmCluster, _put_back, hosts_blocks, slurm_cluster, sweep_stale
 
 pytestmark = pytest.mark.integration
 
@@ -124,6 +124,15 @@ def test_a_killed_slurmd_makes_its_node_down_and_a_restart_brings_it_back(slurm:
     assert sc.node_state(sc.nodes[0]) == "idle"
     sc.restart_slurmd(lost)
     assert sc.node_state(lost) == "idle"
+
+
+def test_what_a_test_left_down_or_drained_is_named_and_put_back_for_the_next(slurm: SlurmCluster) -> None:
+    sc = slurm
+    sc.run("scontrol", "update", f"NodeName={sc.nodes[0]}", "State=DRAIN", "Reason=test")
+    sc.run("scontrol", "update", f"PartitionName={sc.partition}", "State=DOWN")
+    problems = _put_back(sc)
+    assert problems == [f"partition {sc.partition} ['down']", f"node {sc.nodes[0]} drain"], problems
+    assert _put_back(sc) == [] and srun(sc, "-N2", "true").returncode == 0
 
 
 def test_gpus_and_partitions_are_declared_and_enforced() -> None:
