@@ -284,3 +284,39 @@ def test_keep_warm_expiry_ends_the_tasks_and_releases_nbtrains_allocation(
     assert status_of(only(tmp_path, "brief"))["state"] == "succeeded"
     assert_nothing_left(slurm, "--keep-warm 3 ran out")
     assert "no warm workers" in outside.execute("%bigtrain workers").text
+
+
+@integration
+def test_a_run_directory_the_nodes_do_not_share_is_refused_naming_run_dir(
+        slurm: SlurmCluster, outside: Kernel, tmp_path: Path) -> None:  # noqa: F811 - the fixture
+    import subprocess
+
+    runs = tmp_path / "bigtrain-runs"
+    runs.mkdir()
+    # An empty tmpfs over the runs folder in one node's mount namespace (its slurmd's, which
+    # its tasks inherit): that node no longer sees what the head writes there.
+    slurmd = str(slurm.slurmd[slurm.nodes[1]].pid)
+    subprocess.run(["nsenter", "-t", slurmd, "-m", "mount", "-t", "tmpfs", "none", str(runs)], check=True)
+    try:
+        out = outside.execute(f"%%bigtrain --slurm --nodes 2 --nproc 1 --steps 2 --no-plot --name unshared\n{FIT}",
+                              allow_error=True, timeout=120)
+    finally:
+        subprocess.run(["nsenter", "-t", slurmd, "-m", "umount", str(runs)], check=True)
+    assert out.error is not None and "--run-dir" in out.error.text, out.text
+    assert "not on a filesystem that SLURM's nodes share" in out.error.text and slurm.nodes[1] in out.error.text
+    assert slurm.nodes[0] not in out.error.text.split("share:")[1].split("cannot")[0], out.error.text
+    assert status_of(only(tmp_path, "unshared"))["state"] == "failed"
+    print(f"\nthe user saw: {out.error.text}")
+    assert_nothing_left(slurm, "the refusal")
+
+
+@integration
+def test_the_allocations_time_limit_fails_the_run_with_timeout(
+        slurm: SlurmCluster, outside: Kernel, tmp_path: Path) -> None:  # noqa: F811 - the fixture
+    start_in_the_background(outside, "late", extra="--time 1")  # one minute
+    out = outside.execute("handle.wait()", allow_error=True, timeout=240)
+    status = status_of(only(tmp_path, "late"))
+    assert status["state"] == "failed" and "TIMEOUT" in status["reason"], status
+    assert out.error is not None and "time limit" in out.error.text, out.text
+    assert_nothing_left(slurm, "the time limit")
+    print(f"\n--time 1 ran out -> the user saw: {status['reason']}")
