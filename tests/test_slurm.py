@@ -320,3 +320,35 @@ def test_the_allocations_time_limit_fails_the_run_with_timeout(
     assert out.error is not None and "time limit" in out.error.text, out.text
     assert_nothing_left(slurm, "the time limit")
     print(f"\n--time 1 ran out -> the user saw: {status['reason']}")
+
+
+@integration
+def test_interrupting_a_request_still_pending_takes_it_out_of_the_queue(
+        slurm: SlurmCluster, outside: Kernel, tmp_path: Path) -> None:  # noqa: F811 - the fixture
+    busy = slurm.salloc(2)
+    try:
+        outside.execute(f"%%bigtrain --slurm --nodes 2 --nproc 1 --steps 2 --no-plot --name waiting\n{FIT}",
+                        interrupt_after=8, allow_error=True, timeout=60)
+        status = status_of(only(tmp_path, "waiting"))
+        assert status["state"] == "stopped" and "before the workers started" in status["reason"], status
+        assert status["slurm"]["state"] == "PENDING", status
+        assert nbtrain_jobs(slurm) == [], "the pending request was left in the queue"
+    finally:
+        slurm.scancel(busy)
+
+
+@integration
+def test_inside_the_users_allocation_the_kernels_death_ends_the_step_but_keeps_the_allocation(
+        slurm: SlurmCluster, tmp_path: Path) -> None:  # noqa: F811 - the fixture
+    alloc = slurm.salloc(2)
+    kernel = start_kernel(tmp_path, alloc.env)
+    try:
+        start_in_the_background(kernel, "theirs")
+        kernel.kill()
+        wait_until(lambda: slurm.strays() == {}, 30, f"every task gone from the nodes ({slurm.strays()})")
+        assert [(j.job_id, j.state) for j in slurm.squeue()] == [(alloc.job_id, "RUNNING")]
+        status = status_of(only(tmp_path, "theirs"))
+        assert status["state"] == "stopped" and "job step was cancelled" in status["reason"], status
+    finally:
+        kernel.shutdown()
+        slurm.scancel(alloc)
