@@ -74,7 +74,7 @@ import socket
 import subprocess
 import tempfile
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -92,7 +92,8 @@ _DIR_PREFIX = "nbtrain-slurm-"  # temp dirs: nbtrain-slurm-<pid>-<serial>-XXXX
 _HOSTS_MARK = "# nbtrain-test-slurm"  # "# nbtrain-test-slurm <pid>-<serial> begin" ... "end"
 _HOSTS_BLOCK = re.compile(rf"^{_HOSTS_MARK} (\d+)-(\d+) begin\n.*?^{_HOSTS_MARK} \1-\2 end\n", re.M | re.S)
 _HOSTS_LOCK = Path(tempfile.gettempdir()) / "nbtrain-slurm-hosts.lock"
-_SETTLE = 30.0  # seconds for the nodes to come up, the jobs to end, the steps to leave
+_SETTLE = 30.0  # seconds for the nodes to come up or the jobs to end (a lost node's: SlurmdTimeout and more)
+_STEPS_GONE = 10.0  # seconds for the processes to leave the nodes once no job is left
 _serial = itertools.count()
 DEFAULT_PARTITIONS: dict[str, dict[str, Any]] = {"debug": {"nodes": "all", "max_time": "INFINITE", "default": True}}
 
@@ -359,6 +360,7 @@ def _configure(hosts: netns.Cluster, directory: Path, tag: str, cpus: int, gpus:
     conf = directory / "slurm.conf"
     conf.write_text("\n".join(lines) + "\n")
     # The v1 cgroup plugin with nothing constrained: slurmd refuses to start without a cgroup.conf.
+    # It needs no hierarchy: `ip netns exec` gives slurmd a fresh /sys with no cgroup mounted.
     (directory / "cgroup.conf").write_text("CgroupPlugin=cgroup/v1\nConstrainCores=no\nConstrainRAMSpace=no\n"
                                            "ConstrainDevices=no\n")
     env = {k: v for k, v in hosts.env.items() if not k.startswith("SLURM_")}
@@ -461,18 +463,27 @@ def _cancel_everything(sc: SlurmCluster) -> list[str]:
         problems.append(f"jobs in the queue: {left}")
     if jobs:
         sc.run("scancel", *(j.job_id for j in jobs), check=False)
-    end = time.monotonic() + _SETTLE
-    while (sc.squeue() or sc.strays()) and time.monotonic() < end:
-        time.sleep(0.2)
-    if sc.squeue():
+    if not _wait_while(sc.squeue, _SETTLE):
         problems.append(f"jobs still queued {_SETTLE:g} s after scancel: {sc.squeue()}")
-    if strays := sc.strays():
+    # With no job left, a step's slurmstepd is gone within a second or two (KillWait=2).
+    if not _wait_while(sc.strays, _STEPS_GONE):
+        strays = sc.strays()
         problems.append(f"processes in the namespaces: {strays}")
         for procs in strays.values():  # the next test of a shared cluster starts clean
             for proc in procs:
                 with suppress(ProcessLookupError):
                     os.kill(int(proc.split(" ", 1)[0]), signal.SIGKILL)
     return problems
+
+
+def _wait_while(found: Callable[[], object], timeout: float) -> bool:
+    """Poll `found` until it returns nothing; return False if it still does after `timeout` seconds."""
+    end = time.monotonic() + timeout
+    while found():
+        if time.monotonic() > end:
+            return False
+        time.sleep(0.2)
+    return True
 
 
 def _end(daemon: subprocess.Popen[bytes], grace: float = 5.0) -> None:

@@ -187,6 +187,15 @@ def test_teardown_fails_a_test_that_left_a_job_and_still_cleans_up() -> None:
     assert not directory.exists() and tag not in hosts_blocks()
 
 
+def test_teardown_fails_a_test_that_left_a_process_on_a_node_and_still_ends_it() -> None:
+    with pytest.raises(AssertionError, match=r"processes in the namespaces: .*'node0': \['\d+ sleep 600'\]"):
+        with slurm_cluster(1) as sc:
+            left = subprocess.Popen(sc.run_on(sc.nodes[0], ["sleep", "600"]))
+            namespace = sc.netns.namespaces["node0"]
+    assert left.wait(timeout=10) == -signal.SIGKILL
+    assert namespace not in subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
+
+
 def test_what_a_killed_test_run_left_is_swept_by_the_next(tmp_path: Path) -> None:
     script = ("from tests.slurm import slurm_cluster\nimport time\n"
               "with slurm_cluster(1) as sc:\n    print(sc.directory, flush=True)\n    time.sleep(600)\n")
