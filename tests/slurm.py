@@ -315,6 +315,9 @@ def _configure(hosts: netns.Cluster, directory: Path, tag: str, cpus: int, gpus:
     node_of = {alias: f"nbt{pid}-{serial}-{alias}" for alias in hosts.hosts}
     nodes = list(node_of.values())
     addresses = {node_of[alias]: hosts.addresses[alias] for alias in hosts.hosts}
+    for part, spec in partitions.items():
+        if unknown := sorted(set(spec) - {"nodes", "max_time", "default"}):
+            raise ValueError(f"partitions[{part!r}]: unknown keys {unknown}; give nodes, max_time, default")
     members = {name: _partition_nodes(name, spec.get("nodes", "all"), nodes) for name, spec in partitions.items()}
     defaults = [name for name, spec in partitions.items() if spec.get("default")] or [next(iter(partitions))]
     if len(defaults) > 1:
