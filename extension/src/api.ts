@@ -2,6 +2,8 @@
 import { URLExt } from '@jupyterlab/coreutils';
 import { ServerConnection } from '@jupyterlab/services';
 
+import { callAPI } from './request';
+
 /** Where a starting run is (nbtrain/rundir/progress.py: Startup.as_json); null once it trains or ended. */
 export interface IPhase {
   key: string; // workers, imports, process_group, cell, op, engine or first_step
@@ -54,9 +56,14 @@ export interface IRunDetail {
   status: { [key: string]: any };
   run: { [key: string]: any };
   deepspeed: { [key: string]: any } | null;
-  effective: { config?: { [key: string]: any }; engine?: { [key: string]: any } } | null;
+  effective: {
+    config?: { [key: string]: any };
+    engine?: { [key: string]: any };
+  } | null;
   cell: string;
-  errors: { [rank: string]: { type: string; message: string; traceback: string } };
+  errors: {
+    [rank: string]: { type: string; message: string; traceback: string };
+  };
   ranks: number[];
   total: number | null;
   phase: IPhase | null;
@@ -105,65 +112,39 @@ export interface ITutorial {
   title: string;
 }
 
-/** Call the API at `path` under nbtrain/api; throw an Error carrying the server's message. */
-export async function requestAPI<T>(path: string, init: RequestInit = {}): Promise<T> {
+/** Call the API at `path` under nbtrain/api; throw an Error carrying what the user should read. */
+export function requestAPI<T>(
+  path: string,
+  init: RequestInit = {}
+): Promise<T> {
   const settings = ServerConnection.makeSettings();
   const url = URLExt.join(settings.baseUrl, 'nbtrain', 'api', path);
-  const response = await ServerConnection.makeRequest(url, init, settings);
-  const text = await response.text();
-  let body: any = null;
-  try {
-    body = text ? JSON.parse(text) : null;
-  } catch {
-    body = { message: text };
-  }
-  if (!response.ok) {
-    throw new Error((body && body.message) || `${response.status} ${response.statusText}`);
-  }
-  return body as T;
+  return callAPI<T>(path, () =>
+    ServerConnection.makeRequest(url, init, settings)
+  );
 }
 
 export const api = {
   runs: () => requestAPI<IRunsList>('runs'),
   run: (id: string) => requestAPI<IRunDetail>(`runs/${encodeURIComponent(id)}`),
   metrics: (id: string, cursor: string) =>
-    requestAPI<IMetrics>(`runs/${encodeURIComponent(id)}/metrics?cursor=${encodeURIComponent(cursor)}`),
+    requestAPI<IMetrics>(
+      `runs/${encodeURIComponent(id)}/metrics?cursor=${encodeURIComponent(cursor)}`
+    ),
   log: (id: string, rank: number, lines = 200) =>
-    requestAPI<ILogTail>(`runs/${encodeURIComponent(id)}/log?rank=${rank}&lines=${lines}`),
-  stop: (id: string) => requestAPI<{ status: any }>(`runs/${encodeURIComponent(id)}/stop`, { method: 'POST', body: '{}' }),
+    requestAPI<ILogTail>(
+      `runs/${encodeURIComponent(id)}/log?rank=${rank}&lines=${lines}`
+    ),
+  stop: (id: string) =>
+    requestAPI<{ status: any }>(`runs/${encodeURIComponent(id)}/stop`, {
+      method: 'POST',
+      body: '{}'
+    }),
   machine: () => requestAPI<IMachine>('machine'),
   tutorials: () => requestAPI<{ tutorials: ITutorial[] }>('tutorials'),
   copyTutorial: (name: string) =>
-    requestAPI<{ path: string }>(`tutorials/${encodeURIComponent(name)}`, { method: 'POST', body: '{}' })
+    requestAPI<{ path: string }>(`tutorials/${encodeURIComponent(name)}`, {
+      method: 'POST',
+      body: '{}'
+    })
 };
-
-/** Format seconds as h:mm:ss or m:ss. */
-export function formatDuration(seconds: number | null | undefined): string {
-  if (seconds === null || seconds === undefined || !isFinite(seconds)) {
-    return '–';
-  }
-  const s = Math.round(seconds);
-  const h = Math.floor(s / 3600);
-  const m = Math.floor((s % 3600) / 60);
-  const rest = String(s % 60).padStart(2, '0');
-  return h > 0 ? `${h}:${String(m).padStart(2, '0')}:${rest}` : `${m}:${rest}`;
-}
-
-/** Format a byte count in GiB or MiB. */
-export function formatBytes(bytes: number | null | undefined): string {
-  if (!bytes) {
-    return '0 MiB';
-  }
-  return bytes >= 1 << 30 ? `${(bytes / (1 << 30)).toFixed(1)} GiB` : `${Math.round(bytes / (1 << 20))} MiB`;
-}
-
-/** Format a loss-like number with 4 significant digits. */
-export function formatNumber(value: number | string | null | undefined): string {
-  if (typeof value === 'string') {
-    return value; // NaN or Infinity, sent as text
-  }
-  if (value === null || value === undefined || !isFinite(value)) {
-    return '–';
-  }
-  return Math.abs(value) >= 1e4 || (Math.abs(value) < 1e-3 && value !== 0) ? value.toExponential(2) : value.toPrecision(4);
-}

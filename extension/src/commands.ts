@@ -2,11 +2,19 @@
 import { JupyterFrontEnd } from '@jupyterlab/application';
 import { InputDialog, showErrorMessage } from '@jupyterlab/apputils';
 import { PageConfig, URLExt } from '@jupyterlab/coreutils';
-import { INotebookTracker, NotebookActions, NotebookPanel } from '@jupyterlab/notebook';
+import { ServerConnection } from '@jupyterlab/services';
+import {
+  INotebookTracker,
+  NotebookActions,
+  NotebookPanel
+} from '@jupyterlab/notebook';
+import { TranslationBundle } from '@jupyterlab/translation';
 
 import { api } from './api';
 
 export const LOAD_CELL = '%load_ext nbtrain';
+/** The cell magic's name: code, not text to translate. */
+export const MAGIC = '%%bigtrain';
 
 /** The template of "Insert %%bigtrain cell": the common flags, and the loop in one call. */
 export const BIGTRAIN_TEMPLATE = `%%bigtrain --nproc 2 --zero 2 --precision fp32 --micro-batch 8 --steps 100 --lr 1e-3 --name my-run
@@ -20,11 +28,16 @@ panel = ConfigPanel()  # then: %%bigtrain --config panel
 panel`;
 
 /** Return the current notebook, opening a new one when none is open. */
-async function currentNotebook(app: JupyterFrontEnd, tracker: INotebookTracker): Promise<NotebookPanel> {
+async function currentNotebook(
+  app: JupyterFrontEnd,
+  tracker: INotebookTracker
+): Promise<NotebookPanel> {
   if (tracker.currentWidget) {
     return tracker.currentWidget;
   }
-  const panel = (await app.commands.execute('notebook:create-new', { kernelName: 'python3' })) as NotebookPanel;
+  const panel = (await app.commands.execute('notebook:create-new', {
+    kernelName: 'python3'
+  })) as NotebookPanel;
   await panel.context.ready;
   return panel;
 }
@@ -39,7 +52,10 @@ function insertCells(panel: NotebookPanel, sources: string[]): void {
   const notebook = panel.content;
   for (const source of sources) {
     const active = notebook.activeCell;
-    const reuse = active && active.model.type === 'code' && active.model.sharedModel.getSource().trim() === '';
+    const reuse =
+      active &&
+      active.model.type === 'code' &&
+      active.model.sharedModel.getSource().trim() === '';
     if (!reuse) {
       NotebookActions.insertBelow(notebook);
     }
@@ -53,25 +69,48 @@ async function openDocument(app: JupyterFrontEnd, path: string): Promise<void> {
   if (PageConfig.getOption('notebookPage')) {
     // Notebook 7 shows one document per page; its docmanager:open built a notebook on this page
     // only to drop it ("Cannot read properties of null (reading 'updateRenderOption')").
-    window.open(URLExt.join(PageConfig.getBaseUrl(), 'notebooks', URLExt.encodeParts(path)), '_blank');
+    window.open(
+      URLExt.join(
+        ServerConnection.makeSettings().baseUrl,
+        'notebooks',
+        URLExt.encodeParts(path)
+      ),
+      '_blank'
+    );
     return;
   }
   await app.commands.execute('docmanager:open', { path });
 }
 
-export function registerNotebookCommands(app: JupyterFrontEnd, tracker: INotebookTracker): void {
+export function registerNotebookCommands(
+  app: JupyterFrontEnd,
+  tracker: INotebookTracker,
+  trans: TranslationBundle
+): void {
   app.commands.addCommand('nbtrain:insert-cell', {
-    label: 'Insert %%bigtrain cell',
-    caption: 'Insert a %%bigtrain cell with the common flags (and %load_ext nbtrain where it is missing)',
+    describedBy: { args: { type: 'object', properties: {} } },
+    // The magic goes in as an argument: gettext's formatting turns a literal %% into %.
+    label: trans.__('Insert %1 cell', MAGIC),
+    caption: trans.__(
+      'Insert a %1 cell with the common flags (and %2 where it is missing)',
+      MAGIC,
+      LOAD_CELL
+    ),
     execute: async () => {
       const panel = await currentNotebook(app, tracker);
-      insertCells(panel, hasLoadExt(panel) ? [BIGTRAIN_TEMPLATE] : [LOAD_CELL, BIGTRAIN_TEMPLATE]);
+      insertCells(
+        panel,
+        hasLoadExt(panel) ? [BIGTRAIN_TEMPLATE] : [LOAD_CELL, BIGTRAIN_TEMPLATE]
+      );
       panel.content.activate();
     }
   });
   app.commands.addCommand('nbtrain:open-config', {
-    label: 'Open config panel',
-    caption: 'Insert and run a cell showing nbtrain.ConfigPanel: DeepSpeed settings with live validation',
+    describedBy: { args: { type: 'object', properties: {} } },
+    label: trans.__('Open config panel'),
+    caption: trans.__(
+      'Insert and run a cell showing nbtrain.ConfigPanel: DeepSpeed settings with live validation'
+    ),
     execute: async () => {
       const panel = await currentNotebook(app, tracker);
       insertCells(panel, [CONFIG_PANEL_CELL]);
@@ -80,17 +119,29 @@ export function registerNotebookCommands(app: JupyterFrontEnd, tracker: INoteboo
     }
   });
   app.commands.addCommand('nbtrain:open-tutorial', {
-    label: 'Open tutorial…',
-    caption: 'Copy one of nbtrain\'s tutorial notebooks into the workspace and open it',
+    describedBy: { args: { type: 'object', properties: {} } },
+    label: trans.__('Open tutorial…'),
+    caption: trans.__(
+      "Copy one of nbtrain's tutorial notebooks into the workspace and open it"
+    ),
     execute: async () => {
       try {
         const { tutorials } = await api.tutorials();
         if (!tutorials.length) {
-          await showErrorMessage('No tutorials', 'No nbtrain tutorial notebooks are installed on the server.');
+          await showErrorMessage(
+            trans.__('No tutorials'),
+            trans.__(
+              'No nbtrain tutorial notebooks are installed on the server.'
+            )
+          );
           return;
         }
         const labels = tutorials.map(t => `${t.title} (${t.name})`);
-        const choice = await InputDialog.getItem({ title: 'Open an nbtrain tutorial', items: labels, current: 0 });
+        const choice = await InputDialog.getItem({
+          title: trans.__('Open an nbtrain tutorial'),
+          items: labels,
+          current: 0
+        });
         if (!choice.button.accept || choice.value === null) {
           return;
         }
@@ -98,7 +149,10 @@ export function registerNotebookCommands(app: JupyterFrontEnd, tracker: INoteboo
         const { path } = await api.copyTutorial(tutorial.name);
         await openDocument(app, path);
       } catch (e) {
-        await showErrorMessage('Could not open the tutorial', (e as Error).message);
+        await showErrorMessage(
+          trans.__('Could not open the tutorial'),
+          (e as Error).message
+        );
       }
     }
   });

@@ -2,14 +2,24 @@
 import { ISignal, Signal } from '@lumino/signaling';
 
 import { api, IMachine, IRunsList } from './api';
-
-const LIVE_MS = 1000; // while a run is live: the sidebar should feel live
-const IDLE_MS = 3000;
+import { DEFAULT_INTERVALS, IIntervals } from './intervals';
 
 export class RunsModel {
   runs: IRunsList = { roots: [], runs: [] };
   machine: IMachine | null = null;
   error = '';
+
+  /** The polling periods (the extension's settings); a change applies at once. */
+  get intervals(): IIntervals {
+    return this._intervals;
+  }
+
+  set intervals(value: IIntervals) {
+    this._intervals = value;
+    if (!this._disposed) {
+      this.refresh();
+    }
+  }
 
   get changed(): ISignal<this, void> {
     return this._changed;
@@ -37,11 +47,17 @@ export class RunsModel {
     }
     this._changed.emit();
     if (!this._disposed) {
+      // A refresh() while this poll was waiting started another: keep one timer, not two loops.
+      window.clearTimeout(this._timer);
       const live = this.runs.runs.some(r => !r.final);
-      this._timer = window.setTimeout(() => void this._poll(), live ? LIVE_MS : IDLE_MS);
+      this._timer = window.setTimeout(
+        () => void this._poll(),
+        live ? this._intervals.live : this._intervals.idle
+      );
     }
   }
 
+  private _intervals = DEFAULT_INTERVALS;
   private _changed = new Signal<this, void>(this);
   private _timer = 0;
   private _disposed = false;

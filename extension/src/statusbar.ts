@@ -1,11 +1,14 @@
 // The status-bar item: the newest live run's start-up phase, then its step, loss and ETA; a click opens its panel.
 import { Widget } from '@lumino/widgets';
 
-import { formatDuration, formatNumber } from './api';
+import { formatDuration, formatNumber } from './format';
 import { RunsModel } from './model';
 
 export class RunStatusItem extends Widget {
-  constructor(private model: RunsModel, private openRun: (id: string) => void) {
+  constructor(
+    private model: RunsModel,
+    private openRun: (id: string) => void
+  ) {
     super();
     this.addClass('nbtrain-status');
     model.changed.connect(this.render, this);
