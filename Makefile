@@ -18,9 +18,17 @@ setup: $(STAMP)
 demo: setup
 	$(PY) .ci/run_notebook.py --html build/demo/01_quickstart.html notebooks/01_quickstart.ipynb
 
-lint: setup
+# The extension's eslint, prettier and jest need its devDependencies; `pip install` (setup)
+# installs them on its first build, this again whenever package-lock.json changed since.
+EXT_MODULES := extension/node_modules/.package-lock.json
+$(EXT_MODULES): extension/package-lock.json
+	cd extension && npm install --no-audit --no-fund
+	@touch $@
+
+lint: setup $(EXT_MODULES)
 	$(PY) -m ruff check nbtrain tests benchmarks .ci
 	$(PY) -m mypy
+	cd extension && npm run --silent lint:check && npm test --silent
 
 test-unit: setup
 	$(PYTEST) -q -m "not integration and not browser and not gpu and not package" tests $(NOTESTS)

@@ -97,6 +97,8 @@ def test_the_wheel_holds_the_extensions_and_the_tutorials_without_their_outputs(
     data = "nbtrain-0.1.0.data/data/"
     for needed in ("nbtrain/magic.py", "nbtrain/dashboard/widget.py", "nbtrain/panel/config_panel.py",
                    "nbtrain/config/_deepspeed_schema.json", f"{data}share/jupyter/labextensions/nbtrain/package.json",
+                   # the extension's settings (poll intervals): JupyterLab finds them only here
+                   f"{data}share/jupyter/labextensions/nbtrain/schemas/nbtrain/plugin.json",
                    f"{data}etc/jupyter/jupyter_server_config.d/nbtrain.json",
                    f"{data}share/nbtrain/notebooks/data/owl_and_pussycat.txt"):
         assert needed in names, f"the wheel lacks {needed}"
