@@ -73,6 +73,8 @@ test:
 	echo "== make test took $$(( $$(date +%s) - start )) s"; \
 	exit $$fail
 
+# The multi-node benchmark needs root (namespace hosts, a real 2-node SLURM cluster) and is not
+# part of `make bench`: .venv/bin/python benchmarks/multinode.py [--reps N] (benchmarks/README.md).
 bench: setup
 	$(PY) benchmarks/launch_overhead.py
 
