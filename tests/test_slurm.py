@@ -201,7 +201,7 @@ def test_scancel_from_outside_stops_the_run_with_slurms_word(
     slurm.run("scancel", job.split()[0])
     out = outside.execute("handle.wait()", allow_error=True, timeout=120)
     status = status_of(only(tmp_path, "cancelled"))
-    assert status["state"] == "stopped" and "CANCELLED" in status["reason"], status
+    assert status["state"] == "stopped" and "CANCELLED" in status["reason"], (status["state"], status.get("reason"))
     assert "cancelled from outside nbtrain" in out.text, out.text
     assert_nothing_left(slurm, "scancel")
     print(f"\nscancel from outside -> the user saw: {status['reason']}")
@@ -214,8 +214,8 @@ def test_a_lost_node_fails_the_run_with_node_fail(
     slurm.kill_slurmd(slurm.nodes[1])
     out = outside.execute("handle.wait()", allow_error=True, timeout=180)
     status = status_of(only(tmp_path, "lost"))
-    assert status["state"] == "failed", status
-    assert "NODE_FAIL" in status["reason"], status
+    assert status["state"] == "failed", (status["state"], status.get("reason"))
+    assert "NODE_FAIL" in status["reason"], (status["state"], status.get("reason"))
     assert out.error is not None and "NODE_FAIL" in out.error.text
     print(f"\nslurmd of {slurm.nodes[1]} killed -> the user saw: {status['reason']}")
     wait_until(lambda: nbtrain_jobs(slurm) == [], 60, "nbtrain's allocation gone after the node loss")
@@ -229,7 +229,7 @@ def test_interrupting_the_cell_ends_every_task_and_gives_the_allocation_back(
     outside.execute(f"%%bigtrain --slurm --nodes 2 --nproc 1 --steps 100000 --micro-batch 4 --no-plot "
                     f"--name interrupted\n{FIT}", interrupt_after=40, allow_error=True, timeout=180)
     status = status_of(only(tmp_path, "interrupted"))
-    assert status["state"] == "stopped" and "interrupted" in status["reason"], status
+    assert status["state"] == "stopped" and "interrupted" in status["reason"], (status["state"], status.get("reason"))
     assert_nothing_left(slurm, "an interrupt")
 
 
@@ -248,7 +248,7 @@ def test_stop_from_jupyterlab_ends_every_task(slurm: SlurmCluster, outside: Kern
         loop.close()
     outside.execute("handle.wait()", allow_error=True, timeout=60)
     status = status_of(only(tmp_path, "lab"))
-    assert status["state"] == "stopped" and "stopped from JupyterLab" in status["reason"], status
+    assert status["state"] == "stopped" and "stopped from JupyterLab" in status["reason"], (status["state"], status.get("reason"))
     assert_nothing_left(slurm, "Stop")
 
 
@@ -259,7 +259,7 @@ def test_the_kernels_death_cancels_nbtrains_allocation(slurm: SlurmCluster, outs
     outside.kill()
     assert_nothing_left(slurm, "the kernel's death")
     status = status_of(only(tmp_path, "orphan"))
-    assert status["state"] == "stopped" and "the kernel died" in status["reason"], status
+    assert status["state"] == "stopped" and "the kernel died" in status["reason"], (status["state"], status.get("reason"))
 
 
 @integration
@@ -316,7 +316,7 @@ def test_the_allocations_time_limit_fails_the_run_with_timeout(
     start_in_the_background(outside, "late", extra="--time 1")  # one minute
     out = outside.execute("handle.wait()", allow_error=True, timeout=240)
     status = status_of(only(tmp_path, "late"))
-    assert status["state"] == "failed" and "TIMEOUT" in status["reason"], status
+    assert status["state"] == "failed" and "TIMEOUT" in status["reason"], (status["state"], status.get("reason"))
     assert out.error is not None and "time limit" in out.error.text, out.text
     assert_nothing_left(slurm, "the time limit")
     print(f"\n--time 1 ran out -> the user saw: {status['reason']}")
@@ -330,8 +330,8 @@ def test_interrupting_a_request_still_pending_takes_it_out_of_the_queue(
         outside.execute(f"%%bigtrain --slurm --nodes 2 --nproc 1 --steps 2 --no-plot --name waiting\n{FIT}",
                         interrupt_after=8, allow_error=True, timeout=60)
         status = status_of(only(tmp_path, "waiting"))
-        assert status["state"] == "stopped" and "before the workers started" in status["reason"], status
-        assert status["slurm"]["state"] == "PENDING", status
+        assert status["state"] == "stopped" and "before the workers started" in status["reason"], (status["state"], status.get("reason"))
+        assert status["slurm"]["state"] == "PENDING", (status["state"], status.get("reason"))
         assert nbtrain_jobs(slurm) == [], "the pending request was left in the queue"
     finally:
         slurm.scancel(busy)
@@ -348,7 +348,7 @@ def test_inside_the_users_allocation_the_kernels_death_ends_the_step_but_keeps_t
         wait_until(lambda: slurm.strays() == {}, 30, f"every task gone from the nodes ({slurm.strays()})")
         assert [(j.job_id, j.state) for j in slurm.squeue()] == [(alloc.job_id, "RUNNING")]
         status = status_of(only(tmp_path, "theirs"))
-        assert status["state"] == "stopped" and "job step was cancelled" in status["reason"], status
+        assert status["state"] == "stopped" and "job step was cancelled" in status["reason"], (status["state"], status.get("reason"))
     finally:
         kernel.shutdown()
         slurm.scancel(alloc)

@@ -78,6 +78,7 @@ DISTORTING = {"SLURM_NPROCS", "SLURM_TASKS_PER_NODE", "SLURM_DISTRIBUTION", "SLU
 RANK_VARIABLES = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "GROUP_RANK",
                   "TORCHELASTIC_RUN_ID")
 STATE_CHECK_EVERY_S = 2.0  # squeue while a step runs: cheap for the controller, quick enough for a user
+SETTLE_S = 15.0  # how long a job that is ending may stay COMPLETING before its final state is taken as is
 DRAIN_S = 3.0  # after srun ended, for its last lines (the ranks' reports)
 _LABELLED = re.compile(r"^\s*(\d+): ?(.*)$")
 # SLURM's job states that end a run, and what they mean for the user.
@@ -247,7 +248,7 @@ class SlurmGroup:
         if self.srun.poll() is None and now < self._next_state_check:
             return
         self._next_state_check = now + STATE_CHECK_EVERY_S
-        state = self.allocation.state()
+        state = self._settled_state()
         if state is not None and state[0] not in LIVE_STATES:
             self._ended_by_slurm(*state)
             return
@@ -262,6 +263,15 @@ class SlurmGroup:
             return  # a rank raised: its own error is the reason (nbtrain.launch.run._failure_reason)
         self.failure = (f"the srun step ended with code {code} before every rank finished "
                         f"(SLURM job {self.allocation.job_id}; srun's words in {self.run.launcher_log})")
+
+    def _settled_state(self) -> tuple[str, str] | None:
+        """Return the job's state; for a job that is ending (squeue: COMPLETING), the state it ends in."""
+        deadline = time.monotonic() + SETTLE_S
+        state = self.allocation.state()
+        while state is not None and state[0] == "COMPLETING" and time.monotonic() < deadline:
+            time.sleep(0.2)  # CANCELLED, TIMEOUT, NODE_FAIL... show once the job's tasks are gone
+            state = self.allocation.state()
+        return state
 
     def _ended_by_slurm(self, state: str, reason: str) -> None:
         why = ENDED_BY.get(state.split()[0], "SLURM ended the job")

@@ -28,8 +28,9 @@ from nbtrain.rundir import RunDirectory
 COMMAND_TIMEOUT_S = 20.0
 QUEUE_POLL_S = 1.0
 RELEASE_TIMEOUT_S = 30.0
-# States in which a job's tasks may run; any other state of a live step's job ends the run.
-LIVE_STATES = ("RUNNING", "COMPLETING", "CONFIGURING", "PENDING")
+# States in which a job's tasks may run; any other state of a live step's job ends the run
+# (COMPLETING: the job is ending, its final state follows).
+LIVE_STATES = ("RUNNING", "CONFIGURING", "PENDING")
 _JOB_LINE = re.compile(r"(?:Pending|Granted) job allocation (\d+)")
 
 
