@@ -208,8 +208,11 @@ const plugin: JupyterFrontEndPlugin<void> = {
     // The polling periods come from the settings, and follow their changes (Settings Editor).
     settingRegistry?.load(PLUGIN_ID).then(
       settings => {
-        const apply = () =>
-          (model.intervals = intervalsFromSettings(settings.composite));
+        const apply = () => {
+          model.intervals = intervalsFromSettings(settings.composite);
+          // Open run panels poll at once, then at the new period (not after the old one).
+          panels.forEach(widget => void widget.content.poll());
+        };
         apply();
         settings.changed.connect(apply);
       },
