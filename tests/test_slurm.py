@@ -95,6 +95,19 @@ def wait_until(condition: object, timeout: float, what: str) -> None:
         time.sleep(0.2)
 
 
+def test_a_machine_without_srun_is_refused_before_anything_starts(tmp_path: Path) -> None:
+    from nbtrain.config.arguments import parse_line
+    from nbtrain.config.machine import MachineFacts
+    from nbtrain.config.plan import plan_run
+    from nbtrain.errors import ConfigError
+    from nbtrain.launch.slurm import preflight
+
+    plan = plan_run(parse_line("--slurm --nodes 2 --nproc 1"), MachineFacts(gpu_count=0))
+    with pytest.raises(ConfigError) as refused:
+        preflight(plan, {"PATH": str(tmp_path)})  # no Slurm client there
+    assert "--slurm" in str(refused.value) and "srun" in str(refused.value) and "slurm-client" in str(refused.value)
+
+
 @integration
 def test_inside_an_allocation_2x1_and_2x2_under_zero3_reach_the_single_host_losses(
         slurm: SlurmCluster, tmp_path: Path) -> None:  # noqa: F811 - the fixture
