@@ -188,6 +188,9 @@ def test_a_rerun_starts_in_the_warm_tasks_on_nbtrains_allocation_until_shutdown(
     assert losses(warm) == losses(cold) and len(losses(warm)) == 3
     assert nbtrain_jobs(slurm) == [job], "the rerun did not stay in the same allocation"
     assert "2 SLURM tasks on 2 node(s)" in workers and all(node in workers for node in slurm.nodes), workers
+    firsts = [status_of(run)["timings"]["first_step_s"] for run in (cold, warm)]
+    print(f"\nfirst step after the cell started: cold {firsts[0]:.1f} s (allocation, probe, srun, imports), "
+          f"warm {firsts[1]:.1f} s\n{workers}")
     ended = outside.execute("%bigtrain shutdown").text
     assert "nbtrain's allocation was released" in ended, ended
     assert nbtrain_jobs(slurm) == [], "shutdown left nbtrain's allocation in the queue"
