@@ -140,6 +140,17 @@ def test_launcher_has_the_bigtrain_cards(page: playwright.Page) -> None:
     page.locator(".lm-DockPanel-tabBar .lm-TabBar-tab.lm-mod-current .lm-TabBar-tabCloseIcon").click()
 
 
+def test_the_settings_editor_offers_the_refresh_periods(page: playwright.Page) -> None:
+    # The extension's settings schema (schemas/nbtrain/plugin.json, shipped in the wheel) reached JupyterLab.
+    run_command(page, "settingeditor:open")
+    settings = page.locator(".jp-SettingsPanel:visible")
+    page.locator(".jp-PluginList:visible").get_by_text("BigTrain", exact=True).click()
+    for label, default in (("Sidebar refresh while a run is live (seconds)", "1"),
+                           ("Sidebar refresh while no run is live (seconds)", "3"), ("Run panel refresh (seconds)", "1")):
+        playwright.expect(settings.locator(f'input[label="{label}"]')).to_have_value(default)
+    page.locator(".lm-DockPanel-tabBar .lm-TabBar-tab.lm-mod-current .lm-TabBar-tabCloseIcon").click()
+
+
 def test_insert_bigtrain_cell_inserts_the_template(page: playwright.Page) -> None:
     panel = open_document(page, "empty.ipynb")
     panel.locator(".jp-Cell").first.click()
