@@ -12,8 +12,10 @@ processes in all, and must reach the same losses (the largest difference is prin
   salloc before anything is timed, and its kernel starts "inside" it (salloc's variables plus
   the traps a kernel started by `srun --pty` has), as JupyterLab in an allocation would;
 - the srun path's warm rerun: the same cell again at once, in the tasks the cold run left
-  idle in the allocation.
-Each repetition runs them in that order; cold runs end the warm workers first (untimed).
+  idle in the allocation; and, for reference under the same load, 1 host x 2's warm rerun in
+  its local warm workers (run right after its cold run).
+Each repetition runs 1 host x 2 (cold, warm), pdsh, srun (cold, warm); cold runs end the
+warm workers first (untimed).
 Prints first-step and steady-step medians and `BENCH multinode_<figure> <ratio>` lines with
 ratio = 1 host x 2 / the path (below 1: the path is slower). Usage (as root):
 benchmarks/multinode.py [--reps N]
@@ -41,6 +43,7 @@ from tests.slurm import SlurmCluster, slurm_cluster  # noqa: E402
 FLAGS = f"--zero 2 --micro-batch 8 --lr 3e-3 --steps {STEPS} --no-plot"
 PATHS = {  # key -> (column title, flags)
     "one": ("1 host x 2", f"--nproc 2 {FLAGS}"),
+    "one_warm": ("1 host x 2, warm", f"--nproc 2 {FLAGS}"),
     "pdsh": ("2 hosts x 1 pdsh", f"--hosts node0,node1 --nproc 1 {FLAGS}"),
     "srun": ("2 nodes x 1 srun", f"--slurm --nodes 2 --nproc 1 {FLAGS}"),
     "warm": ("srun, warm rerun", f"--slurm --nodes 2 --nproc 1 {FLAGS}"),
@@ -72,6 +75,7 @@ def file_paths(c: Cluster, sc: SlurmCluster, runs: Path) -> dict[str, str]:
 def one_rep(hosts: Kernel, slurm: Kernel, workdir: Path) -> dict[str, dict]:
     """Run every path once, in PATHS' order; return each path's times and losses."""
     runs = {"one": run_ours(hosts, workdir, cold=True, flags=PATHS["one"][1]),
+            "one_warm": run_ours(hosts, workdir, cold=False, flags=PATHS["one_warm"][1]),
             "pdsh": run_ours(hosts, workdir, cold=True, flags=PATHS["pdsh"][1]),
             "srun": run_ours(slurm, workdir, cold=True, flags=PATHS["srun"][1]),
             "warm": run_ours(slurm, workdir, cold=False, flags=PATHS["warm"][1])}
@@ -84,7 +88,7 @@ def row_of(runs: dict[str, dict]) -> dict[str, float]:
     for key, run in runs.items():
         row[f"{key}_first"] = run["times"][0]
         row[f"{key}_step"] = steady_step_s(run["times"])
-    row["loss_diff"] = max(abs(a - b) for key in ("pdsh", "srun", "warm")
+    row["loss_diff"] = max(abs(a - b) for key in ("one_warm", "pdsh", "srun", "warm")
                            for a, b in zip(runs["one"]["losses"], runs[key]["losses"], strict=True))
     return row
 
