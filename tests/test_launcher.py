@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 import time
 from pathlib import Path
 
-from nbtrain.launch.launcher import clear_stale_op_locks
+import pytest
+
+from nbtrain.launch.launcher import MALLOC_SETTINGS, clear_stale_op_locks, worker_environment
 
 
 def test_a_stale_op_build_lock_is_removed_and_a_fresh_one_kept(tmp_path: Path) -> None:
@@ -21,3 +25,34 @@ def test_a_stale_op_build_lock_is_removed_and_a_fresh_one_kept(tmp_path: Path) -
     assert clear_stale_op_locks(tmp_path, building=lambda: True) == [], "a build in progress owns its locks"
     assert clear_stale_op_locks(tmp_path, building=lambda: False) == [stale]
     assert not stale.exists() and fresh.exists()
+
+
+# A training step's temporaries: a small MLP's forward and backward on a batch (~3 MB of
+# activations and gradients, freed each step), counting the minor page faults of 20 steps.
+_STEP_FAULTS = """
+import resource, torch
+model = torch.nn.Sequential(torch.nn.Linear(512, 2048), torch.nn.GELU(), torch.nn.Linear(2048, 512))
+x = torch.randn(256, 512)
+def step():
+    model(x).square().mean().backward()
+for _ in range(5):
+    step()
+before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+for _ in range(20):
+    step()
+print((resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) / 20)
+"""
+
+
+def test_workers_reuse_freed_memory_instead_of_faulting_in_fresh_pages_every_step(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Regression (issue 15, throughput): glibc's default trimming and mmap threshold made each
+    # step page-fault fresh zeroed pages for the temporaries the step before had freed (~300 a
+    # step here, ~1,500 a step for the benchmark's two GPT-2 workers: system CPU on every step).
+    for key in MALLOC_SETTINGS:
+        monkeypatch.delenv(key, raising=False)
+    env = worker_environment(0, 1, 0, -1, 1)
+    out = subprocess.run([sys.executable, "-c", _STEP_FAULTS], env=env, capture_output=True, text=True, check=True)
+    assert float(out.stdout) < 100, f"{out.stdout.strip()} page faults a step with {MALLOC_SETTINGS}"
+    # A value the user set for a worker wins.
+    monkeypatch.setenv("MALLOC_TRIM_THRESHOLD_", "0")
+    assert worker_environment(0, 1, 0, -1, 1)["MALLOC_TRIM_THRESHOLD_"] == "0"
