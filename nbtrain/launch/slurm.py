@@ -234,13 +234,13 @@ class SlurmGroup:
 
     def exit_codes(self) -> list[int | None]:
         """Return each rank's result: 0 once it reported `done`; 1 for every other rank once the step ended."""
-        codes: list[int | None] = [0 if "done" in reports else None for reports in self._reports]
-        if None not in codes:
-            return codes
-        if self.failure is None:
+        if None in self._done() and self.failure is None:
             self._notice_end()
         ended = self.failure is not None or self.srun.poll() is not None
-        return [1 if ended and code is None else code for code in codes]
+        return [1 if ended and code is None else code for code in self._done()]  # after _notice_end's drain
+
+    def _done(self) -> list[int | None]:
+        return [0 if "done" in reports else None for reports in self._reports]
 
     def _notice_end(self) -> None:
         """Name why the step ended (or must end) before every rank was done: SLURM's job state, srun's exit."""
@@ -257,7 +257,7 @@ class SlurmGroup:
             return
         if self._reader is not None:
             self._reader.join(DRAIN_S)  # the last reports may still be on their way
-        if None not in [0 if "done" in r else None for r in self._reports]:
+        if None not in self._done():
             return
         if self.run.errors():
             return  # a rank raised: its own error is the reason (nbtrain.launch.run._failure_reason)
