@@ -368,3 +368,20 @@ def test_inside_the_users_allocation_the_kernels_death_ends_the_step_but_keeps_t
     finally:
         kernel.shutdown()
         slurm.scancel(alloc)
+
+
+@integration
+def test_a_step_srun_refuses_fails_the_run_with_sruns_own_words(
+        slurm: SlurmCluster, tmp_path: Path) -> None:  # noqa: F811 - the fixture
+    alloc = slurm.salloc(2, exclusive=False)  # one CPU per node: no room for two tasks on a node
+    kernel = start_kernel(tmp_path, alloc.env)
+    try:
+        out = kernel.execute(f"%%bigtrain --slurm --nproc 2 --steps 2 --no-plot --name cramped\n{FIT}",
+                             allow_error=True, timeout=120)
+    finally:
+        kernel.shutdown()
+        slurm.scancel(alloc)
+    status = status_of(only(tmp_path, "cramped"))
+    assert status["state"] == "failed" and "srun: error:" in status["reason"], (status["state"], status.get("reason"))
+    assert out.error is not None and "srun: error:" in out.error.text
+    print(f"\nthe user saw: {status['reason']}")

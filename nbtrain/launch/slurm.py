@@ -261,8 +261,19 @@ class SlurmGroup:
             return
         if self.run.errors():
             return  # a rank raised: its own error is the reason (nbtrain.launch.run._failure_reason)
-        self.failure = (f"the srun step ended with code {code} before every rank finished "
-                        f"(SLURM job {self.allocation.job_id}; srun's words in {self.run.launcher_log})")
+        said = self._srun_error()
+        self.failure = (f"the srun step ended with code {code} before every rank finished"
+                        + (f": {said}" if said else "")
+                        + f" (SLURM job {self.allocation.job_id}; srun's output in {self.run.launcher_log})")
+
+    def _srun_error(self) -> str:
+        """Return srun's last error line from the launcher log ("srun: error: ..."), or ""."""
+        try:
+            tail = self.run.launcher_log.read_text(errors="replace").splitlines()[-100:]
+        except OSError:
+            return ""
+        said = [line.strip() for line in tail if line.lstrip().startswith(("srun: error:", "srun: fatal:"))]
+        return said[-1][:500] if said else ""
 
     def _settled_state(self) -> tuple[str, str] | None:
         """Return the job's state; for a job that is ending (squeue: COMPLETING), the state it ends in."""
