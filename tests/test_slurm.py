@@ -385,3 +385,25 @@ def test_a_step_srun_refuses_fails_the_run_with_sruns_own_words(
     assert status["state"] == "failed" and "srun: error:" in status["reason"], (status["state"], status.get("reason"))
     assert out.error is not None and "srun: error:" in out.error.text
     print(f"\nthe user saw: {status['reason']}")
+
+
+@integration
+def test_the_kernels_death_while_the_request_is_pending_takes_it_out_of_the_queue(
+        slurm: SlurmCluster, outside: Kernel, tmp_path: Path) -> None:  # noqa: F811 - the fixture
+    import psutil
+
+    busy = slurm.salloc(2)
+    try:
+        outside.client.execute(f"%%bigtrain --slurm --nodes 2 --nproc 1 --steps 2 --no-plot --name dying\n{FIT}")
+        runs = tmp_path / "bigtrain-runs"
+        wait_until(lambda: any(status_of(p).get("slurm", {}).get("state") == "PENDING" for p in runs.glob("*-dying-*")),
+                   60, "nbtrain's request shown pending")
+        outside.kill()
+        wait_until(lambda: nbtrain_jobs(slurm) == [], 30, "the pending request gone after the kernel's death")
+        wait_until(lambda: not [p for p in psutil.process_iter(["cmdline"]) if "--no-shell" in (p.info["cmdline"] or [])
+                                and any(a.startswith("nbtrain-") for a in p.info["cmdline"] or [])],
+                   30, "nbtrain's salloc gone")
+        status = status_of(only(tmp_path, "dying"))
+        assert status["state"] == "stopped" and "allocation was cancelled" in status["reason"], status.get("reason")
+    finally:
+        slurm.scancel(busy)

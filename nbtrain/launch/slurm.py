@@ -438,6 +438,7 @@ def launch_slurm(run: RunDirectory, plan: RunPlan, hang_timeout_s: float, thread
     name = f"nbtrain-{run.run_id}"
     allocation = current_allocation(os.environ)
     guard = Guard(name, allocation.job_id if allocation else None, owned=allocation is None, environ=environ)
+    guard.serve(run)  # the kernel may die while salloc waits
     try:
         if allocation is None:
             argv = salloc_command(name, plan.nodes, plan.nproc, cfg.partition, cfg.time_limit, cfg.account,
