@@ -25,7 +25,7 @@ from nbtrain.rundir.progress import read_startup
 from nbtrain.worker.slurm import rank_variables
 from tests.conftest import LOOP, NOTEBOOK_SETUP, losses, status_of
 from tests.kernel import Kernel
-from tests.slurm import SlurmCluster, slurm, slurm_shared  # noqa: F401 - fixtures
+from tests.slurm import SlurmCluster  # its fixtures `slurm`, `slurm_shared` come through tests/conftest.py
 
 integration = pytest.mark.integration  # the real cluster's tests; the unit tests below run everywhere
 
@@ -68,7 +68,7 @@ def start_kernel(cwd: Path, env: dict[str, str]) -> Kernel:
 
 
 @pytest.fixture
-def outside(slurm: SlurmCluster, tmp_path: Path) -> Iterator[Kernel]:  # noqa: F811 - the fixture
+def outside(slurm: SlurmCluster, tmp_path: Path) -> Iterator[Kernel]:
     """A kernel on the head outside any allocation: nbtrain requests one."""
     kernel = start_kernel(tmp_path, slurm.env)
     try:
@@ -110,7 +110,7 @@ def test_a_machine_without_srun_is_refused_before_anything_starts(tmp_path: Path
 
 @integration
 def test_inside_an_allocation_2x1_and_2x2_under_zero3_reach_the_single_host_losses(
-        slurm: SlurmCluster, tmp_path: Path) -> None:  # noqa: F811 - the fixture
+        slurm: SlurmCluster, tmp_path: Path) -> None:
     alloc = slurm.salloc(2)  # whole nodes, and the outer allocation's traps in the kernel's environment
     kernel = start_kernel(tmp_path, alloc.env)
     try:
@@ -142,7 +142,7 @@ def test_inside_an_allocation_2x1_and_2x2_under_zero3_reach_the_single_host_loss
 
 @integration
 def test_nbtrain_requests_an_allocation_shows_it_pending_then_gives_it_back(
-        slurm: SlurmCluster, outside: Kernel, tmp_path: Path) -> None:  # noqa: F811 - the fixture
+        slurm: SlurmCluster, outside: Kernel, tmp_path: Path) -> None:
     busy = slurm.salloc(2)  # every node taken: nbtrain's request waits for Resources
     seen: list[str] = []
     tables: list[str] = []
@@ -177,7 +177,7 @@ def test_nbtrain_requests_an_allocation_shows_it_pending_then_gives_it_back(
 
 @integration
 def test_a_rerun_starts_in_the_warm_tasks_on_nbtrains_allocation_until_shutdown(
-        slurm: SlurmCluster, outside: Kernel, tmp_path: Path) -> None:  # noqa: F811 - the fixture
+        slurm: SlurmCluster, outside: Kernel, tmp_path: Path) -> None:
     cell = f"%%bigtrain --slurm --nodes 2 --nproc 1 --steps 3 --micro-batch 4 --no-plot --name {{name}}\n{FIT}"
     outside.execute(cell.format(name="cold"), timeout=240)
     (job,) = nbtrain_jobs(slurm)  # kept, with the idle tasks in it
@@ -211,7 +211,7 @@ def assert_nothing_left(sc: SlurmCluster, what: str) -> None:
 
 @integration
 def test_scancel_from_outside_stops_the_run_with_slurms_word(
-        slurm: SlurmCluster, outside: Kernel, tmp_path: Path) -> None:  # noqa: F811 - the fixture
+        slurm: SlurmCluster, outside: Kernel, tmp_path: Path) -> None:
     start_in_the_background(outside, "cancelled")
     (job,) = nbtrain_jobs(slurm)
     slurm.run("scancel", job.split()[0])
@@ -225,7 +225,7 @@ def test_scancel_from_outside_stops_the_run_with_slurms_word(
 
 @integration
 def test_a_lost_node_fails_the_run_with_node_fail(
-        slurm: SlurmCluster, outside: Kernel, tmp_path: Path) -> None:  # noqa: F811 - the fixture
+        slurm: SlurmCluster, outside: Kernel, tmp_path: Path) -> None:
     start_in_the_background(outside, "lost")
     slurm.kill_slurmd(slurm.nodes[1])
     out = outside.execute("handle.wait()", allow_error=True, timeout=180)
@@ -241,7 +241,7 @@ def test_a_lost_node_fails_the_run_with_node_fail(
 
 @integration
 def test_interrupting_the_cell_ends_every_task_and_gives_the_allocation_back(
-        slurm: SlurmCluster, outside: Kernel, tmp_path: Path) -> None:  # noqa: F811 - the fixture
+        slurm: SlurmCluster, outside: Kernel, tmp_path: Path) -> None:
     outside.execute(f"%%bigtrain --slurm --nodes 2 --nproc 1 --steps 100000 --micro-batch 4 --no-plot "
                     f"--name interrupted\n{FIT}", interrupt_after=40, allow_error=True, timeout=180)
     status = status_of(only(tmp_path, "interrupted"))
@@ -250,7 +250,7 @@ def test_interrupting_the_cell_ends_every_task_and_gives_the_allocation_back(
 
 
 @integration
-def test_stop_from_jupyterlab_ends_every_task(slurm: SlurmCluster, outside: Kernel,  # noqa: F811 - the fixture
+def test_stop_from_jupyterlab_ends_every_task(slurm: SlurmCluster, outside: Kernel,
                                               tmp_path: Path) -> None:
     import asyncio
 
@@ -269,7 +269,7 @@ def test_stop_from_jupyterlab_ends_every_task(slurm: SlurmCluster, outside: Kern
 
 
 @integration
-def test_the_kernels_death_cancels_nbtrains_allocation(slurm: SlurmCluster, outside: Kernel,  # noqa: F811
+def test_the_kernels_death_cancels_nbtrains_allocation(slurm: SlurmCluster, outside: Kernel,
                                                        tmp_path: Path) -> None:
     start_in_the_background(outside, "orphan")
     outside.kill()
@@ -280,7 +280,7 @@ def test_the_kernels_death_cancels_nbtrains_allocation(slurm: SlurmCluster, outs
 
 @integration
 def test_a_rank_raising_fails_the_run_with_its_traceback_and_ends_the_step(
-        slurm: SlurmCluster, outside: Kernel, tmp_path: Path) -> None:  # noqa: F811 - the fixture
+        slurm: SlurmCluster, outside: Kernel, tmp_path: Path) -> None:
     cell = LOOP.format(misbehave="if bigtrain.rank == 1:\n            raise ValueError('bad batch on the second node')")
     out = outside.execute(f"%%bigtrain --slurm --nodes 2 --nproc 1 --steps 40 --micro-batch 4 --no-plot --name bad\n"
                           f"{cell}", allow_error=True, timeout=180)
@@ -294,7 +294,7 @@ def test_a_rank_raising_fails_the_run_with_its_traceback_and_ends_the_step(
 
 @integration
 def test_keep_warm_expiry_ends_the_tasks_and_releases_nbtrains_allocation(
-        slurm: SlurmCluster, outside: Kernel, tmp_path: Path) -> None:  # noqa: F811 - the fixture
+        slurm: SlurmCluster, outside: Kernel, tmp_path: Path) -> None:
     outside.execute(f"%%bigtrain --slurm --nodes 2 --nproc 1 --steps 2 --micro-batch 4 --no-plot --keep-warm 3 "
                     f"--name brief\n{FIT}", timeout=180)
     assert status_of(only(tmp_path, "brief"))["state"] == "succeeded"
@@ -304,7 +304,7 @@ def test_keep_warm_expiry_ends_the_tasks_and_releases_nbtrains_allocation(
 
 @integration
 def test_a_run_directory_the_nodes_do_not_share_is_refused_naming_run_dir(
-        slurm: SlurmCluster, outside: Kernel, tmp_path: Path) -> None:  # noqa: F811 - the fixture
+        slurm: SlurmCluster, outside: Kernel, tmp_path: Path) -> None:
     import subprocess
 
     runs = tmp_path / "bigtrain-runs"
@@ -328,7 +328,7 @@ def test_a_run_directory_the_nodes_do_not_share_is_refused_naming_run_dir(
 
 @integration
 def test_the_allocations_time_limit_fails_the_run_with_timeout(
-        slurm: SlurmCluster, outside: Kernel, tmp_path: Path) -> None:  # noqa: F811 - the fixture
+        slurm: SlurmCluster, outside: Kernel, tmp_path: Path) -> None:
     start_in_the_background(outside, "late", extra="--time 1")  # one minute
     out = outside.execute("handle.wait()", allow_error=True, timeout=240)
     status = status_of(only(tmp_path, "late"))
@@ -340,7 +340,7 @@ def test_the_allocations_time_limit_fails_the_run_with_timeout(
 
 @integration
 def test_interrupting_a_request_still_pending_takes_it_out_of_the_queue(
-        slurm: SlurmCluster, outside: Kernel, tmp_path: Path) -> None:  # noqa: F811 - the fixture
+        slurm: SlurmCluster, outside: Kernel, tmp_path: Path) -> None:
     busy = slurm.salloc(2)
     try:
         outside.execute(f"%%bigtrain --slurm --nodes 2 --nproc 1 --steps 2 --no-plot --name waiting\n{FIT}",
@@ -355,7 +355,7 @@ def test_interrupting_a_request_still_pending_takes_it_out_of_the_queue(
 
 @integration
 def test_inside_the_users_allocation_the_kernels_death_ends_the_step_but_keeps_the_allocation(
-        slurm: SlurmCluster, tmp_path: Path) -> None:  # noqa: F811 - the fixture
+        slurm: SlurmCluster, tmp_path: Path) -> None:
     alloc = slurm.salloc(2)
     kernel = start_kernel(tmp_path, alloc.env)
     try:
@@ -372,7 +372,7 @@ def test_inside_the_users_allocation_the_kernels_death_ends_the_step_but_keeps_t
 
 @integration
 def test_a_step_srun_refuses_fails_the_run_with_sruns_own_words(
-        slurm: SlurmCluster, tmp_path: Path) -> None:  # noqa: F811 - the fixture
+        slurm: SlurmCluster, tmp_path: Path) -> None:
     alloc = slurm.salloc(2, exclusive=False)  # one CPU per node: no room for two tasks on a node
     kernel = start_kernel(tmp_path, alloc.env)
     try:
@@ -389,7 +389,7 @@ def test_a_step_srun_refuses_fails_the_run_with_sruns_own_words(
 
 @integration
 def test_the_kernels_death_while_the_request_is_pending_takes_it_out_of_the_queue(
-        slurm: SlurmCluster, outside: Kernel, tmp_path: Path) -> None:  # noqa: F811 - the fixture
+        slurm: SlurmCluster, outside: Kernel, tmp_path: Path) -> None:
     import psutil
 
     busy = slurm.salloc(2)
