@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -70,6 +71,33 @@ def test_dry_run_text_shows_the_exact_json_and_the_estimate() -> None:
     assert f"'{FROM_DATALOADER}' is filled in by the workers: scheduler.params.total_num_steps, " \
            "train_micro_batch_size_per_gpu" in text
     assert "Model-state memory per process (2 processes" in text
+
+
+def no_subprocess(*args: object, **kwargs: object) -> None:
+    raise AssertionError(f"--dry-run ran a command: {args}")
+
+
+def test_slurm_dry_run_shows_the_salloc_it_would_run_without_asking_the_cluster(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    # Regression (issue 17 review): `--slurm ... --dry-run` said nothing of the allocation it would request.
+    monkeypatch.delenv("SLURM_JOB_ID", raising=False)
+    monkeypatch.setattr(subprocess, "run", no_subprocess)
+    monkeypatch.setattr(subprocess, "Popen", no_subprocess)
+    plan = plan_run(parse_line("--slurm --nodes 2 --nproc 4 --partition gpu --time 2:00:00 --account lab "
+                               "--gpus-per-node 4"), CPU)
+    assert "allocation: none here (no SLURM_JOB_ID), nbtrain would request one: salloc --no-shell --job-name "\
+           "nbtrain-<run id> -N 2 --ntasks-per-node 4 -p gpu -t 2:00:00 -A lab --gpus-per-node 4\n" in plan.describe()
+
+
+def test_slurm_dry_run_inside_an_allocation_names_the_kernels_job(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("SLURM_JOB_ID", "42")
+    monkeypatch.setenv("SLURM_JOB_NUM_NODES", "3")
+    monkeypatch.setattr(subprocess, "run", no_subprocess)
+    text = plan_run(parse_line("--slurm --nproc 1"), CPU).describe()
+    assert text.startswith("%%bigtrain dry run: 1 processes on each of 3 SLURM node(s) (3 in all) through srun; "
+                           "nothing was started.\nallocation: in SLURM job 42 (the kernel's allocation), as a step "
+                           "with --overlap\n")
+    assert "salloc" not in text
 
 
 def test_the_plan_is_refused_as_a_whole() -> None:

@@ -18,7 +18,7 @@ from nbtrain.config.deepspeed_rules import check_batch
 from nbtrain.config.hosts import Host, check_launcher, resolve_hosts
 from nbtrain.config.machine import MachineFacts
 from nbtrain.config.render import FROM_DATALOADER, render_collecting, resolve_batch, unresolved
-from nbtrain.config.slurm import node_count
+from nbtrain.config.slurm import allocation, node_count, salloc_command
 from nbtrain.config.tree import DEFAULT_CPU_PROCESSES, TrainConfig
 from nbtrain.config.validate import check, check_resume
 from nbtrain.errors import ConfigError, Problem
@@ -40,6 +40,8 @@ class RunPlan:
     launcher: str = "pdsh"
     # The SLURM nodes of a --slurm run (launcher "slurm"; --nodes, else the allocation's); 0 otherwise.
     nodes: int = 0
+    # The SLURM job the kernel runs in (SLURM_JOB_ID) when a --slurm run goes into it; None: nbtrain requests one.
+    slurm_job: str | None = None
 
     @property
     def world_size(self) -> int:
@@ -56,6 +58,7 @@ class RunPlan:
         if self.nodes:
             lines[0] = (f"%%bigtrain dry run: {self.nproc} processes on each of {self.nodes} SLURM node(s) "
                         f"({self.world_size} in all) through srun; nothing was started.")
+            lines.append(self._allocation_line())
         lines += [f"note: {n}" for n in self.notices]
         pending = unresolved(self.deepspeed)
         if pending:
@@ -63,6 +66,15 @@ class RunPlan:
         lines += ["DeepSpeed config:", json.dumps(self.deepspeed, indent=2), "",
                   estimate.describe(self.deepspeed, self.world_size)]
         return "\n".join(lines)
+
+    def _allocation_line(self) -> str:
+        """Return where a --slurm run's step would go: the kernel's job, or the salloc nbtrain would run."""
+        if self.slurm_job is not None:
+            return f"allocation: in SLURM job {self.slurm_job} (the kernel's allocation), as a step with --overlap"
+        cfg = self.config
+        argv = salloc_command("nbtrain-<run id>", self.nodes, self.nproc, cfg.partition, cfg.time_limit,
+                              cfg.account, cfg.gpus_per_node)
+        return f"allocation: none here (no SLURM_JOB_ID), nbtrain would request one: {' '.join(argv)}"
 
 
 def load_base(source: str | Mapping[str, Any] | None) -> dict[str, Any]:
@@ -125,4 +137,9 @@ def plan_run(cfg: TrainConfig, machine: MachineFacts, base: Mapping[str, Any] | 
     deepspeed = resolve_batch(rendered.deepspeed, nproc * max(1, len(hosts), nodes))
     return RunPlan(cfg, deepspeed, nproc, tuple(notices) + rendered.notices, machine, resume_from,
                    hosts=tuple(hosts), launcher="slurm" if cfg.slurm else cfg.multinode_launcher or "pdsh",
-                   nodes=nodes)
+                   nodes=nodes, slurm_job=_slurm_job(os.environ) if cfg.slurm else None)
+
+
+def _slurm_job(environ: Mapping[str, str]) -> str | None:
+    inside = allocation(environ)
+    return inside[0] if inside else None

@@ -231,6 +231,18 @@ def node_count(nodes: int | None, environ: Mapping[str, str]) -> int:
     return inside[1] if inside else 1
 
 
+def salloc_command(name: str, nodes: int, nproc: int, partition: str | None, time_limit: str | None,
+                   account: str | None, gpus_per_node: int | None) -> list[str]:
+    """Return the salloc command line of an allocation for `nodes` x `nproc` tasks (the launcher runs it)."""
+    argv = ["salloc", "--no-shell", "--job-name", name, "-N", str(nodes), "--ntasks-per-node", str(nproc)]
+    for flag, value in (("-p", partition), ("-t", time_limit), ("-A", account)):
+        if value:
+            argv += [flag, value]
+    if gpus_per_node:
+        argv += ["--gpus-per-node", str(gpus_per_node)]
+    return argv
+
+
 # -- the checks ---------------------------------------------------------------------------
 
 def slurm_problems(config: TrainConfig, environ: Mapping[str, str] | None = None) -> list[Problem]:

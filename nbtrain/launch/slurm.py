@@ -41,6 +41,7 @@ from pathlib import Path
 from typing import Any
 
 from nbtrain.config.plan import RunPlan
+from nbtrain.config.slurm import salloc_command
 from nbtrain.launch.launcher import (
     ALIVE_FD_ENV,
     COLLECTIVE_TIMEOUT_ENV,
@@ -57,7 +58,6 @@ from nbtrain.launch.slurm_allocation import (
     missing_tools,
     probe_shared,
     request_allocation,
-    salloc_command,
     scancel,
 )
 from nbtrain.launch.slurm_protocol import LAUNCHED_VARIABLE, REPORT_MARK, expand_hostlist

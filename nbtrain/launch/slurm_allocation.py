@@ -91,18 +91,6 @@ def current_allocation(environ: Mapping[str, str]) -> Allocation | None:
     return Allocation(job, owned=False, environ=dict(environ)) if job else None
 
 
-def salloc_command(name: str, nodes: int, nproc: int, partition: str | None, time_limit: str | None,
-                   account: str | None, gpus_per_node: int | None) -> list[str]:
-    """Return the salloc command line of an allocation for `nodes` x `nproc` tasks."""
-    argv = ["salloc", "--no-shell", "--job-name", name, "-N", str(nodes), "--ntasks-per-node", str(nproc)]
-    for flag, value in (("-p", partition), ("-t", time_limit), ("-A", account)):
-        if value:
-            argv += [flag, value]
-    if gpus_per_node:
-        argv += ["--gpus-per-node", str(gpus_per_node)]
-    return argv
-
-
 def request_allocation(argv: list[str], name: str, environ: dict[str, str], run: RunDirectory,
                        publish: Callable[[dict[str, object]], object]) -> Allocation:
     """Run `argv` (salloc) until SLURM grants the job, publishing its queue state each second.
