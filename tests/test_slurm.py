@@ -187,6 +187,9 @@ def test_a_rerun_starts_in_the_warm_tasks_on_nbtrains_allocation_until_shutdown(
     assert status_of(warm)["workers"]["warm"], status_of(warm)["workers"]
     assert losses(warm) == losses(cold) and len(losses(warm)) == 3
     assert nbtrain_jobs(slurm) == [job], "the rerun did not stay in the same allocation"
+    # Regression (issue 17 review): a warm rerun's status.json had no `slurm` record, only the cold run said its job.
+    job_id = job.split()[0]
+    assert status_of(cold)["slurm"]["job"] == job_id and status_of(warm)["slurm"] == {"job": job_id, "owned": True}
     assert "2 SLURM tasks on 2 node(s)" in workers and all(node in workers for node in slurm.nodes), workers
     firsts = [status_of(run)["timings"]["first_step_s"] for run in (cold, warm)]
     print(f"\nfirst step after the cell started: cold {firsts[0]:.1f} s (allocation, probe, srun, imports), "

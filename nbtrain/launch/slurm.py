@@ -220,6 +220,8 @@ class SlurmGroup:
 
         self.run = run
         self.guard.serve(run)
+        if "slurm" not in run.status():  # a warm rerun: say which job it runs in, as a cold run's record does
+            run.write_status(slurm={"job": self.allocation.job_id, "owned": self.allocation.owned})
         self.reserve = reserve_space(run)
         self._reports = [[] for _ in range(self.world_size)]
         self.failure, self.failed_rank = None, None
