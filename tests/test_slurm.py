@@ -324,6 +324,8 @@ def test_a_run_directory_the_nodes_do_not_share_is_refused_naming_run_dir(
     assert out.error is not None and "--run-dir" in out.error.text, out.text
     assert "not on a filesystem that SLURM's nodes share" in out.error.text and slurm.nodes[1] in out.error.text
     assert slurm.nodes[0] not in out.error.text.split("share:")[1].split("cannot")[0], out.error.text
+    # Regression (issue 17 review): the refusal said "nothing was started" after an allocation came and went.
+    assert "nothing was started" not in out.error.text and "nbtrain's allocation was released" in out.error.text
     assert status_of(only(tmp_path, "unshared"))["state"] == "failed"
     print(f"\nthe user saw: {out.error.text}")
     assert_nothing_left(slurm, "the refusal")

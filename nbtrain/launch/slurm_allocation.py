@@ -22,7 +22,7 @@ import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
-from nbtrain.errors import ConfigError, Problem, RunFailed
+from nbtrain.errors import Problem, RunFailed
 from nbtrain.rundir import RunDirectory
 
 COMMAND_TIMEOUT_S = 20.0
@@ -168,8 +168,13 @@ def probe_shared(run: RunDirectory, allocation: Allocation, nodes: int, python: 
         raise RunFailed(f"run {run.run_id} failed: the srun probe step in SLURM job {allocation.job_id} failed "
                         f"(code {code_}): {err.strip()[-500:]}")
     if blind:
-        raise ConfigError([Problem("--run-dir", str(run.path.parent),
-                                   f"the run directory is not on a filesystem that SLURM's nodes share: "
-                                   f"{', '.join(blind)} cannot read {run.path}",
-                                   "put the runs folder on a shared filesystem (home or a cluster filesystem "
-                                   "mounted on every node) with --run-dir DIR")])
+        # Not a ConfigError ("nothing was started"): the allocation was requested and the run folder exists.
+        problem = Problem("--run-dir", str(run.path.parent),
+                          f"the run directory is not on a filesystem that SLURM's nodes share: "
+                          f"{', '.join(blind)} cannot read {run.path}",
+                          "put the runs folder on a shared filesystem (home or a cluster filesystem "
+                          "mounted on every node) with --run-dir DIR")
+        ended = ("nbtrain's allocation was released" if allocation.owned
+                 else "no workers were started in it")
+        raise RunFailed(f"run {run.run_id} failed before its workers started (SLURM job {allocation.job_id}: "
+                        f"{ended}): {problem}")
