@@ -97,17 +97,23 @@ def test_two_hosts_of_two_processes_under_zero3_match_four_processes_on_one(host
     assert {p.name for p in (two / "heartbeats").iterdir()} == {f"rank-{r}.json" for r in range(4)}
 
 
+def assert_a_rank_raising_fails_the_run(kernel: Kernel, launch: str, root: Path, where: str) -> None:
+    """Run a cell whose rank 1 raises ValueError on `launch` (the flags that put it on another machine, `where`):
+    the cell's error names the rank, the exception and the cell's line, and the run is marked failed by rank 1."""
+    cell = LOOP.format(misbehave=f"if bigtrain.rank == 1:\n            raise ValueError('bad batch on {where}')")
+    out = kernel.execute(f"%%bigtrain {launch} --nproc 1 --steps 40 --micro-batch 4 --no-plot --name bad\n{cell}",
+                         allow_error=True, timeout=180)
+    assert out.error is not None, out.text
+    assert f"rank 1 raised ValueError: bad batch on {where} (cell line 11)" in out.error.text
+    assert 'File "<bigtrain cell>", line 11' in out.error.text
+    status = status_of(only(root, "bad"))
+    assert (status["state"], status["failed_rank"]) == ("failed", 1)
+
+
 def test_a_rank_raising_on_a_remote_host_fails_the_run_with_its_traceback(hosts: tuple[Cluster, Kernel],
                                                                            tmp_path: Path) -> None:
     c, kernel = hosts
-    cell = LOOP.format(misbehave="if bigtrain.rank == 1:\n            raise ValueError('bad batch on the second host')")
-    out = kernel.execute(f"%%bigtrain --hosts node0,node1 --nproc 1 --steps 40 --micro-batch 4 --no-plot --name bad\n"
-                         f"{cell}", allow_error=True, timeout=180)
-    assert out.error is not None, out.text
-    assert "rank 1 raised ValueError: bad batch on the second host (cell line 11)" in out.error.text
-    assert 'File "<bigtrain cell>", line 11' in out.error.text
-    status = status_of(only(tmp_path, "bad"))
-    assert (status["state"], status["failed_rank"]) == ("failed", 1)
+    assert_a_rank_raising_fails_the_run(kernel, "--hosts node0,node1", tmp_path, "the second host")
     assert leftovers(c) == {}, "a worker outlived the failed run on a host"
 
 

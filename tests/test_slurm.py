@@ -23,9 +23,10 @@ from nbtrain.launch.slurm_protocol import expand_hostlist
 from nbtrain.rundir import RunDirectory
 from nbtrain.rundir.progress import read_startup
 from nbtrain.worker.slurm import rank_variables
-from tests.conftest import LOOP, NOTEBOOK_SETUP, losses, status_of
+from tests.conftest import NOTEBOOK_SETUP, losses, status_of
 from tests.kernel import Kernel
 from tests.slurm import SlurmCluster  # its fixtures `slurm`, `slurm_shared` come through tests/conftest.py
+from tests.test_multinode import assert_a_rank_raising_fails_the_run, only
 
 integration = pytest.mark.integration  # the real cluster's tests; the unit tests below run everywhere
 
@@ -75,11 +76,6 @@ def outside(slurm: SlurmCluster, tmp_path: Path) -> Iterator[Kernel]:
         yield kernel
     finally:
         kernel.shutdown()
-
-
-def only(root: Path, name: str) -> Path:
-    (found,) = (root / "bigtrain-runs").glob(f"*-{name}-*")
-    return found
 
 
 def nbtrain_jobs(sc: SlurmCluster) -> list[str]:
@@ -284,14 +280,7 @@ def test_the_kernels_death_cancels_nbtrains_allocation(slurm: SlurmCluster, outs
 @integration
 def test_a_rank_raising_fails_the_run_with_its_traceback_and_ends_the_step(
         slurm: SlurmCluster, outside: Kernel, tmp_path: Path) -> None:
-    cell = LOOP.format(misbehave="if bigtrain.rank == 1:\n            raise ValueError('bad batch on the second node')")
-    out = outside.execute(f"%%bigtrain --slurm --nodes 2 --nproc 1 --steps 40 --micro-batch 4 --no-plot --name bad\n"
-                          f"{cell}", allow_error=True, timeout=180)
-    assert out.error is not None, out.text
-    assert "rank 1 raised ValueError: bad batch on the second node (cell line 11)" in out.error.text
-    assert 'File "<bigtrain cell>", line 11' in out.error.text
-    status = status_of(only(tmp_path, "bad"))
-    assert (status["state"], status["failed_rank"]) == ("failed", 1)
+    assert_a_rank_raising_fails_the_run(outside, "--slurm --nodes 2", tmp_path, "the second node")
     assert_nothing_left(slurm, "a failing rank")
 
 
