@@ -228,7 +228,8 @@ def collective_timeout_s(hang_timeout: float) -> float:
 # (trim) and serves large blocks with mmap/munmap: every training step then page-faults fresh
 # zeroed pages for the same temporaries it freed a step earlier. Measured on the benchmark's
 # GPT-2 (2 CPU workers): ~1,500 page faults a step before, ~870 with these settings (the rest
-# is DeepSpeed's reduce bucket, which is above any threshold), ~1.5 ms less system CPU a step.
+# is DeepSpeed's reduce bucket, which is above any threshold), less system CPU on every step
+# (figures: benchmarks/README.md).
 # Blocks under 32 MiB (glibc's own upper limit for the threshold) come from the heap, and up to
 # 256 MiB of freed heap stays mapped while the run trains; after a run the warm worker gives it
 # back explicitly (malloc_trim in nbtrain.worker.isolation.release_memory).
