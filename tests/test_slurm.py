@@ -13,7 +13,9 @@ import re
 import threading
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -25,7 +27,7 @@ from nbtrain.rundir.progress import read_startup
 from nbtrain.worker.slurm import rank_variables
 from tests.conftest import NOTEBOOK_SETUP, losses, status_of
 from tests.kernel import Kernel
-from tests.slurm import SlurmCluster  # its fixtures `slurm`, `slurm_shared` come through tests/conftest.py
+from tests.slurm import Allocation, SlurmCluster  # its fixtures `slurm`, `slurm_shared` come through tests/conftest.py
 from tests.test_multinode import assert_a_rank_raising_fails_the_run, only
 
 integration = pytest.mark.integration  # the real cluster's tests; the unit tests below run everywhere
@@ -76,6 +78,27 @@ def outside(slurm: SlurmCluster, tmp_path: Path) -> Iterator[Kernel]:
         yield kernel
     finally:
         kernel.shutdown()
+
+
+@contextmanager
+def allocated(sc: SlurmCluster, nodes: int = 2, **salloc: Any) -> Iterator[Allocation]:
+    """An allocation of the test's own (nodes kept busy, or a kernel's home), cancelled at the end."""
+    alloc = sc.salloc(nodes, **salloc)
+    try:
+        yield alloc
+    finally:
+        sc.scancel(alloc)
+
+
+@contextmanager
+def kernel_inside(sc: SlurmCluster, root: Path, **salloc: Any) -> Iterator[tuple[Allocation, Kernel]]:
+    """A kernel started inside an allocation (as JupyterLab under salloc would be), both ended at the end."""
+    with allocated(sc, **salloc) as alloc:
+        kernel = start_kernel(root, alloc.env)
+        try:
+            yield alloc, kernel
+        finally:
+            kernel.shutdown()
 
 
 def nbtrain_jobs(sc: SlurmCluster) -> list[str]:
@@ -208,6 +231,13 @@ def assert_nothing_left(sc: SlurmCluster, what: str) -> None:
     wait_until(lambda: sc.strays() == {}, 30, f"every task gone from the nodes after {what} ({sc.strays()})")
 
 
+def assert_ended(root: Path, name: str, state: str, words: str) -> dict[str, Any]:
+    """Assert the run `name` ended in `state` with `words` in its reason (both shown when not); return its status."""
+    status = status_of(only(root, name))
+    assert status["state"] == state and words in str(status.get("reason")), (status["state"], status.get("reason"))
+    return status
+
+
 @integration
 def test_scancel_from_outside_stops_the_run_with_slurms_word(
         slurm: SlurmCluster, outside: Kernel, tmp_path: Path) -> None:
@@ -215,8 +245,7 @@ def test_scancel_from_outside_stops_the_run_with_slurms_word(
     (job,) = nbtrain_jobs(slurm)
     slurm.run("scancel", job.split()[0])
     out = outside.execute("handle.wait()", allow_error=True, timeout=120)
-    status = status_of(only(tmp_path, "cancelled"))
-    assert status["state"] == "stopped" and "CANCELLED" in status["reason"], (status["state"], status.get("reason"))
+    status = assert_ended(tmp_path, "cancelled", "stopped", "CANCELLED")
     assert "cancelled from outside nbtrain" in out.text, out.text
     assert_nothing_left(slurm, "scancel")
     print(f"\nscancel from outside -> the user saw: {status['reason']}")
@@ -238,43 +267,44 @@ def test_a_lost_node_fails_the_run_with_node_fail(
     wait_until(lambda: slurm.strays() == {}, 60, f"every task gone from the nodes ({slurm.strays()})")
 
 
-@integration
-def test_interrupting_the_cell_ends_every_task_and_gives_the_allocation_back(
-        slurm: SlurmCluster, outside: Kernel, tmp_path: Path) -> None:
-    outside.execute(f"%%bigtrain --slurm --nodes 2 --nproc 1 --steps 100000 --micro-batch 4 --no-plot "
-                    f"--name interrupted\n{FIT}", interrupt_after=40, allow_error=True, timeout=180)
-    status = status_of(only(tmp_path, "interrupted"))
-    assert status["state"] == "stopped" and "interrupted" in status["reason"], (status["state"], status.get("reason"))
-    assert_nothing_left(slurm, "an interrupt")
+def interrupt_the_cell(kernel: Kernel, root: Path) -> None:
+    kernel.execute(f"%%bigtrain --slurm --nodes 2 --nproc 1 --steps 100000 --micro-batch 4 --no-plot "
+                   f"--name stopped\n{FIT}", interrupt_after=40, allow_error=True, timeout=180)
 
 
-@integration
-def test_stop_from_jupyterlab_ends_every_task(slurm: SlurmCluster, outside: Kernel,
-                                              tmp_path: Path) -> None:
+def stop_from_jupyterlab(kernel: Kernel, root: Path) -> None:
     import asyncio
 
     from nbtrain.server.workers import stop_run
 
-    start_in_the_background(outside, "lab")
+    start_in_the_background(kernel, "stopped")
     loop = asyncio.new_event_loop()  # not asyncio.run: later server tests need a current loop
     try:
-        loop.run_until_complete(stop_run(RunDirectory(only(tmp_path, "lab")), grace_s=5))
+        loop.run_until_complete(stop_run(RunDirectory(only(root, "stopped")), grace_s=5))
     finally:
         loop.close()
-    outside.execute("handle.wait()", allow_error=True, timeout=60)
-    status = status_of(only(tmp_path, "lab"))
-    assert status["state"] == "stopped" and "stopped from JupyterLab" in status["reason"], (status["state"], status.get("reason"))
-    assert_nothing_left(slurm, "Stop")
+    kernel.execute("handle.wait()", allow_error=True, timeout=60)
+
+
+def kill_the_kernel(kernel: Kernel, root: Path) -> None:
+    start_in_the_background(kernel, "stopped")
+    kernel.kill()
+
+
+# How a user (or fate) stops a run -> the words its reason must hold.
+STOPS = {"an interrupt": (interrupt_the_cell, "interrupted"),
+         "Stop from JupyterLab": (stop_from_jupyterlab, "stopped from JupyterLab"),
+         "the kernel's death": (kill_the_kernel, "the kernel died")}
 
 
 @integration
-def test_the_kernels_death_cancels_nbtrains_allocation(slurm: SlurmCluster, outside: Kernel,
-                                                       tmp_path: Path) -> None:
-    start_in_the_background(outside, "orphan")
-    outside.kill()
-    assert_nothing_left(slurm, "the kernel's death")
-    status = status_of(only(tmp_path, "orphan"))
-    assert status["state"] == "stopped" and "the kernel died" in status["reason"], (status["state"], status.get("reason"))
+@pytest.mark.parametrize("how", list(STOPS))
+def test_each_way_of_stopping_ends_every_task_and_gives_nbtrains_allocation_back(
+        how: str, slurm: SlurmCluster, outside: Kernel, tmp_path: Path) -> None:
+    stop, words = STOPS[how]
+    stop(outside, tmp_path)
+    assert_nothing_left(slurm, how)
+    assert_ended(tmp_path, "stopped", "stopped", words)
 
 
 @integration
@@ -325,8 +355,7 @@ def test_the_allocations_time_limit_fails_the_run_with_timeout(
         slurm: SlurmCluster, outside: Kernel, tmp_path: Path) -> None:
     start_in_the_background(outside, "late", extra="--time 1")  # one minute
     out = outside.execute("handle.wait()", allow_error=True, timeout=240)
-    status = status_of(only(tmp_path, "late"))
-    assert status["state"] == "failed" and "TIMEOUT" in status["reason"], (status["state"], status.get("reason"))
+    status = assert_ended(tmp_path, "late", "failed", "TIMEOUT")
     assert out.error is not None and "time limit" in out.error.text, out.text
     assert_nothing_left(slurm, "the time limit")
     print(f"\n--time 1 ran out -> the user saw: {status['reason']}")
@@ -335,48 +364,33 @@ def test_the_allocations_time_limit_fails_the_run_with_timeout(
 @integration
 def test_interrupting_a_request_still_pending_takes_it_out_of_the_queue(
         slurm: SlurmCluster, outside: Kernel, tmp_path: Path) -> None:
-    busy = slurm.salloc(2)
-    try:
+    with allocated(slurm):  # every node busy: nbtrain's request waits
         outside.execute(f"%%bigtrain --slurm --nodes 2 --nproc 1 --steps 2 --no-plot --name waiting\n{FIT}",
                         interrupt_after=8, allow_error=True, timeout=60)
-        status = status_of(only(tmp_path, "waiting"))
-        assert status["state"] == "stopped" and "before the workers started" in status["reason"], (status["state"], status.get("reason"))
+        status = assert_ended(tmp_path, "waiting", "stopped", "before the workers started")
         assert status["slurm"]["state"] == "PENDING", (status["state"], status.get("reason"))
         assert nbtrain_jobs(slurm) == [], "the pending request was left in the queue"
-    finally:
-        slurm.scancel(busy)
 
 
 @integration
 def test_inside_the_users_allocation_the_kernels_death_ends_the_step_but_keeps_the_allocation(
         slurm: SlurmCluster, tmp_path: Path) -> None:
-    alloc = slurm.salloc(2)
-    kernel = start_kernel(tmp_path, alloc.env)
-    try:
+    with kernel_inside(slurm, tmp_path) as (alloc, kernel):
         start_in_the_background(kernel, "theirs")
         kernel.kill()
         wait_until(lambda: slurm.strays() == {}, 30, f"every task gone from the nodes ({slurm.strays()})")
         assert [(j.job_id, j.state) for j in slurm.squeue()] == [(alloc.job_id, "RUNNING")]
-        status = status_of(only(tmp_path, "theirs"))
-        assert status["state"] == "stopped" and "job step was cancelled" in status["reason"], (status["state"], status.get("reason"))
-    finally:
-        kernel.shutdown()
-        slurm.scancel(alloc)
+        assert_ended(tmp_path, "theirs", "stopped", "job step was cancelled")
 
 
 @integration
 def test_a_step_srun_refuses_fails_the_run_with_sruns_own_words(
         slurm: SlurmCluster, tmp_path: Path) -> None:
-    alloc = slurm.salloc(2, exclusive=False)  # one CPU per node: no room for two tasks on a node
-    kernel = start_kernel(tmp_path, alloc.env)
-    try:
+    # One CPU per node: no room for two tasks on a node.
+    with kernel_inside(slurm, tmp_path, exclusive=False) as (_, kernel):
         out = kernel.execute(f"%%bigtrain --slurm --nproc 2 --steps 2 --no-plot --name cramped\n{FIT}",
                              allow_error=True, timeout=120)
-    finally:
-        kernel.shutdown()
-        slurm.scancel(alloc)
-    status = status_of(only(tmp_path, "cramped"))
-    assert status["state"] == "failed" and "srun: error:" in status["reason"], (status["state"], status.get("reason"))
+    status = assert_ended(tmp_path, "cramped", "failed", "srun: error:")
     assert out.error is not None and "srun: error:" in out.error.text
     print(f"\nthe user saw: {status['reason']}")
 
@@ -386,8 +400,7 @@ def test_the_kernels_death_while_the_request_is_pending_takes_it_out_of_the_queu
         slurm: SlurmCluster, outside: Kernel, tmp_path: Path) -> None:
     import psutil
 
-    busy = slurm.salloc(2)
-    try:
+    with allocated(slurm):  # every node busy: nbtrain's request waits
         outside.client.execute(f"%%bigtrain --slurm --nodes 2 --nproc 1 --steps 2 --no-plot --name dying\n{FIT}")
         runs = tmp_path / "bigtrain-runs"
         wait_until(lambda: any(status_of(p).get("slurm", {}).get("state") == "PENDING" for p in runs.glob("*-dying-*")),
@@ -399,5 +412,3 @@ def test_the_kernels_death_while_the_request_is_pending_takes_it_out_of_the_queu
                    30, "nbtrain's salloc gone")
         status = status_of(only(tmp_path, "dying"))
         assert status["state"] == "stopped" and "allocation was cancelled" in status["reason"], status.get("reason")
-    finally:
-        slurm.scancel(busy)
