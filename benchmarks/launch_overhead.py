@@ -128,6 +128,9 @@ def main() -> None:
             warm = run_ours(kernel, workdir, cold=False)
             idle = idle_worker_mib(kernel)
             pairs.append(dashboard.telemetry_pair(kernel, workdir, rep))
+            # Both sides start alone: our cold run has no worker before it (run_ours ends the warm
+            # ones), so torchrun gets no idle warm worker beside it either.
+            kernel.execute("%bigtrain shutdown")
             plain = run_plain(config, workdir)
             worst = max(abs(a - b) for side in (ours, warm)
                         for a, b in zip(side["losses"], plain["losses"], strict=True))

@@ -56,3 +56,13 @@ def test_workers_reuse_freed_memory_instead_of_faulting_in_fresh_pages_every_ste
     # A value the user set for a worker wins.
     monkeypatch.setenv("MALLOC_TRIM_THRESHOLD_", "0")
     assert worker_environment(0, 1, 0, -1, 1)["MALLOC_TRIM_THRESHOLD_"] == "0"
+
+
+def test_workers_on_other_hosts_get_the_same_malloc_settings(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Regression: pdsh/standard launches forwarded only a fixed list of variables, without these."""
+    from nbtrain.launch.cluster import worker_exports
+
+    for key in MALLOC_SETTINGS:
+        monkeypatch.delenv(key, raising=False)
+    exports = worker_exports(nproc=1, hang_timeout_s=60, tag="run-1")
+    assert {key: exports.get(key) for key in MALLOC_SETTINGS} == MALLOC_SETTINGS

@@ -41,6 +41,7 @@ from nbtrain.config.hosts import Host, check_launcher, check_reachable, world_in
 from nbtrain.errors import ConfigError, Problem
 from nbtrain.launch.launcher import (
     COLLECTIVE_TIMEOUT_ENV,
+    MALLOC_SETTINGS,
     STOP_GRACE_S,
     collective_timeout_s,
     default_threads,
@@ -56,7 +57,7 @@ if TYPE_CHECKING:
 # Variables the workers need besides what DeepSpeed's runner forwards by prefix (PYTHON*, …);
 # the kernel's other variables stay on the head (they may hold secrets).
 FORWARDED = ("OMP_NUM_THREADS", "TORCH_EXTENSIONS_DIR", "ACCELERATE_USE_DEEPSPEED", "NBTRAIN_LAUNCHED_AT",
-             COLLECTIVE_TIMEOUT_ENV, "PYTHONPATH", "PYTHONUNBUFFERED")
+             COLLECTIVE_TIMEOUT_ENV, "PYTHONPATH", "PYTHONUNBUFFERED", *MALLOC_SETTINGS)
 FORWARDED_PREFIXES = ("GLOO_", "NCCL_", "TP_SOCKET_IFNAME", "NBTRAIN_SSH_ARGS")
 HANDSHAKE_TIMEOUT_S = 30.0
 
