@@ -16,6 +16,11 @@ export const LOAD_CELL = '%load_ext nbtrain';
 /** The cell magic's name: code, not text to translate. */
 export const MAGIC = '%%bigtrain';
 
+/** What a command that takes no arguments says of them (the command palette's schema). */
+export const NO_ARGS = {
+  args: { type: 'object' as const, properties: {} }
+};
+
 /** The template of "Insert %%bigtrain cell": the common flags, and the loop in one call. */
 export const BIGTRAIN_TEMPLATE = `%%bigtrain --nproc 2 --zero 2 --precision fp32 --micro-batch 8 --steps 100 --lr 1e-3 --name my-run
 # Runs on every rank; \`bigtrain\` is the run context. make_model, train_data and loss_fn come from earlier cells.
@@ -88,7 +93,7 @@ export function registerNotebookCommands(
   trans: TranslationBundle
 ): void {
   app.commands.addCommand('nbtrain:insert-cell', {
-    describedBy: { args: { type: 'object', properties: {} } },
+    describedBy: NO_ARGS,
     // The magic goes in as an argument: gettext's formatting turns a literal %% into %.
     label: trans.__('Insert %1 cell', MAGIC),
     caption: trans.__(
@@ -106,7 +111,7 @@ export function registerNotebookCommands(
     }
   });
   app.commands.addCommand('nbtrain:open-config', {
-    describedBy: { args: { type: 'object', properties: {} } },
+    describedBy: NO_ARGS,
     label: trans.__('Open config panel'),
     caption: trans.__(
       'Insert and run a cell showing nbtrain.ConfigPanel: DeepSpeed settings with live validation'
@@ -119,7 +124,7 @@ export function registerNotebookCommands(
     }
   });
   app.commands.addCommand('nbtrain:open-tutorial', {
-    describedBy: { args: { type: 'object', properties: {} } },
+    describedBy: NO_ARGS,
     label: trans.__('Open tutorial…'),
     caption: trans.__(
       "Copy one of nbtrain's tutorial notebooks into the workspace and open it"

@@ -22,7 +22,7 @@ import { DisposableDelegate } from '@lumino/disposable';
 // The commands (their labels and menu entries), the sidebar and the status item exist from
 // JupyterLab's start: activation needs these three modules at once.
 // eslint-disable-next-line jupyter/prefer-lazy-imports
-import { MAGIC, registerNotebookCommands } from './commands';
+import { MAGIC, NO_ARGS, registerNotebookCommands } from './commands';
 import { intervalsFromSettings } from './intervals';
 import { RunsModel } from './model';
 import type { RunPanel } from './runpanel';
@@ -116,7 +116,7 @@ const plugin: JupyterFrontEndPlugin<void> = {
       execute: args => openRun(String(args.id))
     });
     app.commands.addCommand('nbtrain:show-runs', {
-      describedBy: { args: { type: 'object', properties: {} } },
+      describedBy: NO_ARGS,
       label: trans.__('Show BigTrain runs'),
       icon: bigtrainIcon,
       execute: () => app.shell.activateById(sidebar.id)
@@ -152,7 +152,7 @@ const plugin: JupyterFrontEndPlugin<void> = {
       rank: 90
     });
     app.commands.addCommand('nbtrain:new-notebook', {
-      describedBy: { args: { type: 'object', properties: {} } },
+      describedBy: NO_ARGS,
       label: trans.__('BigTrain notebook'),
       caption: trans.__(
         'A new notebook with nbtrain loaded and a %1 cell',
