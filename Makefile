@@ -34,7 +34,7 @@ test-unit: setup
 	$(PYTEST) -q -m "not integration and not browser and not gpu and not package" tests $(NOTESTS)
 
 test-integration: setup
-	$(PYTEST) -q -m "integration and not gpu" tests $(NOTESTS)
+	$(PYTEST) -q --durations=15 -m "integration and not gpu" tests $(NOTESTS)
 
 test-notebooks: setup
 	$(PYTEST) -q --nbval notebooks --nbval-sanitize-with notebooks/sanitize.cfg
