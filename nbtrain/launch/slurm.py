@@ -38,7 +38,7 @@ import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from nbtrain.config.plan import RunPlan
 from nbtrain.config.slurm import salloc_command
@@ -59,9 +59,13 @@ from nbtrain.launch.slurm_allocation import (
     probe_shared,
     request_allocation,
     scancel,
+    unshared_failure,
 )
 from nbtrain.launch.slurm_protocol import LAUNCHED_VARIABLE, REPORT_MARK, expand_hostlist
 from nbtrain.rundir import RunDirectory
+
+if TYPE_CHECKING:
+    from nbtrain.relay.head import Relay
 
 # What an outer allocation or step (JupyterLab started by salloc, sbatch or `srun --pty`) leaves
 # in the kernel's environment that srun would apply to the workers' step: CPU binding to the
@@ -175,6 +179,7 @@ class SlurmGroup:
     failure: str | None = None
     failed_rank: int | None = None
     reserve: Path | None = None
+    relays: list[Relay] = field(default_factory=list)  # for nodes that do not see the run directory
     _reports: list[list[str]] = field(default_factory=list)
     _stopping: bool = False
     _ended: bool = False
@@ -239,7 +244,10 @@ class SlurmGroup:
         if None in self._done() and self.failure is None:
             self._notice_end()
         ended = self.failure is not None or self.srun.poll() is not None
-        return [1 if ended and code is None else code for code in self._done()]  # after _notice_end's drain
+        codes = [1 if ended and code is None else code for code in self._done()]  # after _notice_end's drain
+        if codes == [0] * len(codes):
+            self._sync_relays()  # the ranks' results, outputs and records reach the head first
+        return codes
 
     def _done(self) -> list[int | None]:
         return [0 if "done" in reports else None for reports in self._reports]
@@ -261,6 +269,7 @@ class SlurmGroup:
             self._reader.join(DRAIN_S)  # the last reports may still be on their way
         if None not in self._done():
             return
+        self._sync_relays()
         if self.run.errors():
             return  # a rank raised: its own error is the reason (nbtrain.launch.run._failure_reason)
         said = self._srun_error()
@@ -295,8 +304,13 @@ class SlurmGroup:
                             "step ended")
         self.failure = f"{said}: {why}; every task of the step ended"
 
+    def _sync_relays(self) -> None:
+        for relay in self.relays:
+            relay.sync(timeout=10)
+
     def alive(self) -> bool:
-        return self.srun.poll() is None and self.failure is None
+        # Relays carry one run's directory: a step with relays serves that run only.
+        return self.srun.poll() is None and self.failure is None and not self.relays
 
     def running(self) -> bool:
         return self.srun.poll() is None
@@ -369,6 +383,8 @@ class SlurmGroup:
         """End every task of the step (srun kills the step on SIGTERM), then give back nbtrain's allocation."""
         begun = time.monotonic()
         self._stopping = True
+        for relay in self.relays:
+            relay.sync(timeout=2)  # the last records first
         if self.srun.poll() is None:
             self.srun.send_signal(signal.SIGTERM)
             try:
@@ -395,6 +411,12 @@ class SlurmGroup:
         if self._ended:
             return
         self._ended = True
+        # The tasks have ended: what they wrote last (after `done`: their logs' and metrics' ends)
+        # is on their nodes now; carry it before the relays go.
+        self._sync_relays()
+        for relay in self.relays:
+            relay.stop("the run ended", timeout=5)
+            relay.close()
         self.allocation.release()
         self.guard.disarm()
 
@@ -441,6 +463,7 @@ def launch_slurm(run: RunDirectory, plan: RunPlan, hang_timeout_s: float, thread
     allocation = current_allocation(os.environ)
     guard = Guard(name, allocation.job_id if allocation else None, owned=allocation is None, environ=environ)
     guard.serve(run)  # the kernel may die while salloc waits
+    relays: list[Relay] = []
     try:
         if allocation is None:
             argv = salloc_command(name, plan.nodes, plan.nproc, cfg.partition, cfg.time_limit, cfg.account,
@@ -449,7 +472,8 @@ def launch_slurm(run: RunDirectory, plan: RunPlan, hang_timeout_s: float, thread
         else:
             allocation.environ = environ
             run.write_status(slurm={"job": allocation.job_id, "owned": False})
-        probe_shared(run, allocation, plan.nodes, sys.executable)
+        relays = relay_to(probe_shared(run, allocation, plan.nodes, sys.executable), run, allocation, name,
+                          plan.nproc)
         port = free_port()
         log = open(run.launcher_log, "ab")
         try:
@@ -461,12 +485,42 @@ def launch_slurm(run: RunDirectory, plan: RunPlan, hang_timeout_s: float, thread
         finally:
             log.close()
     except BaseException as exc:
+        for relay in relays:
+            relay.stop("the run did not start", timeout=5)
+            relay.close()
         if allocation is not None:
             allocation.release()
         guard.disarm()
         _finish_unstarted(run, exc)
         raise
-    return SlurmGroup(run, srun, allocation, guard, name, plan.nodes, plan.nproc, port)
+    return SlurmGroup(run, srun, allocation, guard, name, plan.nodes, plan.nproc, port, relays=relays)
+
+
+def relay_to(blind: Mapping[str, int], run: RunDirectory, allocation: Allocation, name: str,
+             nproc: int) -> list[Relay]:
+    """Start a relay on each node that does not see the run directory, carried by srun's stdin and stdout.
+
+    The relay (the one that runs over ssh for --hosts) copies the run's input files there and
+    carries that node's ranks' files back as they are written. It runs as a one-task step of
+    the run's own name, so that the guard's and Stop's cancels reach it too.
+    """
+    from nbtrain.relay.head import Relay, RelayError, relay_argv
+
+    relays: list[Relay] = []
+    try:
+        for node, index in sorted(blind.items(), key=lambda item: item[1]):
+            ranks = range(index * nproc, (index + 1) * nproc)
+            argv = ["srun", "--jobid", allocation.job_id, "--overlap", "-N1", "-n1", "-w", node, "--job-name", name,
+                    *relay_argv(run.path, ranks, host=node, tag=name)]
+            relays.append(Relay(node, run.path, ranks, tag=name, command=argv, environ=allocation.environ))
+        for relay in relays:
+            relay.handshake(timeout=60)
+            relay.send_files()
+    except (RelayError, OSError) as e:
+        for relay in relays:
+            relay.close()
+        raise unshared_failure(run, allocation, blind, str(e)) from e
+    return relays
 
 
 def _finish_unstarted(run: RunDirectory, exc: BaseException) -> None:

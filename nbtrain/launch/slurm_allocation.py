@@ -19,7 +19,7 @@ import shutil
 import subprocess
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 
 from nbtrain.errors import Problem, RunFailed
@@ -142,16 +142,17 @@ def missing_tools(environ: Mapping[str, str]) -> list[str]:
     return [tool for tool in ("srun", "salloc", "squeue", "scancel", "scontrol") if shutil.which(tool, path=path) is None]
 
 
-def probe_shared(run: RunDirectory, allocation: Allocation, nodes: int, python: str) -> None:
-    """Refuse a run directory that the allocation's nodes do not see (a tiny srun step reads a token there)."""
+def probe_shared(run: RunDirectory, allocation: Allocation, nodes: int, python: str) -> dict[str, int]:
+    """Return the nodes of the step that do not see the run directory, with their index in the step
+    (SLURM_NODEID: the ranks of node k are k*nproc...), from a tiny srun step that reads a token there."""
     import secrets
 
     token = secrets.token_hex(8)
     probe = run.path / ".slurm-probe"
     probe.write_text(token)
-    code = ("import socket,sys; p=sys.argv[1]\n"
+    code = ("import os,socket,sys; p=sys.argv[1]\n"
             "try: seen=open(p).read()\nexcept OSError as e: seen=repr(e)\n"
-            "print(socket.gethostname(), seen)")
+            "print(socket.gethostname(), os.environ.get('SLURM_NODEID', '?'), seen)")
     argv = ["srun", "--jobid", allocation.job_id, "-N", str(nodes), "--ntasks-per-node", "1", "--overlap",
             "--kill-on-bad-exit=1", python, "-c", code, str(probe)]
     try:
@@ -162,19 +163,24 @@ def probe_shared(run: RunDirectory, allocation: Allocation, nodes: int, python: 
         out, err, code_ = "", "the probe step did not end within 120 s", None
     finally:
         probe.unlink(missing_ok=True)
-    lines = [line.split(None, 1) for line in out.splitlines() if line.strip()]
-    blind = sorted(parts[0] for parts in lines if len(parts) < 2 or parts[1].strip() != token)
+    lines = [line.split(None, 2) for line in out.splitlines() if line.strip()]
+    blind = {parts[0]: int(parts[1]) for parts in lines
+             if len(parts) == 3 and parts[1].isdigit() and parts[2].strip() != token}
     if code_ != 0 and not blind:
         raise RunFailed(f"run {run.run_id} failed: the srun probe step in SLURM job {allocation.job_id} failed "
                         f"(code {code_}): {err.strip()[-500:]}")
-    if blind:
-        # Not a ConfigError ("nothing was started"): the allocation was requested and the run folder exists.
-        problem = Problem("--run-dir", str(run.path.parent),
-                          f"the run directory is not on a filesystem that SLURM's nodes share: "
-                          f"{', '.join(blind)} cannot read {run.path}",
-                          "put the runs folder on a shared filesystem (home or a cluster filesystem "
-                          "mounted on every node) with --run-dir DIR")
-        ended = ("nbtrain's allocation was released" if allocation.owned
-                 else "no workers were started in it")
-        raise RunFailed(f"run {run.run_id} failed before its workers started (SLURM job {allocation.job_id}: "
-                        f"{ended}): {problem}")
+    return blind
+
+
+def unshared_failure(run: RunDirectory, allocation: Allocation, blind: Iterable[str], why: str) -> RunFailed:
+    """Return the failure of a run whose directory some nodes do not see and whose files could not be carried."""
+    # Not a ConfigError ("nothing was started"): the allocation was requested and the run folder exists.
+    problem = Problem("--run-dir", str(run.path.parent),
+                      f"the run directory is not on a filesystem that SLURM's nodes share: "
+                      f"{', '.join(sorted(blind))} cannot read {run.path}, and relaying its files there failed "
+                      f"({why})",
+                      "put the runs folder on a shared filesystem (home or a cluster filesystem "
+                      "mounted on every node) with --run-dir DIR")
+    ended = "nbtrain's allocation was released" if allocation.owned else "no workers were started in it"
+    return RunFailed(f"run {run.run_id} failed before its workers started (SLURM job {allocation.job_id}: "
+                     f"{ended}): {problem}")
