@@ -61,6 +61,7 @@ from nbtrain.launch.slurm_allocation import (
     scancel,
     unshared_failure,
 )
+from nbtrain.launch.slurm_guard import step_ids
 from nbtrain.launch.slurm_protocol import LAUNCHED_VARIABLE, REPORT_MARK, expand_hostlist
 from nbtrain.rundir import RunDirectory
 
@@ -400,9 +401,7 @@ class SlurmGroup:
         return time.monotonic() - begun
 
     def _cancel_step(self) -> None:
-        listed = subprocess.run(["squeue", "-h", "-s", "-j", self.allocation.job_id, "-o", "%i|%j"],
-                                capture_output=True, text=True, env=self.allocation.environ, timeout=20).stdout
-        steps = [line.split("|", 1)[0] for line in listed.splitlines() if line.strip().endswith(f"|{self.name}")]
+        steps = step_ids(self.allocation.job_id, self.name, self.allocation.environ, timeout=20)
         if steps:
             scancel(steps, self.allocation.environ, "--signal=KILL")
 

@@ -17,6 +17,14 @@ import argparse
 import os
 import subprocess
 import sys
+from collections.abc import Mapping
+
+
+def step_ids(job: str, name: str, env: Mapping[str, str], timeout: float = 30) -> list[str]:
+    """Return the ids (J.S) of job `job`'s steps named `name` (a run's workers and relays)."""
+    listed = subprocess.run(["squeue", "-h", "-s", "-j", job, "-o", "%i|%j"], env=dict(env), capture_output=True,
+                            text=True, timeout=timeout, check=False).stdout
+    return [line.split("|", 1)[0] for line in listed.splitlines() if line.strip().endswith(f"|{name}")]
 
 
 def cancel(name: str, job: str | None, owned: bool) -> None:
@@ -27,9 +35,7 @@ def cancel(name: str, job: str | None, owned: bool) -> None:
         return
     if job is None:
         return
-    listed = subprocess.run(["squeue", "-h", "-s", "-j", job, "-o", "%i|%j"], env=env, capture_output=True,
-                            text=True, timeout=30, check=False).stdout
-    steps = [line.split("|", 1)[0] for line in listed.splitlines() if line.strip().endswith(f"|{name}")]
+    steps = step_ids(job, name, env)
     if steps:
         subprocess.run(["scancel", *steps], env=env, timeout=30, check=False)
 
