@@ -92,37 +92,49 @@ export function registerNotebookCommands(
   tracker: INotebookTracker,
   trans: TranslationBundle
 ): void {
-  app.commands.addCommand('nbtrain:insert-cell', {
-    describedBy: NO_ARGS,
+  // The two commands that work on the current notebook (a new one when none is open).
+  const addNotebookCommand = (
+    id: string,
+    label: string,
+    caption: string,
+    run: (panel: NotebookPanel) => Promise<void>
+  ): void => {
+    app.commands.addCommand(id, {
+      describedBy: NO_ARGS,
+      label,
+      caption,
+      execute: async () => run(await currentNotebook(app, tracker))
+    });
+  };
+  addNotebookCommand(
+    'nbtrain:insert-cell',
     // The magic goes in as an argument: gettext's formatting turns a literal %% into %.
-    label: trans.__('Insert %1 cell', MAGIC),
-    caption: trans.__(
+    trans.__('Insert %1 cell', MAGIC),
+    trans.__(
       'Insert a %1 cell with the common flags (and %2 where it is missing)',
       MAGIC,
       LOAD_CELL
     ),
-    execute: async () => {
-      const panel = await currentNotebook(app, tracker);
+    async panel => {
       insertCells(
         panel,
         hasLoadExt(panel) ? [BIGTRAIN_TEMPLATE] : [LOAD_CELL, BIGTRAIN_TEMPLATE]
       );
       panel.content.activate();
     }
-  });
-  app.commands.addCommand('nbtrain:open-config', {
-    describedBy: NO_ARGS,
-    label: trans.__('Open config panel'),
-    caption: trans.__(
+  );
+  addNotebookCommand(
+    'nbtrain:open-config',
+    trans.__('Open config panel'),
+    trans.__(
       'Insert and run a cell showing nbtrain.ConfigPanel: DeepSpeed settings with live validation'
     ),
-    execute: async () => {
-      const panel = await currentNotebook(app, tracker);
+    async panel => {
       insertCells(panel, [CONFIG_PANEL_CELL]);
       await panel.sessionContext.ready;
       await NotebookActions.run(panel.content, panel.sessionContext);
     }
-  });
+  );
   app.commands.addCommand('nbtrain:open-tutorial', {
     describedBy: NO_ARGS,
     label: trans.__('Open tutorial…'),
