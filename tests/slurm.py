@@ -95,7 +95,10 @@ _HOSTS_LOCK = Path(tempfile.gettempdir()) / "nbtrain-slurm-hosts.lock"
 _SETTLE = 30.0  # seconds for the nodes to come up or the jobs to end (a lost node's: SlurmdTimeout and more)
 _STEPS_GONE = 10.0  # seconds for the processes to leave the nodes once no job is left
 _serial = itertools.count()
-DEFAULT_PARTITIONS: dict[str, dict[str, Any]] = {"debug": {"nodes": "all", "max_time": "INFINITE", "default": True}}
+# "urgent" is a higher tier on the same nodes: a job there preempts (cancels) the jobs of "debug",
+# as an urgent queue does on a real cluster (PreemptType=preempt/partition_prio, PreemptMode=CANCEL).
+DEFAULT_PARTITIONS: dict[str, dict[str, Any]] = {"debug": {"nodes": "all", "max_time": "INFINITE", "default": True},
+                                                 "urgent": {"nodes": "all", "priority_tier": 10}}
 
 
 def skip_unless_slurm() -> None:
@@ -316,8 +319,9 @@ def _configure(hosts: netns.Cluster, directory: Path, tag: str, cpus: int, gpus:
     nodes = list(node_of.values())
     addresses = {node_of[alias]: hosts.addresses[alias] for alias in hosts.hosts}
     for part, spec in partitions.items():
-        if unknown := sorted(set(spec) - {"nodes", "max_time", "default"}):
-            raise ValueError(f"partitions[{part!r}]: unknown keys {unknown}; give nodes, max_time, default")
+        if unknown := sorted(set(spec) - {"nodes", "max_time", "default", "priority_tier"}):
+            raise ValueError(f"partitions[{part!r}]: unknown keys {unknown}; give nodes, max_time, default, "
+                             "priority_tier")
     members = {name: _partition_nodes(name, spec.get("nodes", "all"), nodes) for name, spec in partitions.items()}
     defaults = [name for name, spec in partitions.items() if spec.get("default")] or [next(iter(partitions))]
     if len(defaults) > 1:
@@ -346,6 +350,8 @@ def _configure(hosts: netns.Cluster, directory: Path, tag: str, cpus: int, gpus:
         # A lost node is noticed within seconds, a cancelled step is killed after 2 s.
         "SlurmdTimeout=5", "MessageTimeout=5", "KillWait=2", "InactiveLimit=0",
         "SchedulerParameters=sched_interval=1",
+        # Only partitions of a higher PriorityTier preempt, and only the jobs of lower ones.
+        "PreemptType=preempt/partition_prio", "PreemptMode=CANCEL",
     ]
     if gpus:
         lines.append("GresTypes=gpu")
@@ -359,7 +365,8 @@ def _configure(hosts: netns.Cluster, directory: Path, tag: str, cpus: int, gpus:
     lines += [f"NodeName={n} NodeAddr={a} CPUs={cpus} RealMemory=1000{gres} State=UNKNOWN" for n, a in addresses.items()]
     for part, spec in partitions.items():
         lines.append(f"PartitionName={part} Nodes={','.join(members[part])} MaxTime={spec.get('max_time', 'INFINITE')} "
-                     f"Default={'YES' if part == defaults[0] else 'NO'} State=UP")
+                     f"Default={'YES' if part == defaults[0] else 'NO'} "
+                     f"PriorityTier={spec.get('priority_tier', 1)} State=UP")
     conf = directory / "slurm.conf"
     conf.write_text("\n".join(lines) + "\n")
     # The v1 cgroup plugin with nothing constrained: slurmd refuses to start without a cgroup.conf.

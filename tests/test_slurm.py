@@ -267,6 +267,20 @@ def test_a_lost_node_fails_the_run_with_node_fail(
     wait_until(lambda: slurm.strays() == {}, 60, f"every task gone from the nodes ({slurm.strays()})")
 
 
+@integration
+def test_preemption_by_a_higher_tier_fails_the_run_with_preempted(
+        slurm: SlurmCluster, outside: Kernel, tmp_path: Path) -> None:
+    start_in_the_background(outside, "preempted")
+    # A job of the "urgent" partition (a higher PriorityTier on the same nodes) takes them: SLURM
+    # cancels nbtrain's job as PREEMPTED.
+    with allocated(slurm, partition="urgent", job_name="urgent"):
+        out = outside.execute("handle.wait()", allow_error=True, timeout=120)
+        status = assert_ended(tmp_path, "preempted", "failed", "PREEMPTED")
+        assert out.error is not None and "the job was preempted" in out.error.text, out.text
+        assert_nothing_left(slurm, "preemption")
+    print(f"\npreempted by an urgent job -> the user saw: {status['reason']}")
+
+
 def interrupt_the_cell(kernel: Kernel, root: Path) -> None:
     kernel.execute(f"%%bigtrain --slurm --nodes 2 --nproc 1 --steps 100000 --micro-batch 4 --no-plot "
                    f"--name stopped\n{FIT}", interrupt_after=40, allow_error=True, timeout=180)

@@ -69,7 +69,7 @@ def test_the_cluster_s_env_alone_reaches_its_own_munged_and_controller(slurm: Sl
     sc = slurm
     only = {"PATH": sc.env["PATH"], "SLURM_CONF": sc.env["SLURM_CONF"]}
     done = subprocess.run(["sinfo", "-h", "-o", "%P %D %t"], env=only, capture_output=True, text=True, timeout=30)
-    assert done.stdout.split() == [f"{sc.partition}*", "2", "idle"], done.stderr
+    assert done.stdout.split() == [f"{sc.partition}*", "2", "idle", "urgent", "2", "idle"], done.stderr
     config = sc.run("scontrol", "show", "config").stdout
     assert f"socket={sc.directory / 'munge.socket'}" in config
     without = {"PATH": sc.env["PATH"]}  # no SLURM_CONF: the system's (absent) configuration
