@@ -8,6 +8,7 @@ the `integration` tests run it over ssh on namespace hosts with private run dire
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import os
@@ -397,12 +398,22 @@ def private_cluster(runs_root: Path) -> Iterator[Cluster]:
         yield c
 
 
+@contextlib.contextmanager
+def relay_to_node1(c: Cluster, head: Path, *, timeout_s: float, cleanup_s: float = 10) -> Iterator[Relay]:
+    """A relay from `head` to node1's rank 1; closed after, and then nothing may be left on the hosts."""
+    relay = Relay("node1", head, [1], environ=c.env, timeout_s=timeout_s)
+    try:
+        yield relay
+    finally:
+        relay.close()
+    wait_for(lambda: c.strays() == {}, cleanup_s, f"nothing left on the hosts (left: {c.strays()})")
+
+
 @pytest.mark.integration
 def test_over_ssh_the_inputs_reach_the_host_and_its_rank_s_files_reach_the_head(
         private_cluster: Cluster, runs_root: Path) -> None:
     c, head = private_cluster, make_run(runs_root)
-    relay = Relay("node1", head, [1], environ=c.env, timeout_s=3)
-    try:
+    with relay_to_node1(c, head, timeout_s=3) as relay:
         assert relay.handshake(timeout=20).shared is False, "the hosts do not share runs_root"
         relay.send_files()
         assert relay.sync()
@@ -440,9 +451,6 @@ def test_over_ssh_the_inputs_reach_the_host_and_its_rank_s_files_reach_the_head(
         assert read_records(metrics)[0][-1] == {"step": 21, "rank": 1, "loss": 0.25}
         bye = relay.stop("the run ended")
         assert bye is not None and bye["killed"], "stop must end node1's worker and say so"
-    finally:
-        relay.close()
-    wait_for(lambda: c.strays() == {}, 10, f"nothing left on the hosts (left: {c.strays()})")
 
 
 @pytest.mark.integration
@@ -485,25 +493,23 @@ def test_a_cut_link_ends_the_host_s_workers_and_the_head_names_the_host_lost(
 def test_sending_inputs_over_a_cut_link_fails_instead_of_hanging(private_cluster: Cluster, runs_root: Path) -> None:
     c, head = private_cluster, make_run(runs_root)
     (head / "inputs.pkl").write_bytes(os.urandom(16 << 20))  # more than ssh's window and the pipe hold
-    relay = Relay("node1", head, [1], environ=c.env, timeout_s=2)
-    try:
+    # The link is back before the hosts are checked: sshd's sessions learn then that their client is gone.
+    with relay_to_node1(c, head, timeout_s=2, cleanup_s=30) as relay:
         relay.handshake(timeout=20)
         c.cut("node1")
-        begun = time.monotonic()
-        with pytest.raises(RelayError, match="host node1: the relay closed while inputs.pkl was being sent"):
-            relay.send_files()
-        assert time.monotonic() - begun < 10, "ssh's keep-alive should have ended the blocked transfer"
-    finally:
-        relay.close()
-        c.restore("node1")
-    wait_for(lambda: c.strays() == {}, 30, f"nothing left on the hosts (left: {c.strays()})")
+        try:
+            begun = time.monotonic()
+            with pytest.raises(RelayError, match="host node1: the relay closed while inputs.pkl was being sent"):
+                relay.send_files()
+            assert time.monotonic() - begun < 10, "ssh's keep-alive should have ended the blocked transfer"
+        finally:
+            c.restore("node1")
 
 
 @pytest.mark.integration
 def test_killing_the_head_side_ssh_ends_the_host_s_workers(private_cluster: Cluster, runs_root: Path) -> None:
     c, head = private_cluster, make_run(runs_root)
-    relay = Relay("node1", head, [1], environ=c.env, timeout_s=5)
-    try:
+    with relay_to_node1(c, head, timeout_s=5) as relay:
         relay.handshake(timeout=20)
         pid = relay.start_workers([sys.executable, "-c", SLEEPER])
         wait_for(lambda: relay.remote_workers == [pid], 5, "node1's beat names its worker")
@@ -512,9 +518,6 @@ def test_killing_the_head_side_ssh_ends_the_host_s_workers(private_cluster: Clus
         gone = wait_for(lambda: not remote_tagged(c, "node1", head.name), 10, "node1's worker ended")
         assert gone < 4, f"the worker outlived its head's ssh by {gone:.1f} s"
         assert relay.lost == "the ssh connection to node1 was killed by SIGKILL", relay.lost
-    finally:
-        relay.close()
-    wait_for(lambda: c.strays() == {}, 10, f"nothing left on the hosts (left: {c.strays()})")
 
 
 KERNEL = '''
