@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import psutil
@@ -98,6 +98,13 @@ def only_run(root: Path) -> Path:
 
 def status_of(run: Path) -> dict:
     return json.loads((run / "status.json").read_text())
+
+
+def has_trained(root: Path, name: str) -> Callable[[], bool]:
+    """Return a condition: the run `name` under `root` has logged a step (to interrupt it mid-training)."""
+    def condition() -> bool:
+        return any(f.stat().st_size for f in (root / "bigtrain-runs").glob(f"*-{name}-*/metrics/rank-0.jsonl"))
+    return condition
 
 
 def losses(run: Path) -> list[float]:

@@ -6,7 +6,7 @@ import os
 import queue
 import signal
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -69,15 +69,20 @@ class Kernel:
     def pid(self) -> int:
         return int(self.manager.provisioner.pid)  # type: ignore[union-attr]
 
-    def execute(self, code: str, timeout: float = 300, interrupt_after: float | None = None,
+    def execute(self, code: str, timeout: float = 300, interrupt_after: float | Callable[[], bool] | None = None,
                 allow_error: bool = False) -> Execution:
-        """Run `code` as a cell and collect its outputs until the kernel is idle again."""
+        """Run `code` as a cell and collect its outputs until the kernel is idle again.
+
+        `interrupt_after` interrupts the kernel once the cell has run that many seconds, or once
+        the callable returns True (e.g. when the cell's run has trained a step).
+        """
         msg_id = self.client.execute(code)
         run = Execution(started=time.time())
         deadline = run.started + timeout
         interrupted = False
         while True:
-            if interrupt_after is not None and not interrupted and time.time() - run.started > interrupt_after:
+            if not interrupted and (interrupt_after() if callable(interrupt_after) else
+                                    interrupt_after is not None and time.time() - run.started > interrupt_after):
                 self.manager.interrupt_kernel()
                 interrupted = True
             try:

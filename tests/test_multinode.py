@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import LOOP, NOTEBOOK_SETUP, losses, status_of
+from tests.conftest import LOOP, NOTEBOOK_SETUP, has_trained, losses, status_of
 from tests.kernel import Kernel
 from tests.netns import INTERFACE, Cluster, cluster
 
@@ -148,7 +148,8 @@ def test_interrupting_a_multi_node_run_ends_every_worker_on_every_host(hosts: tu
                                                                        tmp_path: Path) -> None:
     c, kernel = hosts
     kernel.execute(f"%%bigtrain --hosts node0,node1 --nproc 1 --steps 100000 --micro-batch 4 --no-plot "
-                   f"--name stopped\n{FIT}", interrupt_after=15, allow_error=True, timeout=120)
+                   f"--name stopped\n{FIT}", interrupt_after=has_trained(tmp_path, "stopped"), allow_error=True,
+                   timeout=120)
     assert leftovers(c) == {}, f"workers survived the interrupt: {leftovers(c)}"
     assert status_of(only(tmp_path, "stopped"))["state"] == "stopped"
 

@@ -9,7 +9,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from tests.conftest import NOTEBOOK_SETUP, losses, status_of, wait_until_gone, worker_processes
+from tests.conftest import NOTEBOOK_SETUP, has_trained, losses, status_of, wait_until_gone, worker_processes
 from tests.kernel import Kernel
 
 pytestmark = pytest.mark.integration
@@ -140,7 +140,7 @@ def test_a_failed_run_and_an_interrupted_run_lead_to_fresh_workers(kernel: Kerne
     after_failure = run(kernel, tmp_path, "")
     assert workers_of(after_failure)["note"] == "fresh workers (no warm workers)"
     kernel.execute("%%bigtrain --nproc 2 --steps 100000 --micro-batch 8 --no-plot --name stopped\n" + FIT,
-                   interrupt_after=8, allow_error=True)
+                   interrupt_after=has_trained(tmp_path, "stopped"), allow_error=True)
     assert not worker_processes(str(tmp_path)), "workers survived the interrupt"
     after_interrupt = run(kernel, tmp_path, "")
     assert workers_of(after_interrupt)["note"] == "fresh workers (no warm workers)"

@@ -25,7 +25,7 @@ from nbtrain.launch.slurm_protocol import expand_hostlist
 from nbtrain.rundir import RunDirectory
 from nbtrain.rundir.progress import read_startup
 from nbtrain.worker.slurm import rank_variables
-from tests.conftest import NOTEBOOK_SETUP, losses, status_of
+from tests.conftest import NOTEBOOK_SETUP, has_trained, losses, status_of
 from tests.kernel import Kernel
 from tests.slurm import Allocation, SlurmCluster  # its fixtures `slurm`, `slurm_shared` come through tests/conftest.py
 from tests.test_multinode import assert_a_rank_raising_fails_the_run, only
@@ -283,7 +283,8 @@ def test_preemption_by_a_higher_tier_fails_the_run_with_preempted(
 
 def interrupt_the_cell(kernel: Kernel, root: Path) -> None:
     kernel.execute(f"%%bigtrain --slurm --nodes 2 --nproc 1 --steps 100000 --micro-batch 4 --no-plot "
-                   f"--name stopped\n{FIT}", interrupt_after=40, allow_error=True, timeout=180)
+                   f"--name stopped\n{FIT}", interrupt_after=has_trained(root, "stopped"), allow_error=True,
+                   timeout=180)
 
 
 def stop_from_jupyterlab(kernel: Kernel, root: Path) -> None:
