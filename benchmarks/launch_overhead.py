@@ -127,7 +127,7 @@ def main() -> None:
             config = config or ours["config"]
             warm = run_ours(kernel, workdir, cold=False)
             idle = idle_worker_mib(kernel)
-            pairs.append(dashboard.telemetry_pair(kernel, workdir, rep))
+            pairs += dashboard.telemetry_pairs(kernel, workdir)
             # Both sides start alone: our cold run has no worker before it (run_ours ends the warm
             # ones), so torchrun gets no idle warm worker beside it either.
             kernel.execute("%bigtrain shutdown")
