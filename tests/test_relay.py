@@ -198,6 +198,34 @@ def test_the_watcher_sends_new_bytes_partial_lines_included_and_nothing_when_not
     assert (head / "metrics" / "rank-1.jsonl").read_text() == '{"step": 9}\n', "the head's copy must be the host's file"
 
 
+def test_an_empty_file_on_the_host_is_made_on_the_head_and_a_new_empty_one_empties_the_head_s(
+        tmp_path: Path) -> None:
+    # Regression: an empty relayed file (a rank's log that got no line) was never made on the head,
+    # and a file made anew empty left the head's copy with the old file's bytes.
+    (tmp_path / "logs").mkdir()
+    watcher, head = FileWatcher(tmp_path, relayed_files([1])), tmp_path / "head"
+
+    def deliver() -> None:
+        for message in watcher.changes():
+            reader = FrameReader(io.BytesIO(message))
+            header = reader.header()
+            assert header is not None
+            apply_change(head, header, reader.payload(header["size"]) or b"", watcher.files)
+
+    log = tmp_path / "logs" / "rank-1.log"
+    log.touch()
+    deliver()
+    assert (head / "logs" / "rank-1.log").read_bytes() == b""
+    assert list(watcher.changes()) == [], "an unchanged empty file must cost no message"
+    log.write_text("line\n")
+    deliver()
+    assert (head / "logs" / "rank-1.log").read_text() == "line\n"
+    log.unlink()
+    log.touch()
+    deliver()
+    assert (head / "logs" / "rank-1.log").read_bytes() == b"", "the head kept the old file's bytes"
+
+
 def test_the_ssh_command_has_no_terminal_and_keeps_the_user_s_ssh_options_first() -> None:
     argv = relay_command("node1", Path("/runs/r"), [2, 3], python="/env/bin/python", timeout_s=6,
                          environ={"NBTRAIN_SSH_ARGS": "-F /c/ssh_config -o ServerAliveInterval=9"})

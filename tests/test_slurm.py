@@ -366,9 +366,8 @@ def test_a_node_that_does_not_see_the_run_directory_gets_its_files_through_a_rel
     assert "rank 1 of 2" in (run / "logs/launcher.log").read_text()  # rank 1 ran on the node that cannot see
     assert len(losses(run)) == 4
     assert written["utilization/rank-1.jsonl"].strip(), "rank 1 wrote no utilization records on its node"
-    for name, text in written.items():  # an empty file stays empty on the node and is not made on the head
-        head = (run / name).read_text() if (run / name).exists() else ""
-        assert head == text, f"{name} did not reach the head whole"
+    for name, text in written.items():  # an empty one too: the head has it, empty
+        assert (run / name).read_text() == text, f"{name} did not reach the head whole"
     assert {p.name for p in (run / "heartbeats").iterdir()} == {"rank-0.json", "rank-1.json"}
     assert_nothing_left(slurm, "the relayed run")
 

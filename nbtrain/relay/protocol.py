@@ -208,7 +208,7 @@ class FileWatcher:
             # First sight, or the file was made anew: the head's copy starts over, so that it
             # is this file byte for byte whatever the head held before (an earlier relay's copy).
             sent, truncate = 0, True
-        if st.st_size == sent:
+        if st.st_size == sent and not truncate:
             return
         try:
             with open(path, "rb") as f:
@@ -216,8 +216,8 @@ class FileWatcher:
                     f.seek(sent)
                     # A partial last line goes as it is; its end follows in a later message.
                     piece = f.read(MAX_CHUNK)
-                    if not piece:
-                        break
+                    if not piece and not truncate:
+                        break  # (a new file that is empty still goes once, empty: the head makes it too)
                     yield encode("append", piece, path=relative, offset=sent, truncate=truncate)
                     sent += len(piece)
                     truncate = False
