@@ -186,6 +186,7 @@ class SlurmGroup:
     _ended: bool = False
     _next_state_check: float = 0.0
     _reader: threading.Thread | None = None
+    _task_nodes: list[str] | None = None  # a step keeps its nodes: squeue is asked once
 
     def __post_init__(self) -> None:
         self._reports = [[] for _ in range(self.world_size)]
@@ -361,11 +362,20 @@ class SlurmGroup:
 
     def task_nodes(self) -> list[str]:
         """Return the node of each rank (the step's nodes, --ntasks-per-node tasks on each, in order)."""
+        if self._task_nodes is None:
+            nodes = self._step_nodes()
+            if not nodes:
+                return ["?"] * self.world_size  # squeue did not list the step (yet): ask again next time
+            self._task_nodes = [nodes[rank // self.nproc] if rank // self.nproc < len(nodes) else "?"
+                                for rank in range(self.world_size)]
+        return self._task_nodes
+
+    def _step_nodes(self) -> list[str]:
+        """Return the nodes squeue lists for this step, in order ([] when it lists none)."""
         listed = subprocess.run(["squeue", "-h", "-s", "-j", self.allocation.job_id, "-o", "%j|%N"],
                                 capture_output=True, text=True, env=self.allocation.environ, timeout=20).stdout
         nodelist = next((line.split("|", 1)[1] for line in listed.splitlines() if line.startswith(f"{self.name}|")), "")
-        nodes = expand_hostlist(nodelist) if nodelist.strip() else []
-        return [nodes[rank // self.nproc] if rank // self.nproc < len(nodes) else "?" for rank in range(self.world_size)]
+        return expand_hostlist(nodelist) if nodelist.strip() else []
 
     def ended_words(self) -> str:
         """Return what `%bigtrain shutdown` ended, for the user."""
