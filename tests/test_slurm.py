@@ -21,6 +21,7 @@ import pytest
 
 from nbtrain.commands import runs_table
 from nbtrain.launch.slurm import step_environment
+from nbtrain.launch.slurm_allocation import blind_nodes
 from nbtrain.launch.slurm_protocol import expand_hostlist
 from nbtrain.rundir import RunDirectory
 from nbtrain.rundir.progress import read_startup
@@ -39,6 +40,15 @@ def test_hostlists_expand_as_slurm_writes_them() -> None:
     assert expand_hostlist("node[1-2,5]") == ["node1", "node2", "node5"]
     assert expand_hostlist("a[01-03]b,login") == ["a01b", "a02b", "a03b", "login"]
     assert expand_hostlist("r[1-2]n[8-9]") == ["r1n8", "r1n9", "r2n8", "r2n9"]
+
+
+def test_the_probe_names_the_nodes_that_did_not_read_the_token_by_their_index() -> None:
+    out = ("n0 0 tok\n"
+           "n1 1 FileNotFoundError(2, 'No such file or directory')\n"
+           "n2 2 \n"  # read an empty file
+           "n3 ? other\n")  # no SLURM_NODEID: its ranks cannot be placed
+    assert blind_nodes(out, "tok") == ({"n1": 1, "n2": 2}, ["n3"])
+    assert blind_nodes("n0 0 tok\nn1 1 tok\n", "tok") == ({}, [])
 
 
 def test_a_task_gets_torchs_variables_from_slurms(monkeypatch: pytest.MonkeyPatch) -> None:

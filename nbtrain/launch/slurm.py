@@ -306,9 +306,9 @@ class SlurmGroup:
                             "step ended")
         self.failure = f"{said}: {why}; every task of the step ended"
 
-    def _sync_relays(self) -> None:
+    def _sync_relays(self, timeout: float = 10) -> None:
         for relay in self.relays:
-            relay.sync(timeout=10)
+            relay.sync(timeout=timeout)
 
     def alive(self) -> bool:
         # Relays carry one run's directory: a step with relays serves that run only.
@@ -394,8 +394,7 @@ class SlurmGroup:
         """End every task of the step (srun kills the step on SIGTERM), then give back nbtrain's allocation."""
         begun = time.monotonic()
         self._stopping = True
-        for relay in self.relays:
-            relay.sync(timeout=2)  # the last records first
+        self._sync_relays(timeout=2)  # the last records first
         if self.srun.poll() is None:
             self.srun.send_signal(signal.SIGTERM)
             try:
@@ -424,8 +423,7 @@ class SlurmGroup:
         # is on their nodes now; carry it before the relays go.
         self._sync_relays()
         for relay in self.relays:
-            relay.stop("the run ended", timeout=5)
-            relay.close()
+            relay.stop("the run ended", timeout=5)  # (stop closes it)
         self.allocation.release()
         self.guard.disarm()
 
@@ -496,7 +494,6 @@ def launch_slurm(run: RunDirectory, plan: RunPlan, hang_timeout_s: float, thread
     except BaseException as exc:
         for relay in relays:
             relay.stop("the run did not start", timeout=5)
-            relay.close()
         if allocation is not None:
             allocation.release()
         guard.disarm()

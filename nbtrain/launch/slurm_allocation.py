@@ -163,13 +163,31 @@ def probe_shared(run: RunDirectory, allocation: Allocation, nodes: int, python: 
         out, err, code_ = "", "the probe step did not end within 120 s", None
     finally:
         probe.unlink(missing_ok=True)
-    lines = [line.split(None, 2) for line in out.splitlines() if line.strip()]
-    blind = {parts[0]: int(parts[1]) for parts in lines
-             if len(parts) == 3 and parts[1].isdigit() and parts[2].strip() != token}
+    blind, unplaced = blind_nodes(out, token)
+    if unplaced:  # no node index: their ranks' files could not be carried to the right node
+        raise unshared_failure(run, allocation, unplaced, "their probe tasks had no SLURM_NODEID")
     if code_ != 0 and not blind:
         raise RunFailed(f"run {run.run_id} failed: the srun probe step in SLURM job {allocation.job_id} failed "
                         f"(code {code_}): {err.strip()[-500:]}")
     return blind
+
+
+def blind_nodes(probe_output: str, token: str) -> tuple[dict[str, int], list[str]]:
+    """Read the probe's `HOST SLURM_NODEID WHAT-IT-READ` lines: return the nodes that did not read
+    `token`, by their index in the step, and those among them with no index."""
+    blind: dict[str, int] = {}
+    unplaced: list[str] = []
+    for line in probe_output.splitlines():
+        if not line.strip():
+            continue
+        host, index, seen = ([*line.split(None, 2), "", ""])[:3]
+        if seen.strip() == token:
+            continue
+        if index.isdigit():
+            blind[host] = int(index)
+        else:
+            unplaced.append(host)
+    return blind, unplaced
 
 
 def unshared_failure(run: RunDirectory, allocation: Allocation, blind: Iterable[str], why: str) -> RunFailed:
