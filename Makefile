@@ -7,7 +7,7 @@ PYTEST  := $(PY) -m pytest -p no:cacheprovider
 # pytest exits 5 when a phase has no tests yet: say so instead of failing the phase.
 NOTESTS := || { rc=$$?; [ $$rc = 5 ] && echo "(no tests in this phase)" || exit $$rc; }
 
-.PHONY: setup demo test lint test-unit test-integration test-notebooks test-browser test-package test-gpu bench notebooks clean
+.PHONY: setup demo test lint test-unit test-integration test-integration-hosts test-integration-others test-notebooks test-browser test-package test-gpu bench notebooks clean
 
 $(STAMP): pyproject.toml .ci/setup-env
 	.ci/setup-env
@@ -33,8 +33,25 @@ lint: setup $(EXT_MODULES)
 test-unit: setup
 	$(PYTEST) -q -m "not integration and not browser and not gpu and not package" tests $(NOTESTS)
 
+# The integration tests in two parts: those on the namespace hosts and SLURM (marker `hosts`,
+# set by tests/conftest.py) mostly wait on daemons, cut links and SLURM's time limit, while the
+# others keep both cores busy. `make test` runs the two side by side (.ci/test-phases); so does
+# test-integration, the hosts' log following the other's output.
+integration = $(PYTEST) -q --durations=10 -m "integration and not gpu and $(1)" tests $(NOTESTS)
+test-integration-hosts: setup
+	$(call integration,hosts)
+
+test-integration-others: setup
+	$(call integration,not hosts)
+
+HOSTS_LOG := build/test-logs/integration-hosts.log
 test-integration: setup
-	$(PYTEST) -q --durations=15 -m "integration and not gpu" tests $(NOTESTS)
+	@mkdir -p $(dir $(HOSTS_LOG)); \
+	$(MAKE) --no-print-directory test-integration-hosts >$(HOSTS_LOG) 2>&1 & hosts=$$!; \
+	$(MAKE) --no-print-directory test-integration-others; rc=$$?; \
+	wait $$hosts; hosts_rc=$$?; \
+	echo "-- test-integration-hosts, run alongside ($(HOSTS_LOG)):"; cat $(HOSTS_LOG); \
+	[ $$rc = 0 ] && [ $$hosts_rc = 0 ]
 
 test-notebooks: setup
 	$(PYTEST) -q --nbval notebooks --nbval-sanitize-with notebooks/sanitize.cfg
@@ -60,18 +77,10 @@ test-gpu:
 	  $(PYTEST) -q -rs -m gpu $$(grep -l 'pytest.mark.gpu' tests/test_*.py) $(NOTESTS); \
 	fi
 
-# Every phase runs and prints its time; the target fails if any phase failed.
+# Every phase runs and prints its time; the target fails if any phase failed. After the unit
+# tests, the host tests and then the tutorials run alongside the other integration tests.
 test:
-	@start=$$(date +%s); fail=0; \
-	t=$$(date +%s); $(MAKE) --no-print-directory setup || exit 1; \
-	echo "== phase setup took $$(( $$(date +%s) - t )) s"; \
-	for phase in lint test-unit test-integration test-notebooks test-browser test-package; do \
-	  t=$$(date +%s); \
-	  $(MAKE) --no-print-directory $$phase || fail=1; \
-	  echo "== phase $$phase took $$(( $$(date +%s) - t )) s"; \
-	done; \
-	echo "== make test took $$(( $$(date +%s) - start )) s"; \
-	exit $$fail
+	@.ci/test-phases
 
 # The multi-node benchmark needs root (namespace hosts, a real 2-node SLURM cluster) and is not
 # part of `make bench`: .venv/bin/python benchmarks/multinode.py [--reps N] (benchmarks/README.md).

@@ -16,6 +16,21 @@ from tests.kernel import Kernel
 # the SLURM tests' shared cluster (fixtures `slurm_shared` and `slurm`, tests/slurm.py).
 pytest_plugins = ["tests.ui.fixtures", "tests.slurm"]
 
+@pytest.hookimpl(tryfirst=True)  # before `-m` selects by marks
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Mark `hosts` the tests that use the namespace hosts (tests/netns.py) or SLURM on them.
+
+    `make test-integration` runs them in a pytest session of their own alongside the other
+    integration tests: they mostly wait (on daemons, cut links, SLURM's time limit) while the
+    others keep both cores busy. Each session still runs its tests one at a time.
+    """
+    for item in items:
+        module = getattr(item, "module", None)
+        if module and any(getattr(value, "__module__", None) in ("tests.netns", "tests.slurm")
+                          for value in vars(module).values()):
+            item.add_marker(pytest.mark.hosts)
+
+
 # The "earlier cells" of the integration tests' notebook: a small model, data and a loss,
 # all defined in the kernel (so they reach the workers only by nbtrain's shipping).
 NOTEBOOK_SETUP = '''
