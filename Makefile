@@ -35,8 +35,8 @@ test-unit: setup
 
 # The integration tests in two parts: those on the namespace hosts and SLURM (marker `hosts`,
 # set by tests/conftest.py) mostly wait on daemons, cut links and SLURM's time limit, while the
-# others keep both cores busy. `make test` runs the two side by side (.ci/test-phases); so does
-# test-integration, the hosts' log following the other's output.
+# others keep both cores busy. test-integration runs the two side by side, and `make test` the
+# tutorials after the host tests (.ci/test-phases).
 integration = $(PYTEST) -q --durations=10 -m "integration and not gpu and $(1)" tests $(NOTESTS)
 test-integration-hosts: setup
 	$(call integration,hosts)
@@ -44,14 +44,8 @@ test-integration-hosts: setup
 test-integration-others: setup
 	$(call integration,not hosts)
 
-HOSTS_LOG := build/test-logs/integration-hosts.log
 test-integration: setup
-	@mkdir -p $(dir $(HOSTS_LOG)); \
-	$(MAKE) --no-print-directory test-integration-hosts >$(HOSTS_LOG) 2>&1 & hosts=$$!; \
-	$(MAKE) --no-print-directory test-integration-others; rc=$$?; \
-	wait $$hosts; hosts_rc=$$?; \
-	echo "-- test-integration-hosts, run alongside ($(HOSTS_LOG)):"; cat $(HOSTS_LOG); \
-	[ $$rc = 0 ] && [ $$hosts_rc = 0 ]
+	@.ci/test-phases integration
 
 test-notebooks: setup
 	$(PYTEST) -q --nbval notebooks --nbval-sanitize-with notebooks/sanitize.cfg
