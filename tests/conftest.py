@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from types import ModuleType
 
 import psutil
 import pytest
@@ -16,18 +18,25 @@ from tests.kernel import Kernel
 # the SLURM tests' shared cluster (fixtures `slurm_shared` and `slurm`, tests/slurm.py).
 pytest_plugins = ["tests.ui.fixtures", "tests.slurm"]
 
+@functools.cache
+def _uses_the_hosts(module: ModuleType) -> bool:
+    """Whether a test module takes anything from tests/netns.py or tests/slurm.py."""
+    return any(getattr(value, "__module__", None) in ("tests.netns", "tests.slurm") for value in vars(module).values())
+
+
 @pytest.hookimpl(tryfirst=True)  # before `-m` selects by marks
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     """Mark `hosts` the tests that use the namespace hosts (tests/netns.py) or SLURM on them.
 
     `make test-integration` runs them in a pytest session of their own alongside the other
     integration tests: they mostly wait (on daemons, cut links, SLURM's time limit) while the
-    others keep both cores busy. Each session still runs its tests one at a time.
+    others keep both cores busy. Each session still runs its tests one at a time. A test is
+    one of them if its module imports from those helpers or it uses the shared SLURM cluster
+    (fixture `slurm_shared`, also behind `slurm`), which needs no import.
     """
     for item in items:
         module = getattr(item, "module", None)
-        if module and any(getattr(value, "__module__", None) in ("tests.netns", "tests.slurm")
-                          for value in vars(module).values()):
+        if "slurm_shared" in getattr(item, "fixturenames", ()) or (module is not None and _uses_the_hosts(module)):
             item.add_marker(pytest.mark.hosts)
 
 
