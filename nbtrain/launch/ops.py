@@ -1,10 +1,19 @@
-"""Build DeepSpeed's CPU ops once, in one process (`python -m nbtrain.launch.ops`).
+"""DeepSpeed's CPU ops: build them once, in one process (`python -m nbtrain.launch.ops`), and
+ask py-cpuinfo once per machine for the flags they are loaded with.
 
 The first run on a machine JIT-compiles the ops; two ranks compiling the same op at once
 can fail. Building them here first (set-up does) makes the first run as fast as the next.
 """
 
 from __future__ import annotations
+
+import functools
+import json
+import os
+import socket
+import tempfile
+from pathlib import Path
+from typing import Any
 
 
 def build_cpu_ops() -> list[str]:
@@ -25,13 +34,74 @@ def build_cpu_ops() -> list[str]:
     return built
 
 
+def ask_cpuinfo_once(cache_dir: str) -> None:
+    """Make `cpuinfo.get_cpu_info()` answer from a per-boot file in `cache_dir` after its first real probe.
+
+    DeepSpeed asks py-cpuinfo for the CPU's arch and SIMD flags every time it loads a CPU op
+    (the compiler flags decide whether a cached build still fits, so even a cached op asks),
+    and for the vendor when it makes a CPU Adam. Each call starts a Python subprocess that
+    probes the CPU: about 1 s of CPU and of wall time, 2-3 times per rank and run. The CPU
+    does not change until the machine reboots, so the first answer on a host is kept, keyed
+    by host name and boot id, next to the ops whose flags it decides. Only `hz_actual` (the
+    clock at the probe) can be stale; DeepSpeed does not read it.
+    """
+    import cpuinfo
+
+    if getattr(cpuinfo.get_cpu_info, "_nbtrain_once", False):
+        return
+    probe = cpuinfo.get_cpu_info
+    path = _cpuinfo_file(cache_dir)
+
+    @functools.cache
+    def answer() -> dict[str, Any]:
+        if path is not None:
+            try:
+                return dict(json.loads(path.read_text()))
+            except (OSError, ValueError):
+                pass  # not probed on this boot yet, or cut short: probe again
+        info = probe()
+        if path is not None:
+            _write_atomically(path, json.dumps(info))
+        return info
+
+    @functools.wraps(probe)
+    def get_cpu_info() -> dict[str, Any]:
+        return dict(answer())  # a copy: a caller may change what it got
+
+    get_cpu_info._nbtrain_once = True  # type: ignore[attr-defined]
+    cpuinfo.get_cpu_info = get_cpu_info
+
+
+def _cpuinfo_file(cache_dir: str) -> Path | None:
+    """Return the file for this host and boot, or None where the boot has no id (not Linux)."""
+    try:
+        boot_id = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+    except OSError:
+        return None
+    return Path(cache_dir) / "cpuinfo" / f"{socket.gethostname()}-{boot_id}.json"
+
+
+def _write_atomically(path: Path, text: str) -> None:
+    """Write `text` to `path` whole or not at all (ranks of one host may write it at once); never raise."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
+    except OSError:
+        return  # a read-only cache: every process then probes once for itself
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except OSError:
+        Path(tmp).unlink(missing_ok=True)
+
+
 if __name__ == "__main__":
     import logging
-    import os
 
     from nbtrain.launch.launcher import ops_cache_dir
 
     os.environ.setdefault("TORCH_EXTENSIONS_DIR", ops_cache_dir())  # where the workers look
-
+    ask_cpuinfo_once(os.environ["TORCH_EXTENSIONS_DIR"])
     logging.disable(logging.WARNING)
     print("DeepSpeed CPU ops ready:", ", ".join(build_cpu_ops()))

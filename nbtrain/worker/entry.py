@@ -200,11 +200,13 @@ def join_process_group(current: CurrentRun) -> None:
     import torch
     from accelerate.state import PartialState
 
-    from nbtrain.launch.launcher import COLLECTIVE_TIMEOUT_ENV
+    from nbtrain.launch.launcher import COLLECTIVE_TIMEOUT_ENV, ops_cache_dir
+    from nbtrain.launch.ops import ask_cpuinfo_once
     from nbtrain.worker.timeline import watch_op_builds
 
     assert current.timeline is not None, "the first run's timeline is made before the imports"
     current.timeline.mark("imports_done")
+    ask_cpuinfo_once(os.environ.get("TORCH_EXTENSIONS_DIR") or ops_cache_dir())
     # Before anything builds an op (the process group may build the shared-memory comm op),
     # and before the clean process state is captured: the watcher stays for every run.
     watch_op_builds(lambda: current.timeline)
