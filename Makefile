@@ -7,13 +7,25 @@ PYTEST  := $(PY) -m pytest -p no:cacheprovider
 # pytest exits 5 when a phase has no tests yet: say so instead of failing the phase.
 NOTESTS := || { rc=$$?; [ $$rc = 5 ] && echo "(no tests in this phase)" || exit $$rc; }
 
-.PHONY: setup demo test lint test-unit test-integration test-integration-hosts test-integration-others test-notebooks test-browser test-package test-gpu bench notebooks clean
+.PHONY: setup environment ops demo test lint test-unit test-integration test-integration-hosts test-integration-others test-notebooks test-browser test-package test-gpu bench notebooks clean
 
 $(STAMP): pyproject.toml .ci/setup-env
 	.ci/setup-env
 	@touch $@
 
-setup: $(STAMP)
+# DeepSpeed's CPU ops, built once in one process: two ranks building the same op at once can
+# fail. Its own step, so that `make test` builds them alongside lint and the unit tests, which
+# need only the environment ($(STAMP)).
+OPS_STAMP := .venv/.nbtrain-ops-built
+$(OPS_STAMP): $(STAMP)
+	@began=$$SECONDS; $(PY) -m nbtrain.launch.ops && echo "== setup: DeepSpeed's CPU ops took $$((SECONDS - began)) s"
+	@touch $@
+
+setup: $(STAMP) $(OPS_STAMP)
+
+environment: $(STAMP)
+
+ops: $(OPS_STAMP)
 
 demo: setup
 	$(PY) .ci/run_notebook.py --html build/demo/01_quickstart.html notebooks/01_quickstart.ipynb
@@ -25,18 +37,18 @@ $(EXT_MODULES): extension/package-lock.json
 	cd extension && npm install --no-audit --no-fund
 	@touch $@
 
-lint: setup $(EXT_MODULES)
+lint: environment $(EXT_MODULES)
 	$(PY) -m ruff check nbtrain tests benchmarks .ci
 	$(PY) -m mypy
 	cd extension && npm run --silent lint:check && npm test --silent
 
-test-unit: setup
+test-unit: environment
 	$(PYTEST) -q -m "not integration and not browser and not gpu and not package" tests $(NOTESTS)
 
 # The integration tests in two parts: those on the namespace hosts and SLURM (marker `hosts`,
 # set by tests/conftest.py) mostly wait on daemons, cut links and SLURM's time limit, while the
 # others keep both cores busy. test-integration runs the two side by side, and `make test` the
-# tutorials after the host tests (.ci/test-phases).
+# tutorials after the host tests and the wheel's test after the others (.ci/test-phases).
 integration = $(PYTEST) -q --durations=10 -m "integration and not gpu and $(1)" tests $(NOTESTS)
 test-integration-hosts: setup
 	$(call integration,hosts)
@@ -71,8 +83,8 @@ test-gpu:
 	  $(PYTEST) -q -rs -m gpu $$(grep -l 'pytest.mark.gpu' tests/test_*.py) $(NOTESTS); \
 	fi
 
-# Every phase runs and prints its time; the target fails if any phase failed. After the unit
-# tests, the host tests and then the tutorials run alongside the other integration tests.
+# Every phase runs and prints its time; the target fails if any phase failed. Phases that leave
+# a core idle run in two lines side by side (.ci/test-phases says which).
 test:
 	@.ci/test-phases
 
