@@ -18,7 +18,7 @@ $(STAMP): pyproject.toml .ci/setup-env
 # need only the environment ($(STAMP)).
 OPS_STAMP := .venv/.nbtrain-ops-built
 $(OPS_STAMP): $(STAMP)
-	@began=$$SECONDS; $(PY) -m nbtrain.launch.ops && echo "== setup: DeepSpeed's CPU ops took $$((SECONDS - began)) s"
+	$(PY) -m nbtrain.launch.ops
 	@touch $@
 
 setup: $(STAMP) $(OPS_STAMP)
