@@ -62,7 +62,16 @@ def make_model():
 def loss_fn(model, batch):
     x, y = batch
     return torch.nn.functional.cross_entropy(model(x).float(), y)
+
+def paced_loss(model, batch):
+    import time
+    time.sleep(0.05)  # a step of at least 50 ms: a long run waiting to be stopped mostly idles
+    return loss_fn(model, batch)
 '''
+# The long runs a test stops, interrupts, cuts off or times out: what they train does not
+# matter, and at full speed they would keep every core busy until then (slowing the tests
+# that run alongside).
+PACED_FIT = "bigtrain.fit(make_model(), ToyData(), loss_fn=paced_loss)"
 
 # Every rank trains; a test then makes one of them misbehave at step 3 (cell line 11).
 LOOP = """

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import LOOP, NOTEBOOK_SETUP, has_trained, losses, status_of
+from tests.conftest import LOOP, NOTEBOOK_SETUP, PACED_FIT, has_trained, losses, status_of
 from tests.kernel import Kernel
 from tests.netns import INTERFACE, Cluster, cluster
 
@@ -60,7 +60,7 @@ def without_leftovers(c: Cluster, timeout: float) -> float:
 def start_training_in_the_background(kernel: Kernel, name: str) -> None:
     """Start a long 2-host run as `handle` and return once it has logged a few steps."""
     kernel.execute("%%bigtrain --hosts node0,node1 --nproc 1 --steps 100000 --micro-batch 4 --no-plot --background "
-                   f"--name {name}\n{FIT}")
+                   f"--name {name}\n{PACED_FIT}")
     kernel.execute("handle = _\nimport time\nwhile len(handle.metrics) < 3: time.sleep(0.2)")
 
 
@@ -148,7 +148,7 @@ def test_interrupting_a_multi_node_run_ends_every_worker_on_every_host(hosts: tu
                                                                        tmp_path: Path) -> None:
     c, kernel = hosts
     kernel.execute(f"%%bigtrain --hosts node0,node1 --nproc 1 --steps 100000 --micro-batch 4 --no-plot "
-                   f"--name stopped\n{FIT}", interrupt_after=has_trained(tmp_path, "stopped"), allow_error=True,
+                   f"--name stopped\n{PACED_FIT}", interrupt_after=has_trained(tmp_path, "stopped"), allow_error=True,
                    timeout=120)
     assert leftovers(c) == {}, f"workers survived the interrupt: {leftovers(c)}"
     assert status_of(only(tmp_path, "stopped"))["state"] == "stopped"

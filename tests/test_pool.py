@@ -9,7 +9,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from tests.conftest import NOTEBOOK_SETUP, has_trained, losses, status_of, wait_until_gone, worker_processes
+from tests.conftest import NOTEBOOK_SETUP, PACED_FIT, has_trained, losses, status_of, wait_until_gone, worker_processes
 from tests.kernel import Kernel
 
 pytestmark = pytest.mark.integration
@@ -139,7 +139,7 @@ def test_a_failed_run_and_an_interrupted_run_lead_to_fresh_workers(kernel: Kerne
                    for pid in workers_of(ok)["pids"]), "a failed run's workers must not be kept"
     after_failure = run(kernel, tmp_path, "")
     assert workers_of(after_failure)["note"] == "fresh workers (no warm workers)"
-    kernel.execute("%%bigtrain --nproc 2 --steps 100000 --micro-batch 8 --no-plot --name stopped\n" + FIT,
+    kernel.execute("%%bigtrain --nproc 2 --steps 100000 --micro-batch 8 --no-plot --name stopped\n" + PACED_FIT,
                    interrupt_after=has_trained(tmp_path, "stopped"), allow_error=True)
     assert not worker_processes(str(tmp_path)), "workers survived the interrupt"
     after_interrupt = run(kernel, tmp_path, "")

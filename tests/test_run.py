@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from nbtrain.launch.run import RELAY_EVERY_S, _next_beat
-from tests.conftest import LOOP, only_run, status_of, wait_until_gone, worker_processes
+from tests.conftest import LOOP, PACED_FIT, only_run, status_of, wait_until_gone, worker_processes
 from tests.kernel import Kernel
 
 pytestmark = pytest.mark.integration
@@ -65,8 +65,7 @@ def test_workers_end_themselves_when_the_kernel_is_killed(tmp_path: Path, mode: 
     try:
         kernel.execute("%load_ext nbtrain")
         kernel.execute(NOTEBOOK_SETUP)
-        kernel.client.execute(f"%%bigtrain --nproc 2 --steps 100000 --micro-batch 4 {mode}\n"
-                              "bigtrain.fit(make_model(), ToyData(), loss_fn=loss_fn)")
+        kernel.client.execute(f"%%bigtrain --nproc 2 --steps 100000 --micro-batch 4 {mode}\n{PACED_FIT}")
         deadline = time.time() + 120
         while not any((tmp_path / "bigtrain-runs").glob("*/metrics/rank-0.jsonl")):
             assert time.time() < deadline, "training never started"
@@ -105,8 +104,7 @@ def test_a_background_run_returns_at_once_and_keeps_the_kernel_usable(kernel: Ke
 
 
 def test_stopping_a_background_run_keeps_its_metrics(kernel: Kernel, tmp_path: Path) -> None:
-    kernel.execute("%%bigtrain --nproc 2 --steps 100000 --micro-batch 4 --background\n"
-                   "bigtrain.fit(make_model(), ToyData(), loss_fn=loss_fn)")
+    kernel.execute(f"%%bigtrain --nproc 2 --steps 100000 --micro-batch 4 --background\n{PACED_FIT}")
     kernel.execute("handle = _\nimport time\nwhile len(handle.metrics) < 5: time.sleep(0.2)\nhandle.stop()")
     status = status_of(only_run(tmp_path))
     assert status["state"] == "stopped" and "stopped from the notebook" in status["reason"], status

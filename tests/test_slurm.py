@@ -26,7 +26,7 @@ from nbtrain.launch.slurm_protocol import expand_hostlist
 from nbtrain.rundir import RunDirectory
 from nbtrain.rundir.progress import read_startup
 from nbtrain.worker.slurm import rank_variables
-from tests.conftest import NOTEBOOK_SETUP, has_trained, losses, status_of
+from tests.conftest import NOTEBOOK_SETUP, PACED_FIT, has_trained, losses, status_of
 from tests.kernel import Kernel
 from tests.slurm import Allocation, SlurmCluster  # its fixtures `slurm`, `slurm_shared` come through tests/conftest.py
 from tests.test_multinode import assert_a_rank_raising_fails_the_run, only
@@ -232,7 +232,7 @@ def test_a_rerun_starts_in_the_warm_tasks_on_nbtrains_allocation_until_shutdown(
 def start_in_the_background(kernel: Kernel, name: str, extra: str = "") -> None:
     """Start a long 2-node run as `handle` and return once it has logged a few steps."""
     kernel.execute(f"%%bigtrain --slurm --nodes 2 --nproc 1 --steps 100000 --micro-batch 4 --no-plot --background "
-                   f"--name {name} {extra}\n{FIT}", timeout=180)
+                   f"--name {name} {extra}\n{PACED_FIT}", timeout=180)
     kernel.execute("handle = _\nimport time\nwhile len(handle.metrics) < 3: time.sleep(0.2)", timeout=120)
 
 
@@ -293,7 +293,7 @@ def test_preemption_by_a_higher_tier_fails_the_run_with_preempted(
 
 def interrupt_the_cell(kernel: Kernel, root: Path) -> None:
     kernel.execute(f"%%bigtrain --slurm --nodes 2 --nproc 1 --steps 100000 --micro-batch 4 --no-plot "
-                   f"--name stopped\n{FIT}", interrupt_after=has_trained(root, "stopped"), allow_error=True,
+                   f"--name stopped\n{PACED_FIT}", interrupt_after=has_trained(root, "stopped"), allow_error=True,
                    timeout=180)
 
 
