@@ -80,7 +80,7 @@ def small_disk(tmp_path: Path) -> Iterator[Callable[[str, str], Path]]:
 
 def test_a_full_metrics_disk_stops_training_with_the_reason(kernel: Kernel, tmp_path: Path,
                                                             small_disk: Callable[[str, str], Path]) -> None:
-    disk = small_disk("small", "1m")
+    disk = small_disk("small", "512k")  # the run's files and 256 KB reserve, then ~1000 steps of metrics
     out = kernel.execute("%%bigtrain --nproc 2 --steps 1000000 --micro-batch 4 --run-dir small\n"
                          "bigtrain.fit(make_model(), ToyData(), loss_fn=loss_fn)", allow_error=True, timeout=600)
     assert out.error is not None, "the run should fail when its disk is full"
