@@ -123,11 +123,13 @@ dist.all_gather_object(namespaces, os.readlink("/proc/self/ns/net"))
 if rank == 0:
     with open(sys.argv[1], "w") as f:
         json.dump({"losses": losses, "namespaces": namespaces}, f)
-# Without this barrier a rank that reaches teardown first aborted at exit across hosts in half
-# of the runs ("terminate called without an active exception", exit -6) while rank 0 wrote.
+# Teardown aborts now and then across hosts: a comm backend's C++ thread is destroyed while it
+# runs ("terminate called without an active exception", exit -6), and the other host's torchrun
+# then waits for good. A barrier first made it rarer, not gone (a fresh clone's run, 11-27). So
+# once every rank has its results, each ends without the teardown, as nbtrain's workers do.
 dist.barrier()
-engine.destroy()
-dist.destroy_process_group()
+sys.stdout.flush()
+os._exit(0)
 '''
 
 
