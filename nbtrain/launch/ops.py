@@ -16,14 +16,14 @@ from pathlib import Path
 from typing import Any
 
 
-def build_cpu_ops() -> list[str]:
-    """Load (building if needed) the ops a CPU run uses; return their names."""
+def build_cpu_ops(nvme: bool = True) -> list[str]:
+    """Load (building if needed) the ops a CPU run uses, NVMe offload's too unless not `nvme`; return their names."""
     import ctypes.util
 
     from deepspeed.ops.op_builder.cpu import CPUAdamBuilder, FusedAdamBuilder, ShareMemCommBuilder
 
     builders = [ShareMemCommBuilder(), CPUAdamBuilder(), FusedAdamBuilder()]
-    if ctypes.util.find_library("aio"):  # NVMe offload's op needs libaio
+    if nvme and ctypes.util.find_library("aio"):  # NVMe offload's op needs libaio
         from deepspeed.ops.op_builder.cpu import AsyncIOBuilder
 
         builders.append(AsyncIOBuilder())
@@ -97,11 +97,16 @@ def _write_atomically(path: Path, text: str) -> None:
 
 
 if __name__ == "__main__":
+    import argparse
     import logging
 
     from nbtrain.launch.launcher import ops_cache_dir
 
+    parser = argparse.ArgumentParser(prog="python -m nbtrain.launch.ops", description="Build DeepSpeed's CPU ops once, in one process.")
+    parser.add_argument("--without-nvme", action="store_true",
+                        help="skip NVMe offload's op (async_io, the longest build; built on first use then)")
+    args = parser.parse_args()
     os.environ.setdefault("TORCH_EXTENSIONS_DIR", ops_cache_dir())  # where the workers look
     ask_cpuinfo_once(os.environ["TORCH_EXTENSIONS_DIR"])
     logging.disable(logging.WARNING)
-    print("DeepSpeed CPU ops ready:", ", ".join(build_cpu_ops()))
+    print("DeepSpeed CPU ops ready:", ", ".join(build_cpu_ops(nvme=not args.without_nvme)))
