@@ -108,6 +108,18 @@ def test_a_full_disk_says_the_earlier_metrics_are_intact(tmp_path: Path) -> None
     assert reason.startswith("no space left on device: rank 1 could not write") and "intact" in reason, reason
 
 
+def test_a_full_disk_is_the_cause_even_when_a_peers_failed_write_reported_first(tmp_path: Path) -> None:
+    # Seen under load: rank 1's save hit the full disk and gave the room back; rank 0's write had
+    # failed too, but torch.save lost the errno and the disk no longer looked full.
+    active = active_run(tmp_path, FakeGroup(2, [1, 1]))
+    error(active.run, 0, type="RuntimeError", message="[enforce fail at inline_container.cc:672] . unexpected pos",
+          time=1.0)
+    error(active.run, 1, type="OSError", message="...", disk_full="no space left on device in ckpt", time=1.5)
+    state, reason, rank = _supervise(active)
+    assert (state, rank) == ("failed", 1)
+    assert reason.startswith("no space left on device in ckpt: rank 1 could not write"), reason
+
+
 def test_an_exit_without_a_python_error_points_at_the_rank_s_log(tmp_path: Path) -> None:
     active = active_run(tmp_path, FakeGroup(2, [0, 3]))
     assert _supervise(active) == ("failed", "rank 1 exited with code 3 without a Python error "

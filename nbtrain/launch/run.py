@@ -411,7 +411,10 @@ def _failure_reason(run: RunDirectory, codes: list[int | None]) -> tuple[str, in
     """Name the rank whose failure ended the run, and why.
 
     A rank killed by a signal (before nbtrain stopped anything) is the cause: its peers'
-    errors ("connection closed by peer") are consequences. Otherwise the earliest error.
+    errors ("connection closed by peer") are consequences. So is a full disk: a peer's write
+    failing on it may not say so (torch.save drops the errno, and the room the failing save
+    gives back can hide the cause from the later rank), and its report may come first.
+    Otherwise the earliest error.
     """
     for rank, code in enumerate(codes):
         if code is not None and code < 0:
@@ -420,7 +423,8 @@ def _failure_reason(run: RunDirectory, codes: list[int | None]) -> tuple[str, in
             return f"rank {rank} was killed by {name}{hint}", rank
     errors = run.errors()
     if errors:
-        rank = min(errors, key=lambda r: errors[r].get("time", 0))
+        full = [r for r in errors if errors[r].get("disk_full")]
+        rank = min(full or errors, key=lambda r: errors[r].get("time", 0))
         report = errors[rank]
         where = f" (cell line {report['cell_line']})" if report.get("cell_line") else ""
         if report.get("disk_full"):
