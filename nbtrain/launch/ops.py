@@ -8,12 +8,12 @@ can fail. Building them here first (set-up does) makes the first run as fast as 
 from __future__ import annotations
 
 import functools
-import json
 import os
 import socket
-import tempfile
 from pathlib import Path
 from typing import Any
+
+from nbtrain.rundir import read_json, write_json_atomic
 
 
 def build_cpu_ops(nvme: bool = True) -> list[str]:
@@ -54,14 +54,16 @@ def ask_cpuinfo_once(cache_dir: str) -> None:
 
     @functools.cache
     def answer() -> dict[str, Any]:
+        known = read_json(path) if path is not None else None
+        if isinstance(known, dict):
+            return known
+        info = probe()  # not probed on this boot yet, or the file is torn
         if path is not None:
             try:
-                return dict(json.loads(path.read_text()))
-            except (OSError, ValueError):
-                pass  # not probed on this boot yet, or cut short: probe again
-        info = probe()
-        if path is not None:
-            _write_atomically(path, json.dumps(info))
+                path.parent.mkdir(parents=True, exist_ok=True)
+                write_json_atomic(path, info)  # ranks of one host may write it at once
+            except OSError:
+                pass  # a cache that cannot be written: every process then probes once for itself
         return info
 
     @functools.wraps(probe)
@@ -79,21 +81,6 @@ def _cpuinfo_file(cache_dir: str) -> Path | None:
     except OSError:
         return None
     return Path(cache_dir) / "cpuinfo" / f"{socket.gethostname()}-{boot_id}.json"
-
-
-def _write_atomically(path: Path, text: str) -> None:
-    """Write `text` to `path` whole or not at all (ranks of one host may write it at once); never raise."""
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    except OSError:
-        return  # a read-only cache: every process then probes once for itself
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except OSError:
-        Path(tmp).unlink(missing_ok=True)
 
 
 if __name__ == "__main__":
